@@ -1,0 +1,31 @@
+# Two commands matter: `make demo` (the whole pipeline on built-in data) and `make test`.
+# Each sets up its own .venv from requirements.txt first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PYTHON=$(PY) bash example_usage.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.dynn_costs
+	$(PY) -m benchmarks.early_exit --checkpoint checkpoint/checkpoint_DEMO_0.75_confEE/best.pth --data-set DEMO
+
+clean:
+	rm -rf runs checkpoint_warmup checkpoint_result data/DEMO .pytest_cache
+	find checkpoint -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,97 @@
+"""FLOP counting with torch.utils.flop_counter, plus the FFT filter that the stock counter misses.
+
+Convention: the counter's, a multiply-add is 2 FLOPs (GFNet's paper counts multiply-adds, i.e. half).
+Element-wise ops (LayerNorm, GELU, softmax) are not counted, as in the stock counter. Added here:
+  real FFT (rfft2) or its inverse over n points: 2.5 * n * log2(n) per channel (half a complex FFT)
+  complex FFT over n points:                     5 * n * log2(n) per channel
+  complex multiply:                             6 per element (4 multiplies, 2 adds)
+"""
+import math
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _raw(formula: Callable) -> Callable:
+    """Mark a formula to receive tensors, not shapes (it needs dtypes and output sizes)."""
+    formula._get_raw = True
+    return formula
+
+
+def _fft_cost(shape: torch.Size, dims: list[int], per_point_log: float) -> int:
+    points = math.prod(shape[d] for d in dims)
+    batch = math.prod(shape) // points
+    return int(per_point_log * points * math.log2(points) * batch) if points > 1 else 0
+
+
+@_raw
+def _fft_r2c_flops(x, dim, *args, out_val=None, **kwargs) -> int:
+    return _fft_cost(x.shape, dim, 2.5)
+
+
+@_raw
+def _fft_c2r_flops(x, dim, *args, out_val=None, **kwargs) -> int:
+    return _fft_cost(out_val.shape, dim, 2.5)  # the real output holds the transform's true size
+
+
+@_raw
+def _fft_c2c_flops(x, dim, *args, out_val=None, **kwargs) -> int:
+    return _fft_cost(x.shape, dim, 5.0)
+
+
+@_raw
+def _mul_flops(*args, out_val=None, **kwargs) -> int:
+    # Only the complex multiply of the global filter; real element-wise products stay uncounted.
+    return 6 * out_val.numel() if isinstance(out_val, torch.Tensor) and out_val.is_complex() else 0
+
+
+FFT_FLOP_FORMULAS = {
+    torch.ops.aten._fft_r2c: _fft_r2c_flops,
+    torch.ops.aten._fft_c2r: _fft_c2r_flops,
+    torch.ops.aten._fft_c2c: _fft_c2c_flops,
+    torch.ops.aten.mul: _mul_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts the global filter."""
+    return FlopCounterMode(display=False, custom_mapping=FFT_FLOP_FORMULAS)
+
+
+@torch.no_grad()
+def count_flops(fn: Callable, *args) -> int:
+    """FLOPs of one call of `fn(*args)`, FFT filter included."""
+    with flop_counter() as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def _dummy_image(model: torch.nn.Module) -> torch.Tensor:
+    param = next(model.parameters())
+    height, width = model.patch_embed.img_size
+    return torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
+
+
+@torch.no_grad()
+def exit_gflops(model: torch.nn.Module) -> list[float]:
+    """Cumulative GFLOPs per image to reach each exit (first to final): everything computed so far,
+    earlier heads and gates included, at the model's input size."""
+    was_training = model.training
+    model.eval()
+    cumulative = []
+    with flop_counter() as counter:
+        tokens = model.embed(_dummy_image(model))
+        for k, (start, end) in enumerate(model.segments()):
+            for block in model.blocks[start:end]:
+                tokens = block(tokens)
+            model.exit_output(k, tokens)
+            cumulative.append(counter.get_total_flops() / 1e9)
+    model.train(was_training)
+    return cumulative
+
+
+def normalized_exit_costs(model: torch.nn.Module) -> list[float]:
+    """Cost of each exit as a fraction of the full network; the final exit costs 1."""
+    gflops = exit_gflops(model)
+    return [g / gflops[-1] for g in gflops]

@@ -1,0 +1,40 @@
+"""Exit gates: they read an exit's softmax and say whether the sample may leave there (JEI-DNN)."""
+import torch
+import torch.nn as nn
+
+
+def gate_features(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C) logits -> (B, 4): max probability, entropy, top-1 minus top-2 margin, entropy of p**2 renormed."""
+    probs = logits.float().softmax(dim=-1)
+    top2 = probs.topk(2, dim=-1).values
+    sharpened = probs.square()
+    sharpened = sharpened / sharpened.sum(dim=-1, keepdim=True)
+    return torch.stack([
+        top2[:, 0],
+        torch.special.entr(probs).sum(dim=-1),  # entr(0) = 0, no log(0) NaN
+        top2[:, 0] - top2[:, 1],
+        torch.special.entr(sharpened).sum(dim=-1),
+    ], dim=-1)
+
+
+class UncertaintyGate(nn.Module):
+    """Learnable gate: Linear(4, 1) over the exit's uncertainty features; sigmoid(output) = P(exit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        # detached: the gate reads the exit's confidence, it must not move the exit head
+        return self.linear(gate_features(logits.detach())).squeeze(-1)  # (B,)
+
+
+class IdentityGate(nn.Module):
+    """Baseline gate with no parameters: sigmoid(output) is the exit's max softmax probability."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        max_prob = logits.detach().float().softmax(dim=-1).amax(dim=-1)
+        return torch.logit(max_prob, eps=1e-6)  # (B,)
+
+
+GATES = {'unc': UncertaintyGate, 'identity': IdentityGate}

@@ -1,0 +1,207 @@
+"""GFNet (Rao et al., NeurIPS 2021): a ViT-style network whose token mixer is a learned global filter in
+the 2-D Fourier domain. Attribute names reproduce the official checkpoints' state-dict keys."""
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+_logger = logging.getLogger(__name__)
+
+
+class GlobalFilter(nn.Module):
+    """Depthwise circular convolution with a feature-map-sized kernel, computed as rfft2 * W -> irfft2."""
+
+    def __init__(self, dim: int, grid_size: tuple[int, int]):
+        super().__init__()
+        a, b = grid_size
+        self.grid_size = (a, b)
+        # Complex weight stored as (..., 2) real pairs, the official layout.
+        self.complex_weight = nn.Parameter(torch.randn(a, b // 2 + 1, dim, 2) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        a, b = self.grid_size
+        dtype = x.dtype
+        x = x.view(B, a, b, D).float()  # FFTs in float32 whatever autocast says
+        x = torch.fft.rfft2(x, dim=(1, 2), norm='ortho')  # (B, a, b//2+1, D) complex
+        x = x * torch.view_as_complex(self.complex_weight)
+        x = torch.fft.irfft2(x, s=(a, b), dim=(1, 2), norm='ortho')  # (B, a, b, D)
+        return x.reshape(B, N, D).to(dtype)
+
+
+class Block(nn.Module):
+    """One residual around the whole block: x + DropPath(MLP(LN2(GlobalFilter(LN1(x)))))."""
+
+    def __init__(self, dim: int, grid_size: tuple[int, int], mlp_ratio: float = 4.0, drop: float = 0.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.filter = GlobalFilter(dim, grid_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.norm2(self.filter(self.norm1(x)))))
+
+
+class GFNet(nn.Module):
+    """Patch embedding + position embedding, `depth` global-filter blocks, LayerNorm, mean pool, linear head."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 384, depth: int = 12, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # grows linearly with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, self.grid_size, mlp_ratio, drop_rate, rate) for rate in drop_path_rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {'pos_embed'}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> position-embedded tokens (B, N, D)."""
+        return self.pos_drop(self.patch_embed(x) + self.pos_embed)
+
+    def forward_tokens(self, x: torch.Tensor, collect: Sequence[int] = ()) -> tuple[torch.Tensor, list]:
+        """Final normed tokens (B, N, D) and the raw outputs of the blocks listed in `collect`."""
+        x = self.embed(x)
+        collected = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in collect:
+                collected.append(x)
+        return self.norm(x), collected
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)  # (B, D): mean over tokens
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _resize_grid(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a (h, w, C) grid to (size[0], size[1], C)."""
+    grid = tensor.permute(2, 0, 1).unsqueeze(0).float()  # (1, C, h, w)
+    grid = F.interpolate(grid, size=size, mode='bicubic', align_corners=True)
+    return grid.squeeze(0).permute(1, 2, 0).to(tensor.dtype)
+
+
+def _resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """(1, N_old, D) on a square old grid -> (1, a*b, D) on the model's grid."""
+    old_side = math.isqrt(pos_embed.shape[1])
+    if old_side * old_side != pos_embed.shape[1]:
+        raise ValueError(f'pos_embed with {pos_embed.shape[1]} tokens is not a square grid; cannot resize')
+    grid = pos_embed.reshape(old_side, old_side, -1)
+    return _resize_grid(grid, grid_size).reshape(1, grid_size[0] * grid_size[1], -1)
+
+
+def _resize_complex_weight(weight: torch.Tensor, freq_size: tuple[int, int]) -> torch.Tensor:
+    """(a, b//2+1, D, 2) -> the model's frequency grid, real and imaginary parts resized alike."""
+    a, w, dim, _ = weight.shape
+    flat = weight.reshape(a, w, dim * 2)
+    return _resize_grid(flat, freq_size).reshape(freq_size[0], freq_size[1], dim, 2)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """Adapt a GFNet checkpoint to `model`: unwrap 'model', strip 'module.', resize pos_embed and every
+    complex_weight to the model's grid, and drop classifier heads whose class count differs."""
+    if 'model' in state_dict and isinstance(state_dict['model'], dict):
+        state_dict = state_dict['model']
+    target = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        key = key[len('module.'):] if key.startswith('module.') else key
+        if key not in target or not isinstance(value, torch.Tensor) or value.shape == target[key].shape:
+            out[key] = value
+        elif key == 'pos_embed':
+            out[key] = _resize_pos_embed(value, model.grid_size)
+        elif key.endswith('filter.complex_weight'):
+            out[key] = _resize_complex_weight(value, tuple(target[key].shape[:2]))
+        elif key.startswith(('head.', 'intermediate_heads.')):
+            _logger.info('skipping %s: checkpoint has %d classes, model has %d', key, value.shape[0],
+                         target[key].shape[0])
+        else:
+            out[key] = value  # a real mismatch: the loader reports it with its name
+    return out
+
+
+def _cfg(**kwargs) -> dict:
+    return {'num_classes': 1000, 'input_size': (3, 224, 224), 'crop_pct': 0.875, 'interpolation': 'bicubic',
+            'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225), 'first_conv': 'patch_embed.proj',
+            'classifier': 'head', **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    'gfnet_ti.untrained': _cfg(),
+    'gfnet_xs.untrained': _cfg(),
+    'gfnet_s.untrained': _cfg(),
+    'gfnet_b.untrained': _cfg(),
+})
+
+
+def _create_gfnet(variant: str, pretrained: bool = False, **kwargs) -> GFNet:
+    return build_model_with_cfg(GFNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def gfnet_ti(pretrained: bool = False, **kwargs) -> GFNet:
+    model_args = dict(embed_dim=256, depth=12, patch_size=16)
+    return _create_gfnet('gfnet_ti', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gfnet_xs(pretrained: bool = False, **kwargs) -> GFNet:
+    model_args = dict(embed_dim=384, depth=12, patch_size=16)
+    return _create_gfnet('gfnet_xs', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gfnet_s(pretrained: bool = False, **kwargs) -> GFNet:
+    model_args = dict(embed_dim=384, depth=19, patch_size=16)
+    return _create_gfnet('gfnet_s', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gfnet_b(pretrained: bool = False, **kwargs) -> GFNet:
+    model_args = dict(embed_dim=512, depth=19, patch_size=16)
+    return _create_gfnet('gfnet_b', pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,127 @@
+"""GFNet-Dynn: a GFNet with early-exit heads and gates after chosen blocks (JEI-DNN exits on a GFNet)."""
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from errors import GFNetDynnError
+from models.gates import GATES
+from models.gfnet import GFNet, _cfg, checkpoint_filter_fn
+
+DEFAULT_EXIT_POSITIONS = (3, 5, 7, 9)
+
+
+class DynnOutput(NamedTuple):
+    """Everything one forward pass computes; exits are ordered first to last, the final head last."""
+    logits: torch.Tensor  # (E, B, C), E = G + 1
+    gate_logits: torch.Tensor  # (G, B), one per intermediate exit
+
+
+def validate_exit_positions(exit_positions: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Exits must be strictly increasing block indices before the last block (the final head sits there)."""
+    positions = tuple(int(p) for p in exit_positions)
+    if not positions:
+        raise GFNetDynnError('--exit-positions is empty; give at least one block index, e.g. 3 5 7 9')
+    if list(positions) != sorted(set(positions)):
+        raise GFNetDynnError(f'--exit-positions {list(positions)} must be strictly increasing, e.g. 3 5 7 9')
+    if positions[0] < 0 or positions[-1] >= depth - 1:
+        raise GFNetDynnError(f'--exit-positions {list(positions)} must lie in 0..{depth - 2} for a model of '
+                             f'depth {depth} (the final head already follows block {depth - 1})')
+    return positions
+
+
+class GFNetDynn(GFNet):
+    """GFNet whose intermediate exits share the final LayerNorm; each exit has a linear head and a gate."""
+
+    def __init__(self, exit_positions: Sequence[int] = DEFAULT_EXIT_POSITIONS, gate: str = 'unc', **kwargs):
+        super().__init__(**kwargs)
+        self.exit_positions = validate_exit_positions(exit_positions, len(self.blocks))
+        self.gate_type = gate
+        self.intermediate_heads = nn.ModuleList(
+            nn.Linear(self.embed_dim, self.num_classes) for _ in self.exit_positions)
+        self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions)
+        for head in self.intermediate_heads:
+            trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    @property
+    def num_exits(self) -> int:
+        """Intermediate exits plus the final head."""
+        return len(self.exit_positions) + 1
+
+    def segments(self) -> list[tuple[int, int]]:
+        """Block ranges [start, end) that run before each exit; the last range ends at the final head."""
+        ends = [p + 1 for p in self.exit_positions] + [len(self.blocks)]
+        return list(zip([0] + ends[:-1], ends))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) block output -> (B, D): shared final norm, then mean over tokens."""
+        return self.norm(tokens).mean(dim=1)
+
+    def exit_output(self, k: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, C) and gate logit (B,) of exit k; the final exit (k = G) has no gate."""
+        pooled = self.pool(tokens)
+        if k == len(self.exit_positions):
+            return self.head(pooled), None
+        logits = self.intermediate_heads[k](pooled)
+        return logits, self.gates[k](logits)
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> pooled features at every exit, (E, B, D). The frozen-backbone stages run this without
+        autograd and train only what follows."""
+        tokens = self.embed(x)
+        pooled = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i in self.exit_positions:
+                pooled.append(self.pool(tokens))
+        pooled.append(self.pool(tokens))
+        return torch.stack(pooled)
+
+    def heads_and_gates(self, pooled: torch.Tensor) -> DynnOutput:
+        """Pooled features (E, B, D) -> exit logits and gate logits."""
+        exit_logits = [head(features) for head, features in zip(self.intermediate_heads, pooled)]
+        gate_logits = [gate(logits) for gate, logits in zip(self.gates, exit_logits)]
+        return DynnOutput(torch.stack(exit_logits + [self.head(pooled[-1])]), torch.stack(gate_logits))
+
+    def forward(self, x: torch.Tensor) -> DynnOutput:
+        return self.heads_and_gates(self.forward_pooled(x))
+
+
+default_cfgs = generate_default_cfgs({
+    'gfnet_ti_dynn.untrained': _cfg(),
+    'gfnet_xs_dynn.untrained': _cfg(),
+    'gfnet_s_dynn.untrained': _cfg(),
+    'gfnet_b_dynn.untrained': _cfg(),
+})
+
+
+def _create_gfnet_dynn(variant: str, pretrained: bool = False, **kwargs) -> GFNetDynn:
+    return build_model_with_cfg(GFNetDynn, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **kwargs)
+
+
+@register_model
+def gfnet_ti_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
+    model_args = dict(embed_dim=256, depth=12, patch_size=16)
+    return _create_gfnet_dynn('gfnet_ti_dynn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gfnet_xs_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
+    model_args = dict(embed_dim=384, depth=12, patch_size=16)
+    return _create_gfnet_dynn('gfnet_xs_dynn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gfnet_s_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
+    model_args = dict(embed_dim=384, depth=19, patch_size=16)
+    return _create_gfnet_dynn('gfnet_s_dynn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gfnet_b_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
+    model_args = dict(embed_dim=512, depth=19, patch_size=16)
+    return _create_gfnet_dynn('gfnet_b_dynn', pretrained, **dict(model_args, **kwargs))
