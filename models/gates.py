@@ -26,7 +26,8 @@ class UncertaintyGate(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         # detached: the gate reads the exit's confidence, it must not move the exit head
-        return self.linear(gate_features(logits.detach())).squeeze(-1)  # (B,)
+        features = gate_features(logits.detach()).to(self.linear.weight.dtype)
+        return self.linear(features).squeeze(-1)  # (B,)
 
 
 class IdentityGate(nn.Module):

@@ -65,7 +65,7 @@ class GFNet(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # grows linearly with depth
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, self.grid_size, mlp_ratio, drop_rate, rate) for rate in drop_path_rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

@@ -1,0 +1,63 @@
+"""Checkpoint files: plain data only (weights_only loading), written atomically (temp file, then rename)."""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from errors import GFNetDynnError
+from models.weights import read_checkpoint
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder and rename it over `path`: a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(handle, 'wb') as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """torch.save `payload` atomically. Keep it plain data (tensors, numbers, str, lists, dicts)."""
+    path = Path(path)
+    _atomic_write(path, lambda stream: torch.save(payload, stream))
+    return path
+
+
+def save_json(path: str | Path, data: dict) -> Path:
+    """Write JSON atomically."""
+    path = Path(path)
+    _atomic_write(path, lambda stream: stream.write(json.dumps(data, indent=2).encode()))
+    return path
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint this tool wrote, for --resume or --eval; it must carry its stage and args."""
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in ('model', 'stage', 'args') if key not in checkpoint]
+    if missing:
+        raise GFNetDynnError(f"{path} lacks {', '.join(missing)}: it was not written by main_dynn.py; for "
+                             f'weights only, pass it as --checkpoint-path instead')
+    return checkpoint
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Fail early, before any training, when outputs could not be saved."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise GFNetDynnError(f'cannot write to output directory {folder} ({error.strerror}); pass a writable '
+                             f'--output-dir') from error
+    return folder

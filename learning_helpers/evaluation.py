@@ -1,0 +1,105 @@
+"""Early-exit evaluation: one pass caches every exit's logits and gates; the sweep is derived from the cache.
+
+The reference ran the full network once per threshold; here thresholds cost nothing after the one pass.
+"""
+from typing import NamedTuple, Sequence
+
+import torch
+from tqdm import tqdm
+
+from learning_helpers.distributed import all_gather_cat, autocast, is_main_process
+from learning_helpers.losses import best_exit, level_error
+
+
+class ExitCache(NamedTuple):
+    """Everything the sweep needs, on the CPU."""
+    logits: torch.Tensor  # (E, N, C) float32
+    gate_probs: torch.Tensor  # (G, N) sigmoid of the gate logits
+    targets: torch.Tensor  # (N,)
+
+
+@torch.no_grad()
+def collect_exit_outputs(model: torch.nn.Module, loader, device: torch.device, *, max_batches: int | None = None,
+                         amp: bool = False, keep_inputs: int = 0) -> tuple[ExitCache, list]:
+    """Run the validation set once through every exit. With keep_inputs > 0 bytes, also return the input
+    batches while they fit (so a later real-early-exit pass need not decode the images again)."""
+    model.eval()
+    logits, gates, targets, inputs = [], [], [], []
+    keeping, kept_bytes = keep_inputs > 0, 0
+    total = min(len(loader), max_batches or len(loader))
+    for step, (images, labels) in enumerate(tqdm(loader, desc='exits', leave=False, total=total,
+                                                 disable=not is_main_process())):
+        if max_batches is not None and step >= max_batches:
+            break
+        if keeping:
+            kept_bytes += images.nbytes
+            keeping = kept_bytes <= keep_inputs
+            inputs = inputs + [(images, labels)] if keeping else []  # only a complete copy is useful
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True))
+        logits.append(out.logits.float())
+        gates.append(torch.sigmoid(out.gate_logits.float()))
+        targets.append(labels.to(device))
+    cache = ExitCache(all_gather_cat(torch.cat(logits, dim=1), dim=1).cpu(),
+                      all_gather_cat(torch.cat(gates, dim=1), dim=1).cpu(),
+                      all_gather_cat(torch.cat(targets)).cpu())
+    return cache, inputs
+
+
+def exit_choice(gate_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(G, N) gate probabilities -> (N,) exit index: the first k with prob >= threshold, else G (final)."""
+    fires = torch.cat([gate_probs >= threshold, torch.ones_like(gate_probs[:1], dtype=torch.bool)])
+    return fires.int().argmax(dim=0)  # argmax returns the first maximal index
+
+
+def gated_predictions(cache: ExitCache, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) predictions and (N,) exit indices of early exit at `threshold`, from the cache."""
+    chosen = exit_choice(cache.gate_probs, threshold)
+    predictions = cache.logits.argmax(dim=-1)  # (E, N)
+    return predictions.gather(0, chosen.unsqueeze(0)).squeeze(0), chosen
+
+
+def per_exit_accuracy(cache: ExitCache) -> list[float]:
+    """Accuracy (%) of every exit alone, first to final."""
+    correct = cache.logits.argmax(dim=-1) == cache.targets.unsqueeze(0)
+    return (100 * correct.float().mean(dim=1)).tolist()
+
+
+def sweep_point(cache: ExitCache, threshold: float, gflops_per_exit: Sequence[float]) -> dict:
+    """Accuracy, expected GFLOPs, and each exit's share and accuracy at one threshold (SPEC section 3)."""
+    predictions, chosen = gated_predictions(cache, threshold)
+    correct = (predictions == cache.targets).float()
+    num_exits = cache.logits.shape[0]
+    counts = torch.bincount(chosen, minlength=num_exits).float()
+    hits = torch.bincount(chosen, weights=correct, minlength=num_exits)
+    share = counts / max(len(chosen), 1)
+    exit_accuracy = torch.where(counts > 0, 100 * hits / counts.clamp_min(1), torch.zeros_like(counts))
+    return {'threshold': round(float(threshold), 6), 'accuracy': 100 * correct.mean().item(),
+            'expected_gflops': float((share * torch.tensor(gflops_per_exit)).sum()),
+            'exit_share': share.tolist(), 'exit_accuracy': exit_accuracy.tolist()}
+
+
+def threshold_sweep(cache: ExitCache, thresholds: Sequence[float], gflops_per_exit: Sequence[float]) -> list[dict]:
+    return [sweep_point(cache, t, gflops_per_exit) for t in thresholds]
+
+
+def cheapest_within(sweep: list[dict], full_accuracy: float, tolerance: float = 1.0) -> dict:
+    """The sweep point with the fewest expected GFLOPs whose accuracy is within `tolerance` points of the
+    full network; the most accurate point when none is."""
+    eligible = [p for p in sweep if p['accuracy'] >= full_accuracy - tolerance]
+    if not eligible:
+        return max(sweep, key=lambda p: p['accuracy'])
+    return min(eligible, key=lambda p: (p['expected_gflops'], -p['accuracy']))
+
+
+def best_exit_counts(cache: ExitCache, costs: torch.Tensor, tradeoff: float, objective: str = 'ce') -> torch.Tensor:
+    """(E,) how many samples have each exit as their best (argmin error + lambda * cost)."""
+    best = best_exit(level_error(cache.logits, cache.targets, objective), costs, tradeoff)
+    return torch.bincount(best, minlength=cache.logits.shape[0])
+
+
+def updated_pos_weight(counts: torch.Tensor, max_weight: float = 5.0) -> torch.Tensor:
+    """pos_weight_k = min((n - c_k) / max(c_k, 0.1), 5) for each intermediate gate (SPEC, stage 2)."""
+    n = counts.sum().float()
+    gate_counts = counts[:-1].float()
+    return torch.clamp((n - gate_counts) / gate_counts.clamp_min(0.1), max=max_weight)

@@ -1,0 +1,182 @@
+"""Losses: distillation for the backbone stage, and the three early-exit losses (warm-up, gate, classifier)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SoftDistillation(nn.Module):
+    """F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target) * T^2, averaged per element (DeiT's 'soft').
+
+    The T^2 keeps the gradient's scale independent of T (Hinton et al.)."""
+
+    def __init__(self, tau: float):
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        t = self.tau
+        return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                        reduction='sum', log_target=True) * (t * t) / student_logits.numel()
+
+
+def frequency_amplitude(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """(B, N, D) tokens on an a x b grid -> (B, a, b//2+1, D) amplitude of rfft2 over the grid."""
+    batch, _, dim = tokens.shape
+    grid = tokens.float().reshape(batch, grid_size[0], grid_size[1], dim)
+    return torch.fft.rfft2(grid, dim=(1, 2), norm='ortho').abs()
+
+
+class FrequencyDistillation(nn.Module):
+    """Match student and teacher token maps in the frequency domain at aligned depths:
+    mean over depths of MSE(|rfft2(P s_l)|, |rfft2(t_l)|), P a learned Linear(D_s, D_t) when widths differ.
+    A teacher grid of another size is resized (bilinear) to the student's frequency grid."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, student_depth: int, teacher_depth: int,
+                 num_depths: int = 4):
+        super().__init__()
+        self.student_depths = aligned_depths(student_depth, num_depths)
+        self.teacher_depths = aligned_depths(teacher_depth, num_depths)
+        self.projections = nn.ModuleList(
+            nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+            for _ in range(num_depths))
+
+    def forward(self, student_maps: list, teacher_maps: list, student_grid: tuple[int, int],
+                teacher_grid: tuple[int, int]) -> torch.Tensor:
+        losses = []
+        for projection, student, teacher in zip(self.projections, student_maps, teacher_maps):
+            student_amp = frequency_amplitude(projection(student), student_grid)  # (B, a, w, Dt)
+            teacher_amp = frequency_amplitude(teacher, teacher_grid)
+            if teacher_amp.shape[1:3] != student_amp.shape[1:3]:
+                teacher_amp = F.interpolate(teacher_amp.permute(0, 3, 1, 2), size=student_amp.shape[1:3],
+                                            mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+            losses.append(F.mse_loss(student_amp, teacher_amp))
+        return torch.stack(losses).mean()
+
+
+def aligned_depths(depth: int, count: int = 4) -> list[int]:
+    """Block indices at equal fractions of the depth (1/4, 2/4, 3/4, 4/4 for count 4)."""
+    return [max(0, round(depth * (i + 1) / count) - 1) for i in range(count)]
+
+
+class WarmupLoss(nn.Module):
+    """Stage 1: CE(final) + sum_k (G + 1 - k) * CE(exit_k), k = 0..G-1; earlier exits weigh more."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        num_gates = logits.shape[0] - 1
+        loss = F.cross_entropy(logits[-1], targets)
+        for k in range(num_gates):
+            loss = loss + (num_gates + 1 - k) * F.cross_entropy(logits[k], targets)
+        return loss
+
+
+def per_exit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(E, B, C) logits, (B,) targets -> (E, B) per-sample cross-entropy at every exit."""
+    num_exits, batch, num_classes = logits.shape
+    flat = F.cross_entropy(logits.reshape(-1, num_classes).float(), targets.repeat(num_exits), reduction='none')
+    return flat.view(num_exits, batch)
+
+
+def level_error(logits: torch.Tensor, targets: torch.Tensor, objective: str = 'ce') -> torch.Tensor:
+    """(E, B) error of every exit: cross-entropy ('ce') or misclassification 0/1 ('zero_one')."""
+    if objective == 'zero_one':
+        return (logits.argmax(dim=-1) != targets.unsqueeze(0)).float()
+    return per_exit_cross_entropy(logits, targets)
+
+
+def best_exit(error: torch.Tensor, costs: torch.Tensor, tradeoff: float) -> torch.Tensor:
+    """(E, B) per-exit error and (E,) normalized costs -> (B,) argmin_k error_k + lambda * cost_k
+    (ties go to the earliest exit)."""
+    return (error + tradeoff * costs.unsqueeze(1)).argmin(dim=0)
+
+
+def gate_targets(best: torch.Tensor, num_gates: int) -> torch.Tensor:
+    """(B,) best exit t -> (G, B) targets: gate k should fire (1) iff k >= t, i.e. the sample should have left."""
+    gate_index = torch.arange(num_gates, device=best.device).unsqueeze(1)
+    return (gate_index >= best.unsqueeze(0)).float()
+
+
+class GateLoss(nn.Module):
+    """Gate phase: mean BCE-with-logits over gates and samples against `gate_targets`, where the
+    positives of gate k weigh pos_weight_k (rebalanced after each validation)."""
+
+    def __init__(self, tradeoff: float, objective: str = 'ce'):
+        super().__init__()
+        self.tradeoff = tradeoff
+        self.objective = objective
+
+    def forward(self, gate_logits: torch.Tensor, exit_logits: torch.Tensor, targets: torch.Tensor,
+                costs: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the targets are labels for the gates, not a path for gradients
+            best = best_exit(level_error(exit_logits, targets, self.objective), costs, self.tradeoff)
+            labels = gate_targets(best, gate_logits.shape[0])
+        return F.binary_cross_entropy_with_logits(gate_logits.float(), labels,
+                                                  pos_weight=pos_weight.unsqueeze(1))
+
+
+def exit_mass(gate_probs: torch.Tensor) -> torch.Tensor:
+    """(G, B) gate probabilities -> (E, B) exit masses P_k = max(0, min(g_k, 1 - sum_{j<k} g_j)),
+    with g = 1 for the final exit so it takes what is left."""
+    ones = torch.ones_like(gate_probs[:1])
+    g = torch.cat([gate_probs, ones])  # (E, B)
+    before = torch.cumsum(g, dim=0) - g  # sum_{j<k} g_j
+    return torch.clamp(torch.minimum(g, 1 - before), min=0)
+
+
+class ClassifierLoss(nn.Module):
+    """Classifier phase: mean over samples and exits of P_k * L_k * (sum_j L_j / sum_j P_j L_j), gates detached.
+
+    The per-sample factor (detached: it is a rescaling, not a path for gradients) keeps each sample's
+    total on the scale of its summed CE, so samples the gates send early do not vanish from training."""
+
+    def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = per_exit_cross_entropy(exit_logits, targets)  # (E, B)
+        mass = exit_mass(torch.sigmoid(gate_logits.detach().float()))
+        weighted = mass * ce
+        scale = (ce.sum(dim=0) / weighted.sum(dim=0).clamp_min(1e-12)).detach()
+        return (weighted * scale).mean()
+
+
+class WeightedCrossEntropyLoss(nn.Module):
+    """Classifier-phase alternative (`--classifier_loss weighted_ce`): mean over exits of CE, unweighted."""
+
+    def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return per_exit_cross_entropy(exit_logits, targets).mean()
+
+
+CLASSIFIER_LOSSES = {'boosted': ClassifierLoss, 'weighted_ce': WeightedCrossEntropyLoss}
+
+
+class DistillationLoss(nn.Module):
+    """(1 - alpha) * CE + alpha * KD, the teacher run frozen and without gradients (DeiT's wrapper).
+
+    KD: 'soft' (SoftDistillation), 'hard' (CE against the teacher's argmax), 'freq' (soft +
+    freq_weight * FrequencyDistillation over token maps at aligned depths); 'none' is CE alone."""
+
+    def __init__(self, base: nn.Module, teacher: nn.Module | None, kind: str, alpha: float, tau: float,
+                 frequency: FrequencyDistillation | None = None, freq_weight: float = 1.0):
+        super().__init__()
+        self.base, self.kind, self.alpha, self.freq_weight = base, kind, alpha, freq_weight
+        self.teacher = teacher
+        self.soft = SoftDistillation(tau)
+        self.frequency = frequency
+
+    def forward(self, images: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
+                student_maps: list | None = None, student_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        base_loss = self.base(student_logits, targets)
+        if self.kind == 'none':
+            return base_loss
+        with torch.no_grad():
+            if self.kind == 'freq':
+                teacher_tokens, teacher_maps = self.teacher.forward_tokens(
+                    images, collect=self.frequency.teacher_depths)
+                teacher_logits = self.teacher.forward_head(teacher_tokens)
+            else:
+                teacher_logits = self.teacher(images)
+        if self.kind == 'hard':
+            kd = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+        else:
+            kd = self.soft(student_logits, teacher_logits)
+        if self.kind == 'freq':
+            kd = kd + self.freq_weight * self.frequency(student_maps, teacher_maps, student_grid,
+                                                         self.teacher.grid_size)
+        return (1 - self.alpha) * base_loss + self.alpha * kd

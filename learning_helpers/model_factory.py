@@ -1,0 +1,59 @@
+"""Building the student, the early-exit model and the teacher from plain parameters (no argparse here)."""
+import logging
+
+import timm
+import torch.nn as nn
+
+import models  # noqa: F401  (registers the GFNet variants with timm)
+from errors import GFNetDynnError
+from models.gfnet import GFNet
+from models.weights import load_state, read_checkpoint
+
+_logger = logging.getLogger(__name__)
+
+
+def arch_choices() -> list[str]:
+    """--arch spellings users already have in scripts (GFNet-xs-dynn), from timm's registry."""
+    return sorted(f"GFNet-{name.split('_')[1]}-dynn" for name in timm.list_models('gfnet_*_dynn'))
+
+
+def dynn_model_name(arch: str) -> str:
+    """'GFNet-xs-dynn' -> 'gfnet_xs_dynn' (timm's name)."""
+    return arch.lower().replace('-', '_')
+
+
+def backbone_model_name(arch: str) -> str:
+    """'GFNet-xs-dynn' -> 'gfnet_xs': the plain GFNet the backbone stage trains."""
+    return dynn_model_name(arch).removesuffix('_dynn')
+
+
+def build_backbone(arch: str, num_classes: int, input_size: int, patch_size: int, drop_path: float) -> GFNet:
+    return timm.create_model(backbone_model_name(arch), num_classes=num_classes, img_size=input_size,
+                             patch_size=patch_size, drop_path_rate=drop_path)
+
+
+def build_dynn(arch: str, num_classes: int, input_size: int, patch_size: int, drop_path: float,
+               exit_positions: list[int], gate: str) -> nn.Module:
+    return timm.create_model(dynn_model_name(arch), num_classes=num_classes, img_size=input_size,
+                             patch_size=patch_size, drop_path_rate=drop_path, exit_positions=exit_positions, gate=gate)
+
+
+def build_teacher(name: str, path: str | None, num_classes: int, input_size: int, patch_size: int) -> nn.Module:
+    """A frozen teacher in eval mode: a GFNet variant (GFNet-b-dynn or gfnet_b) or any timm model name,
+    with weights from `path` (no download is possible; the classifier must have num_classes outputs)."""
+    gfnet_name = backbone_model_name(name) if name.startswith('GFNet-') else name
+    if gfnet_name not in timm.list_models():
+        raise GFNetDynnError(f"--teacher-model {name} is not a timm model or GFNet variant; try one of "
+                             f"{', '.join(arch_choices())} or a timm name such as resnet50")
+    kwargs = {'img_size': input_size, 'patch_size': patch_size} if gfnet_name.startswith('gfnet') else {}
+    teacher = timm.create_model(gfnet_name, num_classes=num_classes, **kwargs)
+    if path is None:
+        raise GFNetDynnError('distillation needs the teacher\'s weights: pass --teacher-path (a checkpoint '
+                             'trained on this dataset), or use --distillation-type none')
+    report = load_state(teacher, read_checkpoint(path), source=f'--teacher-path {path}')
+    if any(key.startswith('head.') for key in report.fresh) or report.fresh:
+        raise GFNetDynnError(f'--teacher-path {path} has no {num_classes}-class head for this dataset '
+                             f'(missing {report.fresh[0]}); fine-tune the teacher on it first')
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher.eval()

@@ -1,0 +1,78 @@
+"""Optimizers, the cosine schedule, per-epoch seeding, and the step that skips non-finite losses."""
+import logging
+import math
+import random
+from functools import partial
+
+import numpy as np
+import torch
+
+from errors import GFNetDynnError
+
+_logger = logging.getLogger(__name__)
+
+
+def build_optimizer(param_groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, the dynn stages) or AdamW (GFNet's own recipe, the backbone stage)."""
+    if name == 'sgd':
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(epoch: int, *, total_epochs: int, warmup_epochs: int, min_ratio: float, offset: int) -> float:
+    """Multiplier of every group's base lr at absolute epoch `offset + epoch`: linear warm-up, then cosine
+    from 1 down to min_ratio at total_epochs."""
+    epoch += offset
+    if epoch < warmup_epochs:
+        return min_ratio + (1 - min_ratio) * (epoch + 1) / (warmup_epochs + 1)
+    progress = min(1.0, (epoch - warmup_epochs) / max(total_epochs - warmup_epochs, 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_epochs: int, min_ratio: float, *,
+                    warmup_epochs: int = 0, start_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing over the run's absolute epochs, as a factor of each group's lr, so a group at
+    lr * transfer-ratio keeps its ratio and a later stage (start_epoch > 0) continues the same curve.
+    Step once per epoch."""
+    factor = partial(lr_factor, total_epochs=total_epochs, warmup_epochs=warmup_epochs, min_ratio=min_ratio,
+                     offset=start_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_epoch(seed: int, epoch: int, loader: torch.utils.data.DataLoader) -> None:
+    """Reseed every RNG from (seed, epoch): an epoch's shuffle, augmentation and dropout then do not depend
+    on what ran before it, which is what makes --resume reproduce an uninterrupted run."""
+    epoch_seed = seed * 1000 + epoch
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed % 2**32)
+    torch.manual_seed(epoch_seed)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+    if hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss is NaN or inf; too many in a row stops the run with a clear error."""
+
+    def __init__(self, max_skips: int):
+        self.max_skips = max_skips
+        self.in_a_row = 0
+
+    def allows(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
+        """True if the step may proceed. One host sync per step, the price of never stepping on NaN."""
+        if torch.isfinite(loss.detach()).item():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        _logger.warning('non-finite loss (%s) at epoch %d batch %d: step skipped (%d in a row)',
+                        loss.item(), epoch, batch, self.in_a_row)
+        if self.in_a_row > self.max_skips:
+            raise GFNetDynnError(f'loss was non-finite for {self.in_a_row} batches in a row (epoch {epoch}, batch '
+                                 f'{batch}); lower --lr or check the data; the last good checkpoint is kept')
+        return False
+
+
+def set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
+    for param in module.parameters():
+        param.requires_grad_(flag)

@@ -1,0 +1,431 @@
+"""GFNet-Dynn command line: train the backbone (stage 0), the early exits (stages 1-2), evaluate, export.
+
+  python main_dynn.py --stage backbone --data-set UCM ...       distilled GFNet backbone
+  python main_dynn.py --data-set UCM --checkpoint-path B ...   warm-up, then joint training of exits and gates
+  python main_dynn.py --eval --data-set UCM --checkpoint-path C  per-exit accuracy, threshold sweep, plots
+  python main_dynn.py --export onnx --checkpoint-path C --out D  one ONNX graph per segment, for edge runtimes
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from dataset_config import DATASET_CONFIG
+from errors import GFNetDynnError
+from learning_helpers import model_factory
+from learning_helpers.backbone_stage import BackboneStageConfig, run_backbone_stage
+from learning_helpers.checkpoint import check_writable, load_training_checkpoint, save_json
+from learning_helpers.distributed import barrier, init_distributed, is_distributed, is_main_process
+from learning_helpers.eval_stage import evaluate_early_exit, format_results_table
+from learning_helpers.joint_stage import JointStageConfig, joint_param_groups, run_joint_stage
+from learning_helpers.losses import DistillationLoss, FrequencyDistillation
+from learning_helpers.optim import build_optimizer, build_scheduler
+from learning_helpers.warmup_stage import ExitPatience, WarmupStageConfig, run_warmup_stage
+from models.flops import exit_gflops
+from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
+from models.weights import load_state, read_checkpoint
+
+DEFAULT_ARCH = 'GFNet-xs-dynn'
+DEFAULT_PATCH_SIZE = 16
+DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        'main_dynn.py', description='GFNet-Dynn: distilled GFNet backbone with confidence-gated early exits.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group('data')
+    data.add_argument('--data-set', type=str, default='DEMO', choices=sorted(DATASET_CONFIG),
+                      help='dataset name, an entry of dataset_config.py')
+    data.add_argument('--data-path', type=str, default=None,
+                      help="dataset root; default: the entry's default_data_path (DEMO is generated there)")
+    data.add_argument('--input-size', type=int, default=None,
+                      help="image side in pixels; default: the checkpoint's, else the dataset's default")
+    data.add_argument('--split-ratio', type=float, default=0.8, help='training share of a random split')
+    data.add_argument('--reprob', type=float, default=0.0, help='random-erase probability (training)')
+    data.add_argument('--skip-bad-images', action='store_true',
+                      help='drop unreadable images with a warning instead of stopping')
+    data.add_argument('--num_workers', type=int, default=2, help='data-loading worker processes')
+
+    model = parser.add_argument_group('model')
+    model.add_argument('--arch', type=str, default=None, choices=model_factory.arch_choices(),
+                       help=f"architecture; default: the checkpoint's, else {DEFAULT_ARCH}")
+    model.add_argument('--patch-size', type=int, default=None,
+                       help=f"patch side; default: the checkpoint's, else {DEFAULT_PATCH_SIZE}")
+    model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
+    model.add_argument('--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
+                       help='0-based blocks followed by an early exit')
+    model.add_argument('--gate', type=str, default='unc', choices=['unc', 'identity'],
+                       help='exit gate: learnable uncertainty gate or max-probability baseline')
+    model.add_argument('--checkpoint-path', type=str, default=None,
+                       help='weights to start from (training) or to evaluate/export (--eval, --export)')
+
+    train = parser.add_argument_group('training')
+    train.add_argument('--stage', type=str, default='dynn', choices=['backbone', 'dynn'],
+                       help='backbone: plain GFNet (stage 0); dynn: exit warm-up then joint training')
+    train.add_argument('--batch', type=int, default=64, help='training batch size (validation: 1.5x)')
+    train.add_argument('--num_epoch', type=int, default=100, help='epochs of the stage (dynn: warm-up included)')
+    train.add_argument('--opt', type=str, default=None, choices=['adamw', 'sgd'],
+                       help='optimizer; default: adamw for the backbone stage, sgd for dynn')
+    train.add_argument('--lr', type=float, default=1e-3, help='learning rate')
+    train.add_argument('--min-lr', type=float, default=2e-4, help='cosine schedule floor')
+    train.add_argument('--wd', type=float, default=None,
+                       help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
+    train.add_argument('--warmup-epochs', type=int, default=0, help='linear lr warm-up epochs (backbone stage)')
+    train.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (backbone stage)')
+    train.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported)')
+    train.add_argument('--max-nan-skips', type=int, default=5,
+                       help='non-finite losses in a row tolerated (step skipped) before stopping')
+    train.add_argument('--resume', type=str, default=None, help="a run's last.pth: continue where it stopped")
+    train.add_argument('--barely_train', action='store_true', help='a few batches per epoch (smoke tests)')
+
+    distill = parser.add_argument_group('distillation (backbone stage)')
+    distill.add_argument('--teacher-model', type=str, default=None,
+                         help='teacher: a GFNet variant (GFNet-b-dynn) or any timm model name')
+    distill.add_argument('--teacher-path', type=str, default=None, help="teacher's weights on this dataset")
+    distill.add_argument('--distillation-type', type=str, default='none', choices=['none', 'soft', 'hard', 'freq'],
+                         help='soft: KL on logits; hard: CE on teacher argmax; freq: soft + frequency maps')
+    distill.add_argument('--distillation-alpha', type=float, default=0.5, help='weight of the distillation term')
+    distill.add_argument('--distillation-tau', type=float, default=1.0, help='softmax temperature')
+    distill.add_argument('--distillation-freq-weight', type=float, default=1.0,
+                         help='weight of the frequency term inside the freq distillation loss')
+
+    dynn = parser.add_argument_group('early exits (dynn stage)')
+    dynn.add_argument('--ce_ic_tradeoff', type=float, default=0.75,
+                      help='lambda: accuracy vs inference-cost trade-off; higher exits earlier')
+    dynn.add_argument('--patience', type=int, default=2, help='warm-up epochs without improvement before freezing')
+    dynn.add_argument('--max_warmup_epoch', type=int, default=10, help='warm-up epochs at most')
+    dynn.add_argument('--bilevel_batch_count', type=int, default=60, help='batches per gate/classifier phase')
+    dynn.add_argument('--gate_objective', type=str, default='ce', choices=['ce', 'zero_one'],
+                      help="per-exit error in the gates' target: cross-entropy or 0/1 error")
+    dynn.add_argument('--classifier_loss', type=str, default='boosted', choices=['boosted', 'weighted_ce'],
+                      help='classifier phase: gate-mass weighted CE (JEI-DNN) or plain mean CE over exits')
+    dynn.add_argument('--transfer-ratio', type=float, default=0.01, help='backbone lr = lr * this in joint training')
+    dynn.add_argument('--freeze-backbone', action='store_true', help='keep the backbone frozen in joint training')
+
+    evaluation = parser.add_argument_group('evaluation and export')
+    evaluation.add_argument('--eval', action='store_true', help='evaluate --checkpoint-path: sweep, table, plots')
+    evaluation.add_argument('--thresholds', type=float, nargs='+', default=DEFAULT_THRESHOLDS,
+                            help='gate thresholds of the sweep')
+    evaluation.add_argument('--exit-threshold', type=float, default=None,
+                            help='threshold for real early exit; default: cheapest within 1 point of full accuracy')
+    evaluation.add_argument('--results-json', type=str, default=None,
+                            help="default: results.json beside the evaluated checkpoint")
+    evaluation.add_argument('--export', type=str, default=None, choices=['onnx'],
+                            help='export --checkpoint-path for edge runtimes')
+    evaluation.add_argument('--out', type=str, default=None, help='folder for --export')
+
+    runtime = parser.add_argument_group('runtime')
+    runtime.add_argument('--output-dir', type=str, default='.', help='where checkpoint*/ and runs/ go')
+    runtime.add_argument('--device', type=str, default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
+    runtime.add_argument('--seed', type=int, default=0, help='seed of the split, shuffles and initialisation')
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject impossible values with a message that names the flag."""
+    checks = [
+        (args.batch > 0, f'--batch must be positive, got {args.batch}'),
+        (args.num_epoch > 0, f'--num_epoch must be positive, got {args.num_epoch}'),
+        (args.lr > 0, f'--lr must be positive, got {args.lr}'),
+        (args.min_lr >= 0, f'--min-lr must be >= 0, got {args.min_lr}'),
+        (0 < args.split_ratio < 1, f'--split-ratio must lie strictly between 0 and 1, got {args.split_ratio}'),
+        (args.input_size is None or args.input_size > 0, f'--input-size must be positive, got {args.input_size}'),
+        (args.patch_size is None or args.patch_size > 0, f'--patch-size must be positive, got {args.patch_size}'),
+        (args.patience > 0, f'--patience must be positive, got {args.patience}'),
+        (args.bilevel_batch_count > 0, f'--bilevel_batch_count must be positive, got {args.bilevel_batch_count}'),
+        (args.num_workers >= 0, f'--num_workers must be >= 0, got {args.num_workers}'),
+        (0 <= args.distillation_alpha <= 1, f'--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}'),
+        (args.distillation_tau > 0, f'--distillation-tau must be positive, got {args.distillation_tau}'),
+        (all(0 <= t <= 1 for t in args.thresholds), f'--thresholds must lie in [0, 1], got {args.thresholds}'),
+        (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),
+        (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
+        (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),
+        (args.distillation_type == 'none' or args.teacher_model,
+         f'--distillation-type {args.distillation_type} needs --teacher-model (and --teacher-path)'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise GFNetDynnError(message)
+
+
+def resolve_device(name: str, distributed_device: torch.device | None) -> torch.device:
+    if distributed_device is not None:
+        return distributed_device
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise GFNetDynnError(f'--device {name} is not a device; use auto, cpu, cuda or cuda:N') from error
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise GFNetDynnError(f'--device {name} asked for CUDA but no GPU is visible; use --device cpu')
+    return device
+
+
+def resolve_model_shape(args: argparse.Namespace, source_args: dict) -> dict:
+    """Architecture, patch size and input size: the flag if given, else the checkpoint's, else the default."""
+    arch = args.arch or source_args.get('arch') or DEFAULT_ARCH
+    patch_size = args.patch_size or source_args.get('patch_size') or DEFAULT_PATCH_SIZE
+    input_size = args.input_size or source_args.get('input_size') or DATASET_CONFIG[args.data_set][
+        'default_input_size']
+    if input_size % patch_size:
+        raise GFNetDynnError(f'--input-size {input_size} is not divisible by --patch-size {patch_size}; '
+                             f'pick a multiple, e.g. {input_size - input_size % patch_size or patch_size}')
+    return {'arch': arch, 'patch_size': patch_size, 'input_size': input_size}
+
+
+def checkpoint_args(path: str | None) -> tuple[dict, dict]:
+    """(checkpoint, its stored run args) or empty dicts when no checkpoint is given."""
+    if not path:
+        return {}, {}
+    checkpoint = read_checkpoint(path)
+    return checkpoint, checkpoint.get('args', {}) if isinstance(checkpoint.get('args'), dict) else {}
+
+
+def build_data(args: argparse.Namespace, input_size: int, distributed: bool):
+    """Datasets and loaders (imported here so --help stays fast)."""
+    from data_loader_help import build_datasets, build_loaders, resolve_data_path
+    train_set, val_set, class_names = build_datasets(
+        args.data_set, resolve_data_path(args.data_set, args.data_path), input_size, split_ratio=args.split_ratio, seed=args.seed,
+        reprob=args.reprob, skip_bad_images=args.skip_bad_images)
+    train_loader, val_loader = build_loaders(train_set, val_set, args.batch, args.num_workers, args.seed,
+                                             distributed=distributed)
+    return train_loader, val_loader, class_names
+
+
+def run_args_dict(args: argparse.Namespace, shape: dict, class_names: list[str]) -> dict:
+    """Plain-data copy of the run's arguments with the resolved shape: checkpoints stay weights_only."""
+    return {**vars(args), **shape, 'class_names': list(class_names)}
+
+
+def make_writer(output_dir: Path, name: str) -> SummaryWriter | None:
+    if not is_main_process():
+        return None
+    return SummaryWriter(log_dir=str(output_dir / 'runs' / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def build_criterion(args: argparse.Namespace, student: torch.nn.Module, num_classes: int, shape: dict,
+                    device: torch.device) -> DistillationLoss:
+    from timm.loss import LabelSmoothingCrossEntropy
+    base = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
+    teacher, frequency = None, None
+    if args.distillation_type != 'none':
+        teacher = model_factory.build_teacher(args.teacher_model, args.teacher_path, num_classes,
+                                              shape['input_size'], shape['patch_size']).to(device)
+        if args.distillation_type == 'freq':
+            if not hasattr(teacher, 'forward_tokens'):
+                raise GFNetDynnError('--distillation-type freq compares token maps and needs a GFNet teacher '
+                                     '(e.g. --teacher-model GFNet-b-dynn); use soft for other teachers')
+            if is_distributed():
+                raise GFNetDynnError('--distillation-type freq runs in one process; use soft under torchrun')
+            frequency = FrequencyDistillation(student.embed_dim, teacher.embed_dim, len(student.blocks),
+                                              len(teacher.blocks))
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
+                            frequency, args.distillation_freq_weight).to(device)
+
+
+def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
+    """Stage 0: plain GFNet, optionally distilled."""
+    start, source_args = checkpoint_args(args.checkpoint_path)
+    shape = resolve_model_shape(args, resume.get('args', source_args))
+    train_loader, val_loader, class_names = build_data(args, shape['input_size'], distributed)
+    model = model_factory.build_backbone(shape['arch'], len(class_names), shape['input_size'], shape['patch_size'],
+                                         args.drop_path)
+    if start:
+        load_state(model, start, source=args.checkpoint_path)
+    model.to(device)
+    criterion = build_criterion(args, model, len(class_names), shape, device)
+    opt = args.opt or 'adamw'
+    weight_decay = args.wd if args.wd is not None else (0.05 if opt == 'adamw' else 5e-4)
+    optimizer = build_optimizer([{'params': list(model.parameters()) + list(criterion.parameters())}], opt,
+                                args.lr, weight_decay)
+    scheduler = build_scheduler(optimizer, args.num_epoch, args.min_lr / args.lr, warmup_epochs=args.warmup_epochs)
+    start_epoch, best_acc = 0, 0.0
+    if resume:
+        model.load_state_dict(resume['model'])
+        criterion.load_state_dict(resume['criterion'])
+        optimizer.load_state_dict(resume['optimizer'])
+        scheduler.load_state_dict(resume['scheduler'])
+        start_epoch, best_acc = resume['epoch'] + 1, resume['best_acc']
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    out_dir = Path(args.output_dir)
+    config = BackboneStageConfig(
+        num_epochs=args.num_epoch, seed=args.seed,
+        checkpoint_dir=out_dir / 'checkpoint' / f"backbone_{args.data_set}_{shape['arch']}",
+        run_args=run_args_dict(args, shape, class_names), max_batches=4 if args.barely_train else None,
+        amp=args.amp, max_nan_skips=args.max_nan_skips)
+    writer = make_writer(out_dir, f"backbone_{args.data_set}_{shape['arch']}")
+    summary = run_backbone_stage(train_model, criterion, train_loader, val_loader, optimizer, scheduler, device,
+                                 config, writer, start_epoch, best_acc)
+    if is_main_process():
+        print(f"backbone stage done: best val acc {summary['best_acc']:.2f}%; checkpoint: {summary['best_path']}")
+    return summary['best_path']
+
+
+def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
+    """Stages 1-2: warm-up of the exits, then joint training with the cost trade-off."""
+    start, source_args = checkpoint_args(None if resume else args.checkpoint_path)
+    shape = resolve_model_shape(args, resume.get('args', source_args))
+    train_loader, val_loader, class_names = build_data(args, shape['input_size'], distributed)
+    model = model_factory.build_dynn(shape['arch'], len(class_names), shape['input_size'], shape['patch_size'],
+                                     args.drop_path, args.exit_positions, args.gate)
+    if start:
+        load_state(model, start, source=args.checkpoint_path)
+    elif not resume:
+        logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '
+                        'first with --stage backbone')
+    if resume:
+        model.load_state_dict(resume['model'])
+    model.to(device)
+    out_dir = Path(args.output_dir)
+    run_args = run_args_dict(args, shape, class_names)
+    checkpoint_dir = out_dir / 'checkpoint' / f'checkpoint_{args.data_set}_{args.ce_ic_tradeoff}_confEE'
+    max_batches = 4 if args.barely_train else None
+    writer = make_writer(out_dir, f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
+    min_ratio = args.min_lr / args.lr
+    weight_decay = args.wd if args.wd is not None else (0.05 if args.opt == 'adamw' else 5e-4)
+
+    joint_start = resume['stage_start_epoch'] if resume.get('stage') == 'joint' else None
+    if joint_start is None:
+        patience = ExitPatience(len(model.exit_positions), args.patience)
+        optimizer = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], args.opt or 'sgd',
+                                    args.lr, weight_decay)
+        scheduler = build_scheduler(optimizer, args.num_epoch, min_ratio)
+        warmup_start = 0
+        if resume:  # stage 'warmup'
+            patience.load_state_dict(resume['warmup'])
+            optimizer.load_state_dict(resume['optimizer'])
+            scheduler.load_state_dict(resume['scheduler'])
+            warmup_start = resume['epoch'] + 1
+        warmup_config = WarmupStageConfig(
+            max_epochs=min(args.max_warmup_epoch, args.num_epoch), patience=args.patience, seed=args.seed,
+            warmup_dir=out_dir / 'checkpoint_warmup' / f"{args.data_set}_{shape['arch']}_{shape['input_size']}",
+            checkpoint_dir=checkpoint_dir, run_args=run_args, max_batches=max_batches, amp=args.amp,
+            max_nan_skips=args.max_nan_skips)
+        joint_start = run_warmup_stage(model, train_loader, val_loader, optimizer, scheduler, device,
+                                       warmup_config, writer, patience, warmup_start)
+    optimizer = build_optimizer(joint_param_groups(model, args.lr, args.transfer_ratio, args.freeze_backbone),
+                                args.opt or 'sgd', args.lr, weight_decay)
+    scheduler = build_scheduler(optimizer, args.num_epoch, min_ratio, start_epoch=joint_start)
+    costs = torch.tensor(exit_gflops(model))
+    costs = costs / costs[-1]
+    pos_weight, start_epoch, global_step, best_acc = torch.ones(len(model.exit_positions)), joint_start, 0, 0.0
+    if resume.get('stage') == 'joint':
+        optimizer.load_state_dict(resume['optimizer'])
+        scheduler.load_state_dict(resume['scheduler'])
+        pos_weight, global_step = resume['pos_weight'], resume['global_step']
+        start_epoch, best_acc = resume['epoch'] + 1, resume['best_acc']
+    joint_config = JointStageConfig(
+        num_epochs=args.num_epoch, tradeoff=args.ce_ic_tradeoff, bilevel_batch_count=args.bilevel_batch_count,
+        gate_objective=args.gate_objective, classifier_loss=args.classifier_loss,
+        freeze_backbone=args.freeze_backbone, seed=args.seed, checkpoint_dir=checkpoint_dir, run_args=run_args,
+        max_batches=max_batches, amp=args.amp, max_nan_skips=args.max_nan_skips)
+    summary = run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs, joint_config,
+                              writer, start_epoch=start_epoch, stage_start_epoch=joint_start, pos_weight=pos_weight,
+                              global_step=global_step, best_acc=best_acc)
+    if is_main_process():
+        print(f"dynn stages done: best gated val acc {summary['best_acc']:.2f}%; checkpoint: {summary['best_path']}")
+    return summary['best_path']
+
+
+def load_dynn_for_inference(args: argparse.Namespace, device: torch.device):
+    """An early-exit model rebuilt from a checkpoint's own args (its shape, exits and gate)."""
+    checkpoint, source_args = checkpoint_args(args.checkpoint_path)
+    shape = resolve_model_shape(args, source_args)
+    exits = source_args.get('exit_positions', args.exit_positions)
+    gate = source_args.get('gate', args.gate)
+    return checkpoint, source_args, shape, exits, gate
+
+
+def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
+    """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
+    from learning_helpers.plots import plot_confusion, plot_tradeoff
+    checkpoint, source_args, shape, exits, gate = load_dynn_for_inference(args, device)
+    _, val_loader, class_names = build_data(args, shape['input_size'], distributed=False)
+    model = model_factory.build_dynn(shape['arch'], len(class_names), shape['input_size'], shape['patch_size'],
+                                     0.0, exits, gate)
+    report = load_state(model, checkpoint, source=args.checkpoint_path)
+    if report.fresh:
+        logging.warning('%s has no trained exits (%s start fresh): evaluate a best.pth of the dynn stage',
+                        args.checkpoint_path, report.fresh[0])
+    model.to(device).eval()
+    results, _ = evaluate_early_exit(
+        model, val_loader, device, thresholds=args.thresholds, exit_threshold=args.exit_threshold,
+        gflops_per_exit=exit_gflops(model), class_names=class_names,
+        max_batches=4 if args.barely_train else None, amp=args.amp)
+    results = {'dataset': args.data_set, 'arch': shape['arch'], 'input_size': shape['input_size'],
+               'checkpoint': str(args.checkpoint_path), 'device': str(device), **results}
+    json_path = Path(args.results_json) if args.results_json else Path(args.checkpoint_path).parent / 'results.json'
+    check_writable(json_path.parent)
+    save_json(json_path, results)
+    tradeoff_png = plot_tradeoff(results, json_path.with_name(json_path.stem + '_tradeoff.png'))
+    confusion_png = plot_confusion(results, json_path.with_name(json_path.stem + '_confusion.png'))
+    print(format_results_table(results))
+    print(f'results: {json_path}\nplots: {tradeoff_png} {confusion_png}')
+    return json_path
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards."""
+    from models.onnx_export import export_segments
+    checkpoint, source_args, shape, exits, gate = load_dynn_for_inference(args, torch.device('cpu'))
+    class_names = source_args.get('class_names') or [str(i) for i in range(checkpoint['model']['head.weight'].shape[0])]
+    model = model_factory.build_dynn(shape['arch'], len(class_names), shape['input_size'], shape['patch_size'],
+                                     0.0, exits, gate)
+    load_state(model, checkpoint, source=args.checkpoint_path)
+    out = export_segments(model.eval(), check_writable(args.out), threshold=args.exit_threshold or 0.5,
+                          class_names=class_names, input_size=shape['input_size'])
+    print(f'exported {len(model.exit_positions) + 1} ONNX segments to {out}; run them with:\n'
+          f'  python -m models.onnx_runner {out} IMAGE [IMAGE ...]')
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Validate, set up the process, dispatch to the requested job."""
+    validate_args(args)
+    resume = {}
+    if args.resume:
+        resume = load_training_checkpoint(args.resume)
+        stored = resume['args']
+        if resume['epoch'] + 1 >= stored['num_epoch']:
+            raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch "
+                                 f"({stored['num_epoch']}); raise --num_epoch in a new run instead")
+        # the stored arguments make the resumed run identical to the uninterrupted one
+        runtime = {key: getattr(args, key) for key in ('device', 'num_workers', 'resume')}
+        args = argparse.Namespace(**{**{k: v for k, v in stored.items() if hasattr(args, k)}, **runtime})
+        args.stage = 'backbone' if resume['stage'] == 'backbone' else 'dynn'
+    distributed, distributed_device = init_distributed(args.device)
+    device = resolve_device(args.device, distributed_device)
+    torch.manual_seed(args.seed)
+    if args.export:
+        return run_export(args)
+    check_writable(args.output_dir)
+    if args.eval:
+        return run_eval(args, device)
+    if args.stage == 'backbone':
+        path = run_backbone(args, device, distributed, resume)
+    else:
+        path = run_dynn(args, device, distributed, resume)
+    barrier()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user mistakes print one line on stderr and exit 2; bugs keep their traceback."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
+    try:
+        run(args)
+    except GFNetDynnError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

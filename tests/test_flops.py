@@ -1,0 +1,127 @@
+"""FLOP counting: the FFT global filter against its analytic count, whole models against hand sums."""
+import math
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import models  # noqa: F401  (registers the variants with timm)
+from models.flops import count_flops, exit_gflops, flop_counter, normalized_exit_costs
+from models.gfnet import GlobalFilter
+
+
+def _filter_flops(a: int, b: int, dim: int) -> float:
+    """rfft2 + complex multiply + irfft2 over an a x b grid with `dim` channels (flops.py's convention)."""
+    n = a * b
+    rfft2 = 2.5 * n * math.log2(n) * dim
+    multiply = 6 * a * (b // 2 + 1) * dim  # 4 multiplies + 2 adds per complex product
+    irfft2 = 2.5 * n * math.log2(n) * dim
+    return rfft2 + multiply + irfft2
+
+
+def _gfnet_flops(img_size: int, patch: int, dim: int, depth: int, classes: int) -> float:
+    """Hand count of one image through a plain GFNet: patch conv, per block two linears + filter, head."""
+    side = img_size // patch
+    tokens = side * side
+    patch_conv = 2 * patch * patch * 3 * dim * tokens
+    mlp = 2 * (2 * tokens * dim * 4 * dim)  # fc1 (D -> 4D) and fc2 (4D -> D)
+    head = 2 * dim * classes
+    return patch_conv + depth * (mlp + _filter_flops(side, side, dim)) + head
+
+
+def test_global_filter_flops_equal_analytic_count_on_power_of_two_grid():
+    a, b, dim = 4, 4, 3
+    gf = GlobalFilter(dim, (a, b))
+    # n = 16: 2.5 * 16 * 4 * 3 = 480 per transform, 6 * 4 * 3 * 3 = 216 for the multiply
+    assert count_flops(gf, torch.randn(1, a * b, dim)) == 480 + 216 + 480 == _filter_flops(a, b, dim)
+
+
+def test_global_filter_flops_equal_analytic_count_on_non_power_of_two_grid():
+    a, b, dim = 4, 6, 3
+    gf = GlobalFilter(dim, (a, b))
+    # n = 24 gives a fractional n log2 n; the counter rounds each transform down to whole FLOPs
+    assert count_flops(gf, torch.randn(1, a * b, dim)) == pytest.approx(_filter_flops(a, b, dim), abs=2)
+
+
+def test_counter_sees_global_filter_as_rfft_multiply_irfft():
+    a, b, dim = 4, 4, 3
+    gf = GlobalFilter(dim, (a, b))
+    with flop_counter() as counter, torch.no_grad():
+        gf(torch.randn(1, a * b, dim))
+    ops = {str(op): flops for op, flops in counter.get_flop_counts()['Global'].items()}
+    assert ops == {'aten._fft_r2c': 480, 'aten.mul': 216, 'aten._fft_c2r': 480}
+
+
+def test_global_filter_flops_scale_with_batch():
+    gf = GlobalFilter(3, (4, 4))
+    assert count_flops(gf, torch.randn(5, 16, 3)) == 5 * count_flops(gf, torch.randn(1, 16, 3))
+
+
+@pytest.mark.parametrize('img_size, patch', [(32, 8), (32, 16)])
+def test_tiny_gfnet_flops_equal_hand_sum(img_size, patch):
+    model = timm.create_model('gfnet_ti', num_classes=5, img_size=img_size, patch_size=patch, depth=4,
+                              embed_dim=32).eval()
+    counted = count_flops(model, torch.zeros(1, 3, img_size, img_size))
+    assert counted == _gfnet_flops(img_size, patch, dim=32, depth=4, classes=5)
+
+
+def test_stock_counter_misses_exactly_the_fft_filter():
+    model = timm.create_model('gfnet_ti', num_classes=5, img_size=32, patch_size=8, depth=4, embed_dim=32).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    with FlopCounterMode(display=False) as stock, torch.no_grad():
+        model(x)
+    ours = count_flops(model, x)
+    assert stock.get_total_flops() < ours
+    assert ours - stock.get_total_flops() == 4 * _filter_flops(4, 4, 32)
+
+
+def _tiny_dynn(img_size: int = 32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model('gfnet_ti_dynn', num_classes=5, img_size=img_size, patch_size=8, depth=4,
+                             embed_dim=32, exit_positions=(0, 1, 2)).eval()
+
+
+def test_exit_gflops_increase_and_end_at_full_forward():
+    model = _tiny_dynn()
+    gflops = exit_gflops(model)
+    assert len(gflops) == 4
+    assert all(earlier < later for earlier, later in zip(gflops, gflops[1:]))
+    assert gflops[-1] == count_flops(model, torch.zeros(1, 3, 32, 32)) / 1e9
+
+
+def test_exit_gflops_first_exit_equals_hand_count():
+    model = _tiny_dynn()
+    # patch conv + one block + exit head (D -> C) + uncertainty gate Linear(4, 1)
+    side, dim, tokens = 4, 32, 16
+    expected = (2 * 8 * 8 * 3 * dim * tokens + 2 * (2 * tokens * dim * 4 * dim) + _filter_flops(side, side, dim)
+                + 2 * dim * 5 + 2 * 4 * 1)
+    assert exit_gflops(model)[0] * 1e9 == pytest.approx(expected, rel=1e-12)
+
+
+def test_exit_gflops_keeps_training_mode():
+    model = _tiny_dynn().train()
+    exit_gflops(model)
+    assert model.training
+
+
+def test_normalized_exit_costs_end_at_exactly_one():
+    costs = normalized_exit_costs(_tiny_dynn())
+    assert costs[-1] == 1.0
+    assert all(0 < c < 1 for c in costs[:-1])
+    assert costs == sorted(costs)
+
+
+def test_flops_follow_the_model_input_size():
+    # the reference counted every model on a fixed 224 px grid; a 64 px and a 128 px model must differ
+    small = timm.create_model('gfnet_ti', num_classes=5, img_size=64, patch_size=16, depth=2, embed_dim=16)
+    large = timm.create_model('gfnet_ti', num_classes=5, img_size=128, patch_size=16, depth=2, embed_dim=16)
+    small_flops = count_flops(small.eval(), torch.zeros(1, 3, 64, 64))
+    large_flops = count_flops(large.eval(), torch.zeros(1, 3, 128, 128))
+    assert small_flops == _gfnet_flops(64, 16, dim=16, depth=2, classes=5)
+    assert large_flops == _gfnet_flops(128, 16, dim=16, depth=2, classes=5)
+    assert large_flops > 3 * small_flops
+
+
+def test_exit_gflops_follow_the_model_input_size():
+    assert exit_gflops(_tiny_dynn(64))[-1] > exit_gflops(_tiny_dynn(32))[-1]
