@@ -333,32 +333,29 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     return summary['best_path']
 
 
-def load_dynn_for_inference(args: argparse.Namespace, device: torch.device):
-    """An early-exit model rebuilt from a checkpoint's own args (its shape, exits and gate)."""
+def load_for_inference(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The early-exit model of --checkpoint-path, built from the checkpoint's own args."""
     checkpoint, source_args = checkpoint_args(args.checkpoint_path)
     shape = resolve_model_shape(args, source_args)
-    exits = source_args.get('exit_positions', args.exit_positions)
-    gate = source_args.get('gate', args.gate)
-    return checkpoint, source_args, shape, exits, gate
+    fallback = {**vars(args), **shape}
+    return model_factory.load_dynn_checkpoint(checkpoint, args.checkpoint_path, input_size=shape['input_size'],
+                                              fallback=fallback)
 
 
 def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
     """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
     from learning_helpers.plots import plot_confusion, plot_tradeoff
-    checkpoint, source_args, shape, exits, gate = load_dynn_for_inference(args, device)
-    _, val_loader, class_names = build_data(args, shape['input_size'], distributed=False)
-    model = model_factory.build_dynn(shape['arch'], len(class_names), shape['input_size'], shape['patch_size'],
-                                     0.0, exits, gate)
-    report = load_state(model, checkpoint, source=args.checkpoint_path)
-    if report.fresh:
-        logging.warning('%s has no trained exits (%s start fresh): evaluate a best.pth of the dynn stage',
-                        args.checkpoint_path, report.fresh[0])
-    model.to(device).eval()
+    model, model_args = load_for_inference(args)
+    _, val_loader, class_names = build_data(args, model_args['input_size'], distributed=False)
+    if len(class_names) != model.num_classes:
+        raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
+                             f'{args.data_set} has {len(class_names)}; evaluate it on the dataset it was trained on')
+    model.to(device)
     results, _ = evaluate_early_exit(
         model, val_loader, device, thresholds=args.thresholds, exit_threshold=args.exit_threshold,
         gflops_per_exit=exit_gflops(model), class_names=class_names,
         max_batches=4 if args.barely_train else None, amp=args.amp)
-    results = {'dataset': args.data_set, 'arch': shape['arch'], 'input_size': shape['input_size'],
+    results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],
                'checkpoint': str(args.checkpoint_path), 'device': str(device), **results}
     json_path = Path(args.results_json) if args.results_json else Path(args.checkpoint_path).parent / 'results.json'
     check_writable(json_path.parent)
@@ -373,13 +370,9 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
 def run_export(args: argparse.Namespace) -> Path:
     """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards."""
     from models.onnx_export import export_segments
-    checkpoint, source_args, shape, exits, gate = load_dynn_for_inference(args, torch.device('cpu'))
-    class_names = source_args.get('class_names') or [str(i) for i in range(checkpoint['model']['head.weight'].shape[0])]
-    model = model_factory.build_dynn(shape['arch'], len(class_names), shape['input_size'], shape['patch_size'],
-                                     0.0, exits, gate)
-    load_state(model, checkpoint, source=args.checkpoint_path)
-    out = export_segments(model.eval(), check_writable(args.out), threshold=args.exit_threshold or 0.5,
-                          class_names=class_names, input_size=shape['input_size'])
+    model, model_args = load_for_inference(args)
+    out = export_segments(model, check_writable(args.out), threshold=args.exit_threshold or 0.5,
+                          class_names=model_args['class_names'], input_size=model_args['input_size'])
     print(f'exported {len(model.exit_positions) + 1} ONNX segments to {out}; run them with:\n'
           f'  python -m models.onnx_runner {out} IMAGE [IMAGE ...]')
     return out
@@ -415,6 +408,14 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
+def one_line(error: GFNetDynnError) -> str:
+    """The user-facing line of an error; a DataLoader worker re-raises ours with its traceback as the text,
+    whose last line holds the original message."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    prefix = f'{type(error).__module__}.{type(error).__name__}: '
+    return last.removeprefix(prefix).removeprefix(f'{type(error).__name__}: ')
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2; bugs keep their traceback."""
     args = get_args_parser().parse_args(argv)
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except GFNetDynnError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(f'error: {one_line(error)}', file=sys.stderr)
         return 2
     return 0
 

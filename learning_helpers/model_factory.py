@@ -51,9 +51,29 @@ def build_teacher(name: str, path: str | None, num_classes: int, input_size: int
         raise GFNetDynnError('distillation needs the teacher\'s weights: pass --teacher-path (a checkpoint '
                              'trained on this dataset), or use --distillation-type none')
     report = load_state(teacher, read_checkpoint(path), source=f'--teacher-path {path}')
-    if any(key.startswith('head.') for key in report.fresh) or report.fresh:
+    if report.fresh:
         raise GFNetDynnError(f'--teacher-path {path} has no {num_classes}-class head for this dataset '
                              f'(missing {report.fresh[0]}); fine-tune the teacher on it first')
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher.eval()
+
+
+def load_dynn_checkpoint(checkpoint: dict, source: str, *, input_size: int | None = None,
+                         fallback: dict | None = None) -> tuple[nn.Module, dict]:
+    """An early-exit model rebuilt from a checkpoint's own run args (arch, patch, exits, gate, classes), at
+    `input_size` if given (grids are resized). `fallback` fills what an older or foreign checkpoint lacks.
+    Returns (model in eval mode on the CPU, the args used)."""
+    stored = {**(fallback or {}), **{k: v for k, v in checkpoint.get('args', {}).items() if v is not None}}
+    head = checkpoint.get('model', checkpoint).get('head.weight')
+    if head is None:
+        raise GFNetDynnError(f'{source} has no head.weight: not a GFNet checkpoint')
+    num_classes = head.shape[0]
+    size = input_size or stored.get('input_size')
+    model = build_dynn(stored.get('arch', 'GFNet-xs-dynn'), num_classes, size, stored.get('patch_size', 16), 0.0,
+                       stored.get('exit_positions', [3, 5, 7, 9]), stored.get('gate', 'unc'))
+    report = load_state(model, checkpoint, source=source)
+    if any(key.startswith(('intermediate_heads.', 'gates.')) for key in report.fresh):
+        _logger.warning('%s has no trained exits (they start fresh): use a best.pth of the dynn stage', source)
+    class_names = stored.get('class_names') or [str(i) for i in range(num_classes)]
+    return model.eval(), {**stored, 'input_size': size, 'class_names': class_names}

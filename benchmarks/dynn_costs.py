@@ -1,0 +1,93 @@
+"""The early-exit pipeline's own costs on DEMO, against the targets of the early-exit issue:
+
+  1. --eval (one cached pass + one real-early-exit pass) vs one plain forward pass over the validation set
+     (target <= 1.3x; the reference runs the full network once per threshold, nine times);
+  2. one warm-up epoch (frozen backbone, no autograd) vs one backbone training epoch (target <= 0.5x);
+  3. FLOPs saved at the cheapest threshold within 1 point of full accuracy (target >= 30%).
+
+  python -m benchmarks.dynn_costs [--checkpoint C] [--backbone B] [--json PATH]
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from benchmarks.common import write_json
+from data_loader_help import build_datasets, build_loaders, resolve_data_path
+from learning_helpers.backbone_stage import train_one_epoch
+from learning_helpers.eval_stage import evaluate_early_exit
+from learning_helpers.losses import DistillationLoss
+from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
+from learning_helpers.optim import NonFiniteGuard, build_optimizer
+from learning_helpers.warmup_stage import warmup_train_one_epoch
+from models.flops import exit_gflops
+from models.gfnet import GFNet
+from models.weights import read_checkpoint
+
+DEMO_DYNN = 'checkpoint/checkpoint_DEMO_0.75_confEE/best.pth'
+
+
+def timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+@torch.inference_mode()
+def plain_forward_pass(model: torch.nn.Module, loader) -> None:
+    for images, _ in loader:
+        GFNet.forward(model, images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser('benchmarks.dynn_costs', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', default=DEMO_DYNN, help='dynn-stage checkpoint (make demo writes it)')
+    parser.add_argument('--data-set', default='DEMO')
+    parser.add_argument('--data-path', default=None)
+    parser.add_argument('--num_workers', type=int, default=2)
+    parser.add_argument('--json', default=None, help='default: benchmarks/results/dynn_costs.json')
+    args = parser.parse_args(argv)
+    device = torch.device('cpu')
+    model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
+    train_set, val_set, class_names = build_datasets(
+        args.data_set, resolve_data_path(args.data_set, args.data_path), model_args['input_size'])
+    train_loader, val_loader = build_loaders(train_set, val_set, model_args['batch'], args.num_workers, seed=0)
+    gflops = exit_gflops(model)
+
+    plain_seconds, _ = timed(lambda: plain_forward_pass(model, val_loader))
+    eval_seconds, (results, _) = timed(lambda: evaluate_early_exit(
+        model, val_loader, device, thresholds=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], exit_threshold=None,
+        gflops_per_exit=gflops, class_names=class_names))
+
+    heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 1e-3, 5e-4)
+    warmup_seconds, _ = timed(lambda: warmup_train_one_epoch(model, train_loader, heads, device, 0,
+                                                             NonFiniteGuard(5)))
+    backbone = build_backbone(model_args['arch'], len(class_names), model_args['input_size'],
+                              model_args['patch_size'], 0.0)
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
+    adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 1e-3, 0.05)
+    backbone_seconds, _ = timed(lambda: train_one_epoch(backbone, criterion, train_loader, adamw, device, 0,
+                                                        NonFiniteGuard(5)))
+    chosen = results['chosen']
+    report = {
+        'threads': torch.get_num_threads(), 'checkpoint': args.checkpoint,
+        'plain_forward_pass_s': plain_seconds, 'eval_s': eval_seconds, 'eval_over_plain': eval_seconds / plain_seconds,
+        'warmup_epoch_s': warmup_seconds, 'backbone_epoch_s': backbone_seconds,
+        'warmup_over_backbone': warmup_seconds / backbone_seconds,
+        'full_accuracy': results['full_accuracy'], 'chosen_threshold': chosen['threshold'],
+        'chosen_accuracy': chosen['accuracy'], 'flops_saving': chosen['flops_saving'],
+    }
+    print(f"--eval {eval_seconds:.1f} s vs plain forward pass {plain_seconds:.1f} s: "
+          f"{report['eval_over_plain']:.2f}x (target <= 1.3x)")
+    print(f"warm-up epoch {warmup_seconds:.1f} s vs backbone epoch {backbone_seconds:.1f} s: "
+          f"{report['warmup_over_backbone']:.2f}x (target <= 0.5x)")
+    print(f"threshold {chosen['threshold']:.2f}: {chosen['accuracy']:.2f}% vs full {results['full_accuracy']:.2f}%, "
+          f"{100 * chosen['flops_saving']:.1f}% fewer FLOPs (target >= 30%)")
+    print(f"written: {write_json(report, args.json, 'dynn_costs.json')}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Real early exit against the full network, in the same run: accuracy, GFLOPs, latency, throughput.
+
+  python -m benchmarks.early_exit --checkpoint checkpoint/checkpoint_DEMO_0.75_confEE/best.pth \
+      --data-set DEMO --device cpu --json out.json
+
+Full network = the plain GFNet path (patch embedding, every block, final head; no exit heads or gates).
+Each threshold runs the EarlyExitEngine, which stops computing for the samples that have left.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from benchmarks.common import median_latency_ms, throughput, write_json
+from data_loader_help import build_datasets, resolve_data_path
+from errors import GFNetDynnError
+from learning_helpers.evaluation import collect_exit_outputs, per_exit_accuracy, sweep_point
+from learning_helpers.model_factory import load_dynn_checkpoint
+from models.early_exit import EarlyExitEngine
+from models.flops import exit_gflops
+from models.gfnet import GFNet
+from models.weights import read_checkpoint
+
+DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+NO_EXIT = 1.01  # above any gate probability: measures the engine's overhead when nobody leaves
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('benchmarks.early_exit', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='a dynn-stage checkpoint (best.pth)')
+    parser.add_argument('--data-set', default='DEMO', help='dataset_config.py entry for the validation images')
+    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
+    parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
+    parser.add_argument('--thresholds', type=float, nargs='+', default=DEFAULT_THRESHOLDS)
+    parser.add_argument('--latency-images', type=int, default=200, help='images timed at batch 1 (>= 100)')
+    parser.add_argument('--batch', type=int, default=64, help='batch size of the throughput runs')
+    parser.add_argument('--json', default=None, help='default: benchmarks/results/early_exit_{device}.json')
+    return parser
+
+
+def load_validation_images(data_set: str, data_path: str | None, input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All validation images, preprocessed, in memory: timing then measures the model, not the decoder."""
+    _, val_set, _ = build_datasets(data_set, resolve_data_path(data_set, data_path), input_size)
+    images, labels = zip(*(val_set[i] for i in range(len(val_set))))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise GFNetDynnError('--device cuda but no GPU is visible; use --device cpu')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
+    model.to(device)
+    images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'])
+    batches = [(images[i:i + args.batch], labels[i:i + args.batch]) for i in range(0, len(images), args.batch)]
+    cache, _ = collect_exit_outputs(model, batches, device)
+    gflops = exit_gflops(model)
+    singles = [images[i % len(images)].unsqueeze(0).to(device) for i in range(max(args.latency_images, 100))]
+    big_batches = [x.to(device) for x, _ in batches]
+
+    def full_network(x: torch.Tensor) -> torch.Tensor:
+        return GFNet.forward(model, x)  # the plain backbone path: no exit heads, no gates
+
+    with torch.inference_mode():
+        full = {'accuracy': per_exit_accuracy(cache)[-1], 'gflops': gflops[-1],
+                'latency_ms_bs1': median_latency_ms(full_network, singles, device),
+                'throughput_bs64': throughput(full_network, big_batches, device)}
+        points = []
+        for threshold in list(args.thresholds) + [NO_EXIT]:
+            engine = EarlyExitEngine(model, threshold)
+            point = sweep_point(cache, threshold, gflops)
+            latency = median_latency_ms(engine, singles, device)
+            rate = throughput(engine, big_batches, device)
+            points.append({'threshold': threshold, 'accuracy': point['accuracy'],
+                           'gflops': point['expected_gflops'], 'exit_share': point['exit_share'],
+                           'latency_ms_bs1': latency, 'throughput_bs64': rate,
+                           'speedup_bs1': full['latency_ms_bs1'] / latency,
+                           'speedup_bs64': rate / full['throughput_bs64'],
+                           'flop_bound': gflops[-1] / point['expected_gflops']})
+    return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(), 'checkpoint': args.checkpoint,
+            'num_images': len(images), 'full': full, 'points': [p for p in points if p['threshold'] != NO_EXIT],
+            'no_exit_overhead': 1 - points[-1]['throughput_bs64'] / full['throughput_bs64'],
+            'no_exit_overhead_bs1': points[-1]['latency_ms_bs1'] / full['latency_ms_bs1'] - 1}
+
+
+def format_table(result: dict) -> str:
+    full = result['full']
+    lines = [f"device {result['device']}, {result['threads']} threads, {result['num_images']} images",
+             f"{'threshold':>9} {'acc %':>7} {'GFLOPs':>7} {'ms bs1':>7} {'img/s bs64':>10} {'x bs1':>6} "
+             f"{'x bs64':>6} {'FLOP bound':>10} {'% of bound':>10}",
+             f"{'full':>9} {full['accuracy']:7.2f} {full['gflops']:7.3f} {full['latency_ms_bs1']:7.2f} "
+             f"{full['throughput_bs64']:10.1f} {1:6.2f} {1:6.2f} {1:10.2f}"]
+    for p in result['points']:
+        lines.append(f"{p['threshold']:9.2f} {p['accuracy']:7.2f} {p['gflops']:7.3f} {p['latency_ms_bs1']:7.2f} "
+                     f"{p['throughput_bs64']:10.1f} {p['speedup_bs1']:6.2f} {p['speedup_bs64']:6.2f} "
+                     f"{p['flop_bound']:10.2f} {100 * p['speedup_bs1'] / p['flop_bound']:9.0f}%")
+    lines.append(f"engine overhead with no exit firing: {100 * result['no_exit_overhead']:.1f}% at batch "
+                 f"{64}, {100 * result['no_exit_overhead_bs1']:.1f}% at batch 1")
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        result = benchmark(args)
+    except GFNetDynnError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    print(format_table(result))
+    path = write_json(result, args.json, f"early_exit_{args.device.replace(':', '')}.json")
+    print(f'written: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Training and evaluation images/s of GFNet-Ti and GFNet-XS at 64, 224 and 256 px.
+
+  python -m benchmarks.throughput [--device cpu] [--json PATH]
+
+Synthetic inputs (the model, not the decoder, is measured); 64 px uses 8-px patches (the DEMO set-up),
+224 and 256 px the standard 16. Training = forward + backward + AdamW step.
+"""
+import argparse
+import sys
+import time
+
+import timm
+import torch
+
+import models  # noqa: F401  (registers GFNet with timm)
+from benchmarks.common import synchronize, write_json
+
+CONFIGS = [('gfnet_ti', 64, 8), ('gfnet_ti', 224, 16), ('gfnet_ti', 256, 16),
+           ('gfnet_xs', 64, 8), ('gfnet_xs', 224, 16), ('gfnet_xs', 256, 16)]
+
+
+def images_per_second(step, batch: torch.Tensor, device: torch.device, seconds: float) -> float:
+    """Run `step(batch)` for about `seconds` after two warm-up calls."""
+    step(batch)
+    step(batch)
+    synchronize(device)
+    started, images = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        step(batch)
+        synchronize(device)
+        images += batch.shape[0]
+    return images / (time.perf_counter() - started)
+
+
+def measure(name: str, size: int, patch: int, device: torch.device, batch: int, seconds: float) -> dict:
+    model = timm.create_model(name, num_classes=21, img_size=size, patch_size=patch).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 21, (batch,), device=device)
+
+    def train_step(x: torch.Tensor) -> None:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.inference_mode()
+    def eval_step(x: torch.Tensor) -> None:
+        model.eval()
+        model(x)
+
+    return {'model': name, 'input_size': size, 'patch_size': patch, 'batch': batch,
+            'train_images_per_s': images_per_second(train_step, images, device, seconds),
+            'eval_images_per_s': images_per_second(eval_step, images, device, seconds)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser('benchmarks.throughput', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch', type=int, default=None, help='default: 64 on CUDA, 8 on CPU')
+    parser.add_argument('--seconds', type=float, default=3.0, help='timed seconds per measurement')
+    parser.add_argument('--json', default=None, help='default: benchmarks/results/throughput_{device}.json')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (64 if device.type == 'cuda' else 8)
+    rows = [measure(name, size, patch, device, batch, args.seconds) for name, size, patch in CONFIGS]
+    print(f"device {device}, {torch.get_num_threads()} threads, batch {batch}")
+    print(f"{'model':>9} {'px':>4} {'patch':>5} {'train img/s':>12} {'eval img/s':>11}")
+    for row in rows:
+        print(f"{row['model']:>9} {row['input_size']:4d} {row['patch_size']:5d} {row['train_images_per_s']:12.1f} "
+              f"{row['eval_images_per_s']:11.1f}")
+    path = write_json({'device': str(device), 'threads': torch.get_num_threads(), 'results': rows}, args.json,
+                      f"throughput_{device.type}.json")
+    print(f'written: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

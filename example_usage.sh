@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# GFNet-Dynn recipes. With no argument: the whole pipeline on the built-in DEMO data (what `make demo` runs):
+#   backbone (stage 0) -> exit warm-up (stage 1) + joint training (stage 2) -> evaluation.
+# Run from anywhere; outputs go under --output-dir (here: the repository root).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-.}
+LAMBDA=${LAMBDA:-0.75}
+
+demo() {
+    # Stage 0: a GFNet-Ti at 64 px with 8-px patches (8x8 tokens), trained from scratch.
+    "$PYTHON" main_dynn.py --stage backbone --data-set DEMO --arch GFNet-ti-dynn --patch-size 8 \
+        --batch 64 --num_epoch 6 --lr 2e-3 --min-lr 1e-5 --warmup-epochs 1 --output-dir "$OUT"
+    # Stages 1-2: exits after blocks 3 5 7 9; warm-up with patience, then gates and exits jointly.
+    "$PYTHON" main_dynn.py --data-set DEMO \
+        --checkpoint-path "$OUT/checkpoint/backbone_DEMO_GFNet-ti-dynn/best.pth" \
+        --batch 64 --num_epoch 8 --max_warmup_epoch 4 --bilevel_batch_count 5 --lr 0.01 --min-lr 1e-3 \
+        --ce_ic_tradeoff "$LAMBDA" --output-dir "$OUT"
+    # Evaluation: per-exit accuracy, the threshold sweep, real early exit, results.json and two plots.
+    "$PYTHON" main_dynn.py --eval --data-set DEMO \
+        --checkpoint-path "$OUT/checkpoint/checkpoint_DEMO_${LAMBDA}_confEE/best.pth" --output-dir "$OUT"
+}
+
+if [ "$#" -eq 0 ] || [ "$1" = demo ]; then
+    demo
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# Real datasets (layout in README.md, "Datasets"). Copy a block, adjust paths, run it.
+# ---------------------------------------------------------------------------------------------------
+#
+# NWPU-RESISC45 (45 classes, 256 px): backbone distilled from a GFNet-B teacher fine-tuned on NWPU.
+#   python main_dynn.py --stage backbone --data-set NWPU --data-path data/NWPU --arch GFNet-xs-dynn \
+#       --input-size 256 --batch 64 --num_epoch 300 --lr 1e-3 --warmup-epochs 5 \
+#       --checkpoint-path weights/gfnet-xs.pth \
+#       --teacher-model GFNet-b-dynn --teacher-path checkpoint/backbone_NWPU_GFNet-b-dynn/best.pth \
+#       --distillation-type soft --distillation-alpha 0.5 --distillation-tau 1.0
+#   (weights/gfnet-xs.pth: the official ImageNet GFNet-XS checkpoint; pos_embed and filters are resized)
+#   python main_dynn.py --data-set NWPU --data-path data/NWPU \
+#       --checkpoint-path checkpoint/backbone_NWPU_GFNet-xs-dynn/best.pth \
+#       --batch 64 --num_epoch 200 --ce_ic_tradeoff 0.75 --lr 0.001 --input-size 256
+#   python main_dynn.py --eval --data-set NWPU --data-path data/NWPU \
+#       --checkpoint-path checkpoint/checkpoint_NWPU_0.75_confEE/best.pth --input-size 256
+#
+# UCM (21 classes, 256 px), frequency-domain distillation from a GFNet-S teacher:
+#   python main_dynn.py --stage backbone --data-set UCM --data-path data/UCM --arch GFNet-xs-dynn \
+#       --teacher-model GFNet-s-dynn --teacher-path checkpoint/backbone_UCM_GFNet-s-dynn/best.pth \
+#       --distillation-type freq --num_epoch 300
+#   python main_dynn.py --data-set UCM --data-path data/UCM \
+#       --checkpoint-path checkpoint/backbone_UCM_GFNet-xs-dynn/best.pth --num_epoch 100
+#   python main_dynn.py --eval --data-set UCM --data-path data/UCM \
+#       --checkpoint-path checkpoint/checkpoint_UCM_0.75_confEE/best.pth
+#
+# AID (30 classes, 600 px by default; 256 px trains 5x faster):
+#   python main_dynn.py --stage backbone --data-set AID --data-path data/AID --input-size 256 \
+#       --teacher-model resnet50 --teacher-path weights/resnet50_aid.pth --distillation-type hard
+#   python main_dynn.py --data-set AID --data-path data/AID --input-size 256 \
+#       --checkpoint-path checkpoint/backbone_AID_GFNet-xs-dynn/best.pth --ce_ic_tradeoff 1.0
+#
+# PatternNet (38 classes, 256 px):
+#   python main_dynn.py --stage backbone --data-set PatternNet --data-path data/PatternNet
+#   python main_dynn.py --data-set PatternNet --data-path data/PatternNet \
+#       --checkpoint-path checkpoint/backbone_PatternNet_GFNet-xs-dynn/best.pth
+#
+# NaSC-TG2 (10 classes, 128 px, one folder randomly split 80/20 with --seed):
+#   python main_dynn.py --stage backbone --data-set NaSC --data-path data/NaSC --split-ratio 0.8 --seed 0
+#   python main_dynn.py --data-set NaSC --data-path data/NaSC \
+#       --checkpoint-path checkpoint/backbone_NaSC_GFNet-xs-dynn/best.pth
+#
+# Trade-off sweep (higher lambda exits earlier):
+#   for l in 0.25 0.5 0.75 1.0 2.0; do
+#       python main_dynn.py --data-set UCM --checkpoint-path checkpoint/backbone_UCM_GFNet-xs-dynn/best.pth \
+#           --ce_ic_tradeoff $l --num_epoch 50
+#   done
+#
+# Resume an interrupted run (any stage): python main_dynn.py --resume checkpoint/<run>/last.pth
+# Several GPUs: torchrun --nproc_per_node 4 main_dynn.py <same flags>
+# Edge export:  python main_dynn.py --export onnx --checkpoint-path <best.pth> --data-set DEMO --out export/
+echo "usage: $0 [demo]   (the recipes for real datasets are comments in this file)" >&2
+exit 2

@@ -1,0 +1,174 @@
+"""Export a GFNet-Dynn as one ONNX graph per segment, for real early exit on an edge runtime.
+
+Segment k runs the blocks before exit k and returns that exit's outputs; a runtime
+(`models/onnx_runner.py`) chains the segments and feeds only the samples still inside to the next one.
+Graphs come from the dynamo exporter (the TorchScript one cannot export rfft2, SPEC.md section 7), with
+each global filter's FFTs written as DFT-matrix products (`MatmulGlobalFilter`) for speed on CPU runtimes.
+"""
+import copy
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from errors import GFNetDynnError
+from models.gfnet import GlobalFilter
+from models.gfnet_dynn import GFNetDynn
+from models.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
+
+# The exporter's lowest implemented opset: the graphs load in the oldest runtimes a board may have.
+OPSET = 18
+
+
+class MatmulGlobalFilter(nn.Module):
+    """The same function as a `GlobalFilter`, with rfft2/irfft2 written as products with real DFT matrices.
+
+    rfft2/irfft2 do export (as the ONNX DFT operator), but onnxruntime's CPU DFT made a two-block GFNet-XS
+    segment about 20x slower (~100 ms against ~5 ms). On an a x b token grid the matrices cost about
+    3ab(a + b) multiply-adds per channel, a few percent of the MLP. It reads the filter's own complex_weight;
+    the tables are constants of the graph, not parameters.
+    """
+
+    def __init__(self, global_filter: GlobalFilter):
+        super().__init__()
+        self.filter = global_filter
+        a, b = global_filter.grid_size
+        half = b // 2 + 1
+        scale = (a * b) ** -0.5  # norm='ortho' on the way in and on the way out
+        # Angles from integer products reduced mod the length, in float64: exact tables, then float32.
+        rows = torch.arange(a, dtype=torch.float64)
+        angle_a = 2 * math.pi * (torch.outer(rows, rows) % a) / a  # (a, a)
+        freqs, cols = torch.arange(half, dtype=torch.float64), torch.arange(b, dtype=torch.float64)
+        angle_b = 2 * math.pi * (torch.outer(freqs, cols) % b) / b  # (b//2+1, b)
+        # irfft counts each bin between DC and Nyquist twice (its mirror image) and ignores the imaginary
+        # part of DC and, for even b, of the Nyquist bin.
+        twice = torch.full((half, 1), 2.0, dtype=torch.float64)
+        twice[0] = 1.0
+        real_only = torch.zeros(half, 1, dtype=torch.bool)
+        real_only[0] = True
+        if b % 2 == 0:
+            twice[-1] = 1.0
+            real_only[-1] = True
+        inv_sin = torch.where(real_only, 0.0, -scale * twice * torch.sin(angle_b))
+        tables = {
+            'cos_a': torch.cos(angle_a), 'sin_a': torch.sin(angle_a),  # symmetric (a, a)
+            'fwd_cos_b': scale * torch.cos(angle_b), 'fwd_sin_b': -scale * torch.sin(angle_b),  # (b//2+1, b)
+            'inv_cos_b': (scale * twice * torch.cos(angle_b)).T, 'inv_sin_b': inv_sin.T,  # (b, b//2+1)
+        }
+        for name, table in tables.items():
+            self.register_buffer(name, table.float().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        a, b = self.filter.grid_size
+        half = b // 2 + 1
+        dtype = x.dtype
+        x = x.view(B, a, b, D).float()
+        # rfft along b, then fft along a (on (B, a, half*D) so that the (a, a) tables multiply axis 1)
+        zr = (self.fwd_cos_b @ x).reshape(B, a, half * D)  # (B, a, b//2+1, D) flattened
+        zi = (self.fwd_sin_b @ x).reshape(B, a, half * D)
+        xr = self.cos_a @ zr + self.sin_a @ zi
+        xi = self.cos_a @ zi - self.sin_a @ zr
+        weight = self.filter.complex_weight.reshape(a, half * D, 2)
+        wr, wi = weight[..., 0], weight[..., 1]
+        yr, yi = xr * wr - xi * wi, xr * wi + xi * wr
+        # inverse fft along a, then irfft along b
+        vr = (self.cos_a @ yr - self.sin_a @ yi).reshape(B, a, half, D)
+        vi = (self.cos_a @ yi + self.sin_a @ yr).reshape(B, a, half, D)
+        x = self.inv_cos_b @ vr + self.inv_sin_b @ vi  # (B, a, b, D)
+        return x.reshape(B, N, D).to(dtype)
+
+
+class SegmentGraph(nn.Module):
+    """Segment k of a GFNetDynn as a module of its own: images (segment 0) or tokens -> its blocks -> exit k.
+
+    Intermediate exits return (tokens (B, N, D), logits (B, C), gate probability (B,)); the final exit returns
+    logits only. It holds the model's own submodules, so the export sees the trained weights as they are.
+    """
+
+    def __init__(self, model: GFNetDynn, k: int):
+        super().__init__()
+        self.model = model
+        self.k = k
+        self.start, self.end = model.segments()[k]
+
+    @property
+    def is_final(self) -> bool:
+        return self.k == len(self.model.exit_positions)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        tokens = self.model.embed(x) if self.k == 0 else x  # (B, N, D)
+        for block in self.model.blocks[self.start:self.end]:
+            tokens = block(tokens)
+        logits, gate_logits = self.model.exit_output(self.k, tokens)
+        if gate_logits is None:
+            return logits
+        return tokens, logits, torch.sigmoid(gate_logits)
+
+
+def segment_file_name(k: int) -> str:
+    return f'segment_{k}.onnx'
+
+
+def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, class_names: list[str],
+                    input_size: int) -> Path:
+    """Write segment_{k}.onnx for every exit and manifest.json to out_dir; return the manifest's path.
+
+    The model itself is left untouched: a float32 CPU copy in eval mode is exported.
+    """
+    if model.patch_embed.img_size != (input_size, input_size):
+        raise GFNetDynnError(f'the model was built for {model.patch_embed.img_size[0]} px images, not '
+                             f'{input_size}; export with --input-size {model.patch_embed.img_size[0]}')
+    if len(class_names) != model.num_classes:
+        raise GFNetDynnError(f'{len(class_names)} class names for a model with {model.num_classes} classes; '
+                             f'pass the class names of the data set it was trained on')
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A copy, so that the caller's model keeps its device, dtype, mode and autograd state.
+    model = copy.deepcopy(model).to(device='cpu', dtype=torch.float32).eval().requires_grad_(False)
+    for block in model.blocks:
+        block.filter = MatmulGlobalFilter(block.filter)
+    batch = torch.export.Dim('batch', min=1)
+    # Batch 2 in the example: export specialises a dimension whose example size is 1.
+    x = torch.randn(2, 3, input_size, input_size)
+    file_names = []
+    for k in range(model.num_exits):
+        graph = SegmentGraph(model, k).eval()
+        output_names = ['logits'] if graph.is_final else ['next_tokens', 'logits', 'gate_prob']
+        program = torch.onnx.export(graph, (x,), dynamo=True, opset_version=OPSET, verbose=False,
+                                    input_names=['images' if k == 0 else 'tokens'], output_names=output_names,
+                                    dynamic_shapes=({0: batch},))
+        file_names.append(segment_file_name(k))
+        _replace_atomically(out_dir / file_names[-1], functools.partial(program.save, external_data=False))
+        if not graph.is_final:
+            with torch.no_grad():
+                x = graph(x)[0]  # this segment's tokens are the next one's example input
+    manifest = {
+        'format': MANIFEST_FORMAT,
+        'input_size': input_size,
+        'mean': list(IMAGENET_DEFAULT_MEAN),
+        'std': list(IMAGENET_DEFAULT_STD),
+        'threshold': float(threshold),
+        'exit_positions': list(model.exit_positions),
+        'class_names': list(class_names),
+        'segments': file_names,
+    }
+    path = out_dir / MANIFEST_NAME
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + '\n'))
+    return path
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) into a temporary file beside path, then rename it over path: no half-written files."""
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,100 @@
+"""Shared pytest fixtures: tiny image folders written under tmp_path."""
+import contextlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _write_images(folder: Path, count: int, size: tuple[int, int], rng: np.random.Generator) -> None:
+    """Write `count` random RGB PNGs (width, height = size) into folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f'{i:03d}.png')
+
+
+@pytest.fixture
+def make_image_folder() -> Callable[..., Path]:
+    """Factory: make_image_folder(root, classes, per_class, size=(32, 32), layout='split' | 'flat') -> root.
+
+    'split' writes root/train/<cls>/ and root/val/<cls>/ (per_class images in each); 'flat' writes root/<cls>/.
+    """
+    def make(root: Path, classes: list[str], per_class: int, size: tuple[int, int] = (32, 32),
+             layout: str = 'split') -> Path:
+        rng = np.random.default_rng(0)
+        parents = {'split': [root / 'train', root / 'val'], 'flat': [root]}[layout]
+        for parent in parents:
+            for name in classes:
+                _write_images(parent / name, per_class, size, rng)
+        return root
+
+    return make
+
+
+# Learnable tiny data and a shared tiny backbone, for the end-to-end tests of the training stages.
+
+LEARNABLE_COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+
+def write_learnable_folder(root: Path, num_classes: int = 3, train_per_class: int = 8, val_per_class: int = 4,
+                           size: int = 32, noise: float = 12.0, seed: int = 0) -> Path:
+    """root/train/class{c}/ and root/val/class{c}/: class c is a solid colour plus a little noise, so a
+    tiny GFNet learns it in a few epochs."""
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(num_classes):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array(LEARNABLE_COLOURS[c], dtype=np.float64)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i:03d}.png')
+    return root
+
+
+@pytest.fixture
+def make_learnable_folder() -> Callable[..., Path]:
+    """Factory: make_learnable_folder(root, num_classes=3, train_per_class=8, val_per_class=4) -> root."""
+    return write_learnable_folder
+
+
+def tiny_entry(root: Path, num_classes: int = 3) -> dict:
+    """The DATASET_CONFIG entry of the learnable data set at root."""
+    return {'num_classes': num_classes, 'default_input_size': 32, 'train_folder': 'train', 'val_folder': 'val',
+            'use_random_split': False, 'default_data_path': str(root)}
+
+
+# The CLI flags every end-to-end test shares: the smallest GFNet at 32 px, one process, batch 8.
+TINY_FLAGS = ['--data-set', 'TINY', '--arch', 'GFNet-ti-dynn', '--patch-size', '8', '--num_workers', '0',
+              '--batch', '8', '--device', 'cpu']
+
+
+@pytest.fixture(scope='session')
+def tiny_backbone(tmp_path_factory) -> SimpleNamespace:
+    """Learnable 3-class data (8 train + 4 val images per class) and a GFNet-ti backbone trained on it for
+    4 epochs by `main_dynn.main`, once per session. Fields: data, output_dir, checkpoint, rc, stdout."""
+    import dataset_config
+    from main_dynn import main
+
+    data = write_learnable_folder(tmp_path_factory.mktemp('learnable') / 'tiny')
+    output_dir = tmp_path_factory.mktemp('backbone_run')
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(data))
+        rc = main(['--stage', 'backbone', *TINY_FLAGS, '--num_epoch', '4', '--lr', '2e-3',
+                   '--output-dir', str(output_dir)])
+    checkpoint = output_dir / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn' / 'best.pth'
+    return SimpleNamespace(data=data, output_dir=output_dir, checkpoint=checkpoint, rc=rc, stdout=stdout.getvalue())
+
+
+@pytest.fixture
+def tiny_data(tiny_backbone, monkeypatch) -> Path:
+    """Register data set TINY (the learnable data of `tiny_backbone`) for this test."""
+    import dataset_config
+    monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(tiny_backbone.data))
+    return tiny_backbone.data

@@ -1,0 +1,208 @@
+"""Evaluation from the exit cache (exit rule, sweep, cheapest point, gate rebalancing), conformal sets, and the
+optimisation helpers (lr schedule, non-finite guard)."""
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from errors import GFNetDynnError
+from learning_helpers.conformal import conformal_thresholds, prediction_set_stats
+from learning_helpers.evaluation import (ExitCache, best_exit_counts, cheapest_within, exit_choice,
+                                         gated_predictions, per_exit_accuracy, threshold_sweep, updated_pos_weight)
+from learning_helpers.losses import best_exit, per_exit_cross_entropy
+from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
+
+THRESHOLDS = [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
+GFLOPS = [0.11, 0.23, 0.37, 0.52]
+
+
+def _random_cache(num_exits: int = 4, n: int = 60, num_classes: int = 5, seed: int = 0) -> ExitCache:
+    """Random logits and gate probabilities, some of them exactly on a threshold (0.25, 0.5, 0.75)."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, num_classes, (n,), generator=generator)
+    logits = torch.randn(num_exits, n, num_classes, generator=generator)
+    logits[:, :, 0] += torch.linspace(0, 3, num_exits).view(-1, 1)  # later exits lean to class 0: varied accuracy
+    gate_probs = torch.rand(num_exits - 1, n, generator=generator)
+    ties = torch.rand(num_exits - 1, n, generator=generator) < 0.2
+    gate_probs[ties] = torch.tensor([0.25, 0.5, 0.75])[torch.randint(0, 3, (int(ties.sum()),), generator=generator)]
+    return ExitCache(logits, gate_probs, targets)
+
+
+def _brute_force_point(cache: ExitCache, threshold: float, gflops: list[float]) -> dict:
+    """One threshold, sample by sample: leave at the first gate with prob >= threshold, else the final head."""
+    num_gates, n = cache.gate_probs.shape
+    counts, hits = [0] * (num_gates + 1), [0] * (num_gates + 1)
+    for i in range(n):
+        chosen = next((k for k in range(num_gates) if cache.gate_probs[k, i] >= threshold), num_gates)
+        correct = int(cache.logits[chosen, i].argmax()) == int(cache.targets[i])
+        counts[chosen] += 1
+        hits[chosen] += correct
+    shares = [c / n for c in counts]
+    return {'accuracy': 100 * sum(hits) / n, 'exit_share': shares,
+            'exit_accuracy': [100 * h / c if c else 0.0 for h, c in zip(hits, counts)],
+            'expected_gflops': sum(s * g for s, g in zip(shares, gflops))}
+
+
+# exit rule
+
+def test_exit_choice_picks_the_first_exit_at_or_above_the_threshold():
+    gate_probs = torch.tensor([[0.1, 0.5, 0.9, 0.1],
+                               [0.6, 0.9, 0.1, 0.2],
+                               [0.9, 0.1, 0.1, 0.3]])  # (G=3, N=4)
+    assert exit_choice(gate_probs, 0.5).tolist() == [1, 0, 0, 3]  # 0.5 >= 0.5 leaves; none fires -> final (3)
+    assert exit_choice(gate_probs, 0.95).tolist() == [3, 3, 3, 3]
+    assert exit_choice(gate_probs, 0.0).tolist() == [0, 0, 0, 0]
+
+
+def test_gated_predictions_take_the_chosen_exits_argmax():
+    cache = _random_cache()
+    predictions, chosen = gated_predictions(cache, 0.5)
+    expected = torch.stack([cache.logits[k, i].argmax() for i, k in enumerate(chosen.tolist())])
+    assert torch.equal(predictions, expected)
+
+
+def test_per_exit_accuracy_is_each_exit_alone():
+    cache = _random_cache()
+    expected = [100 * sum(int(cache.logits[k, i].argmax()) == int(cache.targets[i])
+                          for i in range(cache.targets.numel())) / cache.targets.numel() for k in range(4)]
+    assert_close(torch.tensor(per_exit_accuracy(cache)), torch.tensor(expected))
+
+
+def test_cached_sweep_equals_brute_force_per_threshold_evaluation():
+    cache = _random_cache()
+    sweep = threshold_sweep(cache, THRESHOLDS, GFLOPS)
+    assert [point['threshold'] for point in sweep] == THRESHOLDS
+    for point, threshold in zip(sweep, THRESHOLDS):
+        expected = _brute_force_point(cache, threshold, GFLOPS)
+        assert point['accuracy'] == pytest.approx(expected['accuracy'], abs=1e-4), threshold
+        assert point['expected_gflops'] == pytest.approx(expected['expected_gflops'], abs=1e-6), threshold
+        assert point['exit_share'] == pytest.approx(expected['exit_share'], abs=1e-6), threshold
+        assert point['exit_accuracy'] == pytest.approx(expected['exit_accuracy'], abs=1e-4), threshold
+        assert sum(point['exit_share']) == pytest.approx(1.0)
+
+
+def test_sweep_spends_fewer_gflops_as_the_threshold_rises_to_the_final_head():
+    sweep = threshold_sweep(_random_cache(), [0.0, 0.5, 1.01], GFLOPS)
+    assert sweep[0]['exit_share'][0] == pytest.approx(1.0)  # everything leaves at exit 0
+    assert sweep[-1]['exit_share'][-1] == pytest.approx(1.0)  # nothing fires: all at the final head
+    assert sweep[0]['expected_gflops'] == pytest.approx(GFLOPS[0])
+    assert sweep[-1]['expected_gflops'] == pytest.approx(GFLOPS[-1])
+
+
+# choosing a threshold
+
+def test_cheapest_within_picks_the_cheapest_point_within_one_point_of_full_accuracy():
+    sweep = [{'threshold': 0.2, 'accuracy': 80.0, 'expected_gflops': 0.1},
+             {'threshold': 0.4, 'accuracy': 89.2, 'expected_gflops': 0.3},  # within 1 of 90 and cheapest
+             {'threshold': 0.6, 'accuracy': 90.5, 'expected_gflops': 0.4},
+             {'threshold': 0.8, 'accuracy': 88.9, 'expected_gflops': 0.2}]  # 1.1 below: out
+    assert cheapest_within(sweep, full_accuracy=90.0)['threshold'] == 0.4
+    assert cheapest_within(sweep, full_accuracy=90.0, tolerance=1.2)['threshold'] == 0.8
+
+
+def test_cheapest_within_falls_back_to_the_most_accurate_point():
+    sweep = [{'threshold': 0.2, 'accuracy': 50.0, 'expected_gflops': 0.1},
+             {'threshold': 0.5, 'accuracy': 70.0, 'expected_gflops': 0.3}]
+    assert cheapest_within(sweep, full_accuracy=95.0)['threshold'] == 0.5
+
+
+# rebalancing the gates
+
+def test_updated_pos_weight_follows_the_formula_with_floor_and_cap():
+    # n = 20; c = 5, 8, 2 for the gates: 15/5 = 3, 12/8 = 1.5, 18/2 = 9 -> capped at 5
+    assert_close(updated_pos_weight(torch.tensor([5, 8, 2, 5])), torch.tensor([3.0, 1.5, 5.0]))
+    # c = 0 uses the 0.1 floor: 20 / 0.1 = 200, capped; a larger cap shows the floor
+    assert_close(updated_pos_weight(torch.tensor([0, 10, 10])), torch.tensor([5.0, 1.0]))
+    assert_close(updated_pos_weight(torch.tensor([0, 10, 10]), max_weight=1000.0), torch.tensor([200.0, 1.0]))
+
+
+def test_best_exit_counts_count_the_argmin_of_error_plus_lambda_cost():
+    cache = _random_cache()
+    costs = torch.tensor([0.3, 0.5, 0.7, 1.0])
+    counts = best_exit_counts(cache, costs, 0.75)
+    best = best_exit(per_exit_cross_entropy(cache.logits, cache.targets), costs, 0.75)
+    assert counts.tolist() == [int((best == k).sum()) for k in range(4)]
+    assert int(counts.sum()) == cache.targets.numel()
+
+
+# conformal prediction sets
+
+def test_conformal_coverage_on_the_calibration_set_reaches_one_minus_alpha():
+    cache = _random_cache(num_exits=3, n=200, seed=1)
+    alphas = (0.01, 0.05, 0.1, 0.2, 0.5)
+    stats = prediction_set_stats(cache, conformal_thresholds(cache, alphas), alphas)
+    assert len(stats) == 3 * len(alphas)
+    for row in stats:
+        assert row['coverage'] >= 100 * (1 - row['alpha']) - 1e-9, row
+
+
+def test_conformal_sets_shrink_as_alpha_grows():
+    cache = _random_cache(num_exits=3, n=200, seed=1)
+    alphas = (0.01, 0.05, 0.1, 0.2, 0.5)
+    stats = prediction_set_stats(cache, conformal_thresholds(cache, alphas), alphas)
+    for k in range(3):
+        sizes = [row['mean_set_size'] for row in stats if row['exit'] == k]
+        assert all(later <= earlier for earlier, later in zip(sizes, sizes[1:])), sizes
+        assert sizes[-1] < sizes[0]
+
+
+def test_conformal_thresholds_are_calibration_scores_at_or_above_the_conformal_rank():
+    cache = _random_cache(num_exits=2, n=50, seed=2)
+    alpha = 0.1
+    qhat = conformal_thresholds(cache, [alpha])
+    rank = math.ceil((50 + 1) * (1 - alpha))  # split conformal: the rank-th smallest score guarantees coverage
+    for k in range(2):
+        scores = 1 - cache.logits[k].softmax(-1)[torch.arange(50), cache.targets]
+        assert torch.isclose(scores, torch.tensor(qhat[k][0])).any()  # 'higher': an actual score, no interpolation
+        assert qhat[k][0] >= scores.sort().values[rank - 1].item()
+
+
+# lr schedule
+
+def test_lr_factor_starts_at_one_and_ends_at_min_ratio():
+    kwargs = {'total_epochs': 10, 'warmup_epochs': 0, 'min_ratio': 0.2, 'offset': 0}
+    factors = [lr_factor(e, **kwargs) for e in range(11)]
+    assert factors[0] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(0.2)
+    assert all(later <= earlier for earlier, later in zip(factors, factors[1:]))
+    assert lr_factor(15, **kwargs) == pytest.approx(0.2)  # past the end it stays at the floor
+
+
+def test_lr_factor_with_offset_continues_the_same_curve():
+    kwargs = {'total_epochs': 10, 'warmup_epochs': 0, 'min_ratio': 0.2}
+    for epoch in range(6):
+        assert lr_factor(epoch, offset=4, **kwargs) == lr_factor(epoch + 4, offset=0, **kwargs)
+
+
+def test_scheduler_of_a_later_stage_continues_the_same_lrs():
+    def lrs(start_epoch: int, epochs: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = build_scheduler(optimizer, 10, 0.2, start_epoch=start_epoch)
+        seen = []
+        for _ in range(epochs):
+            seen.append(optimizer.param_groups[0]['lr'])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    assert lrs(4, 6) == pytest.approx(lrs(0, 10)[4:])
+
+
+# non-finite guard
+
+def test_non_finite_guard_skips_nan_and_stops_after_max_skips_plus_one_in_a_row():
+    guard = NonFiniteGuard(max_skips=2)
+    assert guard.allows(torch.tensor(float('nan')), 0, 0) is False
+    assert guard.allows(torch.tensor(float('inf')), 0, 1) is False
+    with pytest.raises(GFNetDynnError, match='non-finite for 3 batches'):
+        guard.allows(torch.tensor(float('nan')), 0, 2)
+
+
+def test_non_finite_guard_resets_on_a_finite_loss():
+    guard = NonFiniteGuard(max_skips=2)
+    for _ in range(3):
+        assert guard.allows(torch.tensor(float('nan')), 0, 0) is False
+        assert guard.allows(torch.tensor(float('nan')), 0, 1) is False
+        assert guard.allows(torch.tensor(1.5), 0, 2) is True
+    assert guard.in_a_row == 0
