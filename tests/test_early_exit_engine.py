@@ -114,3 +114,46 @@ def test_blocks_after_an_exit_run_only_for_samples_still_inside(model_and_images
     for i in range(len(model.blocks)):
         still_inside = int((exits >= i).sum())
         assert seen[i] == ([still_inside] if still_inside else [])
+
+
+@pytest.fixture(scope='module')
+def demo_cache(tmp_path_factory):
+    """A GFNet-Dynn at the DEMO set-up (64 px, patch 8, exits 3 5 7 9) with gates that split the DEMO
+    validation images, and the --eval cache of those images (one batched pass, as --eval computes it)."""
+    from data_loader_help import build_datasets
+    from demo_data import ensure_demo_dataset
+    from learning_helpers.evaluation import collect_exit_outputs
+
+    root = ensure_demo_dataset(tmp_path_factory.mktemp('demo') / 'DEMO', train_per_class=2, val_per_class=8)
+    _, val_set, _ = build_datasets('DEMO', root, 64)
+    images = torch.stack([val_set[i][0] for i in range(len(val_set))])  # (64, 3, 64, 64)
+    labels = torch.tensor([val_set[i][1] for i in range(len(val_set))])
+    torch.manual_seed(0)
+    model = timm.create_model('gfnet_ti_dynn', num_classes=8, img_size=64, patch_size=8, depth=12,
+                              embed_dim=64).eval()
+    with torch.no_grad():
+        for head in model.intermediate_heads:
+            head.weight.normal_(std=0.5)
+        cache, _ = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
+        for k, gate in enumerate(model.gates):  # gate k fires for the more confident half at exit k
+            max_prob = cache.logits[k].softmax(dim=-1).amax(dim=-1)
+            slope = 4.0 / max_prob.std()  # gate logits spread over about -8..8
+            gate.linear.weight.copy_(torch.tensor([[slope, 0.0, 0.0, 0.0]]))
+            gate.linear.bias.fill_(-slope * torch.quantile(max_prob, 0.5))
+        cache, _ = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
+    return model, images, cache
+
+
+@pytest.mark.parametrize('batch, threshold', [(1, 0.5), (64, 0.3), (64, 0.5), (64, 0.8)])
+def test_engine_equals_the_eval_cache_on_demo_images(demo_cache, threshold, batch):
+    from learning_helpers.evaluation import gated_predictions
+
+    model, images, cache = demo_cache
+    margin = (cache.gate_probs - threshold).abs().min()
+    assert margin > 1e-4  # no gate sits on the threshold, so batch-size float noise cannot flip an exit
+    predictions, exits = gated_predictions(cache, threshold)
+    assert 0 < (exits == 0).sum() < len(exits)  # the threshold splits the images
+    engine = EarlyExitEngine(model, threshold)
+    results = [engine(images[i:i + batch]) for i in range(0, len(images), batch)]
+    assert torch.equal(torch.cat([r.exit_index for r in results]), exits)
+    assert torch.equal(torch.cat([r.predictions for r in results]), predictions)
