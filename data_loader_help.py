@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import LEVEL_TO_ARG, RandAugment
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -217,12 +218,26 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
     return train_set, val_set, classes
 
 
+class ShardSampler(Sampler):
+    """Every rank's share of the validation set, each sample once (rank r takes r, r + W, ...). Unlike
+    DistributedSampler it never pads with repeats, so metrics gathered over ranks count each image once."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        self.indices = list(range(rank, len(dataset), world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, *,
                   distributed: bool = False) -> tuple[DataLoader, DataLoader]:
     """Shuffled, seeded training loader (drop_last) and an ordered validation loader at 1.5x the batch."""
     if distributed:
         train_kw = {'sampler': DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=True)}
-        val_kw = {'sampler': DistributedSampler(val_set, shuffle=False, drop_last=False)}
+        val_kw = {'sampler': ShardSampler(val_set, dist.get_rank(), dist.get_world_size())}
         per_rank = len(train_kw['sampler'])
     else:
         train_kw = {'shuffle': True, 'generator': torch.Generator().manual_seed(seed)}
@@ -231,8 +246,11 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_wor
     if per_rank < batch_size:
         raise GFNetDynnError(f'the training set gives {per_rank} images per process, fewer than one batch of '
                              f'{batch_size}; pass a smaller --batch')
-    common = {'num_workers': num_workers, 'pin_memory': torch.cuda.is_available(),
-              'persistent_workers': num_workers > 0}
+    common = {'num_workers': num_workers, 'pin_memory': torch.cuda.is_available()}
+    # training workers start afresh each epoch, seeded from the generator seed_epoch resets: persistent ones
+    # would carry their augmentation RNG (and, without a fresh seed draw, the shuffle) over from earlier
+    # epochs, and --resume would not repeat an uninterrupted run
     train_loader = DataLoader(train_set, batch_size=batch_size, drop_last=True, **train_kw, **common)
-    val_loader = DataLoader(val_set, batch_size=int(1.5 * batch_size), drop_last=False, **val_kw, **common)
+    val_loader = DataLoader(val_set, batch_size=int(1.5 * batch_size), drop_last=False,
+                            persistent_workers=num_workers > 0, **val_kw, **common)
     return train_loader, val_loader

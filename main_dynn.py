@@ -18,8 +18,8 @@ from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
 from learning_helpers import model_factory
 from learning_helpers.backbone_stage import BackboneStageConfig, run_backbone_stage
-from learning_helpers.checkpoint import check_writable, load_training_checkpoint, save_json
-from learning_helpers.distributed import barrier, init_distributed, is_distributed, is_main_process
+from learning_helpers.checkpoint import check_writable, load_resume_checkpoint, save_json
+from learning_helpers.distributed import barrier, init_distributed, is_main_process
 from learning_helpers.eval_stage import evaluate_early_exit, format_results_table
 from learning_helpers.joint_stage import JointStageConfig, joint_param_groups, run_joint_stage
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
@@ -34,8 +34,15 @@ DEFAULT_PATCH_SIZE = 16
 DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as our one-line user error instead of the whole usage block."""
+
+    def error(self, message: str):
+        raise GFNetDynnError(f'{message}; see python main_dynn.py --help')
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         'main_dynn.py', description='GFNet-Dynn: distilled GFNet backbone with confidence-gated early exits.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data')
@@ -190,8 +197,13 @@ def checkpoint_args(path: str | None) -> tuple[dict, dict]:
 def build_data(args: argparse.Namespace, input_size: int, distributed: bool):
     """Datasets and loaders (imported here so --help stays fast)."""
     from data_loader_help import build_datasets, build_loaders, resolve_data_path
+    if not is_main_process():
+        barrier()  # under torchrun rank 0 goes first: it may generate DEMO, which the other ranks then read
+    data_path = resolve_data_path(args.data_set, args.data_path)
+    if is_main_process():
+        barrier()
     train_set, val_set, class_names = build_datasets(
-        args.data_set, resolve_data_path(args.data_set, args.data_path), input_size, split_ratio=args.split_ratio, seed=args.seed,
+        args.data_set, data_path, input_size, split_ratio=args.split_ratio, seed=args.seed,
         reprob=args.reprob, skip_bad_images=args.skip_bad_images)
     train_loader, val_loader = build_loaders(train_set, val_set, args.batch, args.num_workers, args.seed,
                                              distributed=distributed)
@@ -221,8 +233,6 @@ def build_criterion(args: argparse.Namespace, student: torch.nn.Module, num_clas
             if not hasattr(teacher, 'forward_tokens'):
                 raise GFNetDynnError('--distillation-type freq compares token maps and needs a GFNet teacher '
                                      '(e.g. --teacher-model GFNet-b-dynn); use soft for other teachers')
-            if is_distributed():
-                raise GFNetDynnError('--distillation-type freq runs in one process; use soft under torchrun')
             frequency = FrequencyDistillation(student.embed_dim, teacher.embed_dim, len(student.blocks),
                                               len(teacher.blocks))
     return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
@@ -309,6 +319,10 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
             max_nan_skips=args.max_nan_skips)
         joint_start = run_warmup_stage(model, train_loader, val_loader, optimizer, scheduler, device,
                                        warmup_config, writer, patience, warmup_start)
+    if joint_start >= args.num_epoch:
+        logging.warning('the warm-up used all %d epochs: the gates were not trained and no best.pth was written; '
+                        'pass a --num_epoch larger than --max_warmup_epoch %d', args.num_epoch,
+                        args.max_warmup_epoch)
     optimizer = build_optimizer(joint_param_groups(model, args.lr, args.transfer_ratio, args.freeze_backbone),
                                 args.opt or 'sgd', args.lr, weight_decay)
     scheduler = build_scheduler(optimizer, args.num_epoch, min_ratio, start_epoch=joint_start)
@@ -328,6 +342,10 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     summary = run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs, joint_config,
                               writer, start_epoch=start_epoch, stage_start_epoch=joint_start, pos_weight=pos_weight,
                               global_step=global_step, best_acc=best_acc)
+    if joint_start >= args.num_epoch:  # warm-up only: its last.pth is the checkpoint this run wrote last
+        if is_main_process():
+            print(f"dynn stages done: warm-up only; checkpoint: {summary['last_path']}")
+        return summary['last_path']
     if is_main_process():
         print(f"dynn stages done: best gated val acc {summary['best_acc']:.2f}%; checkpoint: {summary['best_path']}")
     return summary['best_path']
@@ -346,6 +364,8 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
     """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
     from learning_helpers.plots import plot_confusion, plot_tradeoff
     model, model_args = load_for_inference(args)
+    json_path = Path(args.results_json) if args.results_json else Path(args.checkpoint_path).parent / 'results.json'
+    check_writable(json_path.parent, '--results-json')  # before the evaluation, not after it
     _, val_loader, class_names = build_data(args, model_args['input_size'], distributed=False)
     if len(class_names) != model.num_classes:
         raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
@@ -357,8 +377,6 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
         max_batches=4 if args.barely_train else None, amp=args.amp)
     results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],
                'checkpoint': str(args.checkpoint_path), 'device': str(device), **results}
-    json_path = Path(args.results_json) if args.results_json else Path(args.checkpoint_path).parent / 'results.json'
-    check_writable(json_path.parent)
     save_json(json_path, results)
     tradeoff_png = plot_tradeoff(results, json_path.with_name(json_path.stem + '_tradeoff.png'))
     confusion_png = plot_confusion(results, json_path.with_name(json_path.stem + '_confusion.png'))
@@ -371,7 +389,7 @@ def run_export(args: argparse.Namespace) -> Path:
     """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards."""
     from models.onnx_export import export_segments
     model, model_args = load_for_inference(args)
-    out = export_segments(model, check_writable(args.out), threshold=args.exit_threshold or 0.5,
+    out = export_segments(model, check_writable(args.out, '--out'), threshold=args.exit_threshold or 0.5,
                           class_names=model_args['class_names'], input_size=model_args['input_size'])
     print(f'exported {len(model.exit_positions) + 1} ONNX segments to {out}; run them with:\n'
           f'  python -m models.onnx_runner {out} IMAGE [IMAGE ...]')
@@ -383,17 +401,22 @@ def run(args: argparse.Namespace) -> Path:
     validate_args(args)
     resume = {}
     if args.resume:
-        resume = load_training_checkpoint(args.resume)
+        resume = load_resume_checkpoint(args.resume)
         stored = resume['args']
         if resume['epoch'] + 1 >= stored['num_epoch']:
             raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch "
                                  f"({stored['num_epoch']}); raise --num_epoch in a new run instead")
         # the stored arguments make the resumed run identical to the uninterrupted one
         runtime = {key: getattr(args, key) for key in ('device', 'num_workers', 'resume')}
-        args = argparse.Namespace(**{**{k: v for k, v in stored.items() if hasattr(args, k)}, **runtime})
+        # a flag the checkpoint predates keeps its default
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items() if hasattr(args, k)},
+                                     **runtime})
         args.stage = 'backbone' if resume['stage'] == 'backbone' else 'dynn'
     distributed, distributed_device = init_distributed(args.device)
     device = resolve_device(args.device, distributed_device)
+    if args.amp and device.type != 'cuda':
+        logging.warning('--amp has no effect on %s: mixed precision runs on CUDA only; training in float32',
+                        device.type)
     torch.manual_seed(args.seed)
     if args.export:
         return run_export(args)
@@ -418,10 +441,9 @@ def one_line(error: GFNetDynnError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2; bugs keep their traceback."""
-    args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
     try:
-        run(args)
+        run(get_args_parser().parse_args(argv))
     except GFNetDynnError as error:
         print(f'error: {one_line(error)}', file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from learning_helpers.checkpoint import save_checkpoint
-from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, unwrap
+from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, sync_gradients, unwrap
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch
 
@@ -29,11 +29,21 @@ class BackboneStageConfig:
 
 
 def _student_outputs(model: nn.Module, images: torch.Tensor, criterion: DistillationLoss):
-    """Logits, and the token maps frequency distillation compares (empty otherwise)."""
+    """Logits, and the token maps frequency distillation compares (None otherwise). The maps are caught by
+    forward hooks so the forward still goes through `model`: under torchrun that is the DDP wrapper, whose
+    backward averages the gradients over ranks."""
     if criterion.kind != 'freq':
         return model(images), None
-    tokens, maps = model.forward_tokens(images, collect=criterion.frequency.student_depths)
-    return model.forward_head(tokens), maps
+    maps = []
+    blocks = unwrap(model).blocks
+    hooks = [blocks[i].register_forward_hook(lambda _module, _inputs, output: maps.append(output))
+             for i in sorted(set(criterion.frequency.student_depths))]  # the blocks forward_tokens collects
+    try:
+        logits = model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, maps
 
 
 def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optimizer, device: torch.device,
@@ -49,13 +59,13 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optim
             break
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits, maps = _student_outputs(unwrap(model) if criterion.kind == 'freq' else model, images,
-                                            criterion)
+            logits, maps = _student_outputs(model, images, criterion)
             loss = criterion(images, logits, targets, maps, unwrap(model).grid_size)
         optimizer.zero_grad(set_to_none=True)
         if not guard.allows(loss, epoch, step):
             continue
         loss.backward()
+        sync_gradients(criterion.parameters())  # freq's projections live outside the DDP-wrapped model
         optimizer.step()
         totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(-1) == targets).sum(),
                                torch.tensor(len(targets), device=device)])
@@ -92,19 +102,22 @@ def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_load
         seed_epoch(config.seed, epoch, train_loader)
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, guard,
                                       max_batches=config.max_batches, amp=config.amp)
-        val_stats = evaluate(model, val_loader, device, max_batches=config.max_batches, amp=config.amp)
+        # unwrapped: evaluation needs no gradient sync, and the ranks' validation shards may differ in length
+        val_stats = evaluate(unwrap(model), val_loader, device, max_batches=config.max_batches, amp=config.amp)
         lr = optimizer.param_groups[0]['lr']
         scheduler.step()
-        is_best = val_stats['acc'] > best_acc
+        is_best = val_stats['acc'] > best_acc or epoch == 0  # epoch 0 always writes best.pth, even at 0%
         best_acc = max(best_acc, val_stats['acc'])
         if is_main_process():
             payload = {'model': unwrap(model).state_dict(), 'acc': val_stats['acc'], 'best_acc': best_acc,
                        'epoch': epoch, 'stage': 'backbone', 'args': config.run_args,
                        'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                        'criterion': criterion.state_dict()}
-            save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
+            # last.pth goes last: once it names this epoch, every file of the epoch is complete, so a run
+            # killed at any moment resumes from a consistent set
             if is_best:
                 save_checkpoint(config.checkpoint_dir / 'best.pth', payload)
+            save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
             if writer is not None:
                 for name, value in (('train/loss', train_stats['loss']), ('train/acc', train_stats['acc']),
                                     ('val/loss', val_stats['loss']), ('val/acc', val_stats['acc']), ('lr', lr)):

@@ -3,7 +3,6 @@ real early exit then runs once at the chosen threshold and must agree with the c
 import time
 
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from errors import GFNetDynnError
 from learning_helpers.evaluation import (ExitCache, cheapest_within, collect_exit_outputs, gated_predictions,
@@ -37,6 +36,8 @@ def run_real_early_exit(model: GFNetDynn, batches, device: torch.device, thresho
 
 def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
     """Per-class precision, recall, F1 (%) and the confusion matrix (rows: true class)."""
+    # imported here: scikit-learn takes seconds to import, which every training process would pay
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
     labels = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(targets, predictions, labels=labels,
                                                                      zero_division=0)

@@ -151,7 +151,7 @@ def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sched
         pos_weight = last['pos_weight']
         lr = optimizer.param_groups[0]['lr']
         scheduler.step()
-        is_best = last['gated_acc'] > best_acc
+        is_best = last['gated_acc'] > best_acc or epoch == stage_start_epoch  # the first always writes best.pth
         best_acc = max(best_acc, last['gated_acc'])
         if is_main_process():
             payload = {'model': model.state_dict(), 'acc': last['gated_acc'], 'best_acc': best_acc, 'epoch': epoch,
@@ -159,12 +159,14 @@ def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sched
                        'scheduler': scheduler.state_dict(), 'stage_start_epoch': stage_start_epoch,
                        'global_step': trainer.global_step, 'pos_weight': pos_weight,
                        'conformal': last['conformal'], 'exit_acc': last['exit_acc']}
-            save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
+            # last.pth goes last: once it names this epoch, every file of the epoch is complete, so a run
+            # killed at any moment resumes from a consistent set
             if is_best:
                 save_checkpoint(config.checkpoint_dir / 'best.pth', payload)
             save_checkpoint(config.checkpoint_dir / f"ckpt_epoch{epoch}_{lam}_{last['gated_acc']:.2f}.pth",
                             {'model': model.state_dict(), 'acc': last['gated_acc'], 'epoch': epoch, 'stage': 'joint',
                              'args': config.run_args})
+            save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
             _log_epoch(writer, epoch, stats, last, lr)
             print(f"joint epoch {epoch + 1}/{config.num_epochs} | gate loss {stats['gate_loss']:.4f} | "
                   f"cls loss {stats['classifier_loss']:.4f} | gated acc {last['gated_acc']:.2f} | cost "

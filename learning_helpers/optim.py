@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from errors import GFNetDynnError
+from learning_helpers.distributed import all_reduce_sum
 
 _logger = logging.getLogger(__name__)
 
@@ -60,16 +61,20 @@ class NonFiniteGuard:
         self.in_a_row = 0
 
     def allows(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
-        """True if the step may proceed. One host sync per step, the price of never stepping on NaN."""
-        if torch.isfinite(loss.detach()).item():
+        """True if the step may proceed (epoch and batch are 0-based; messages count from 1, like the epoch
+        lines). One host sync per step, the price of never stepping on NaN. Under torchrun the ranks decide
+        together: a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
+        non_finite = (~torch.isfinite(loss.detach())).any().float()
+        if all_reduce_sum(non_finite).item() == 0:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
-        _logger.warning('non-finite loss (%s) at epoch %d batch %d: step skipped (%d in a row)',
-                        loss.item(), epoch, batch, self.in_a_row)
+        _logger.warning('non-finite loss (%s on this process) at epoch %d batch %d: step skipped (%d in a row)',
+                        loss.item(), epoch + 1, batch + 1, self.in_a_row)
         if self.in_a_row > self.max_skips:
-            raise GFNetDynnError(f'loss was non-finite for {self.in_a_row} batches in a row (epoch {epoch}, batch '
-                                 f'{batch}); lower --lr or check the data; the last good checkpoint is kept')
+            raise GFNetDynnError(f'loss was non-finite for {self.in_a_row} batches in a row, more than '
+                                 f'--max-nan-skips {self.max_skips} (epoch {epoch + 1}, batch {batch + 1}); lower '
+                                 f'--lr or check the data; the last good checkpoint is kept')
         return False
 
 

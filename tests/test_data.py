@@ -13,7 +13,7 @@ from torchvision import transforms
 
 import data_loader_help
 import dataset_config
-from data_loader_help import build_datasets, build_loaders, build_transform, resolve_data_path
+from data_loader_help import ShardSampler, build_datasets, build_loaders, build_transform, resolve_data_path
 from errors import GFNetDynnError
 
 CLASSES = ['cat_a', 'cat_b', 'cat_c']
@@ -252,5 +252,11 @@ def test_distributed_loaders_use_distributed_samplers(tmp_path):
     finally:
         dist.destroy_process_group()
     assert isinstance(train.sampler, DistributedSampler) and train.sampler.shuffle
-    assert isinstance(val.sampler, DistributedSampler) and not val.sampler.shuffle
+    assert isinstance(val.sampler, ShardSampler) and list(val.sampler) == list(range(10))
     assert len(train) == 2 and val.batch_size == 6
+
+
+def test_validation_shards_hold_every_image_once():
+    shards = [list(ShardSampler(_labels(25), rank, 2)) for rank in range(2)]
+    assert [len(shard) for shard in shards] == [13, 12]
+    assert sorted(shards[0] + shards[1]) == list(range(25))
