@@ -84,7 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
     train.add_argument('--warmup-epochs', type=int, default=0, help='linear lr warm-up epochs (backbone stage)')
     train.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (backbone stage)')
-    train.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported)')
+    train.add_argument('--amp', action='store_true',
+                       help='bf16 mixed precision on CUDA (Ampere or newer; ignored on CPU)')
     train.add_argument('--max-nan-skips', type=int, default=5,
                        help='non-finite losses in a row tolerated (step skipped) before stopping')
     train.add_argument('--resume', type=str, default=None, help="a run's last.pth: continue where it stopped")
@@ -258,7 +259,7 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
     start_epoch, best_acc = 0, 0.0
     if resume:
         model.load_state_dict(resume['model'])
-        criterion.load_state_dict(resume['criterion'])
+        criterion.load_learned_state_dict(resume['criterion'])
         optimizer.load_state_dict(resume['optimizer'])
         scheduler.load_state_dict(resume['scheduler'])
         start_epoch, best_acc = resume['epoch'] + 1, resume['best_acc']
@@ -417,6 +418,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.amp and device.type != 'cuda':
         logging.warning('--amp has no effect on %s: mixed precision runs on CUDA only; training in float32',
                         device.type)
+    elif args.amp and not torch.cuda.is_bf16_supported():
+        raise GFNetDynnError('--amp needs a GPU with bfloat16 support (Ampere or newer); run without --amp')
     torch.manual_seed(args.seed)
     if args.export:
         return run_export(args)

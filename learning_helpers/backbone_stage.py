@@ -112,7 +112,7 @@ def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_load
             payload = {'model': unwrap(model).state_dict(), 'acc': val_stats['acc'], 'best_acc': best_acc,
                        'epoch': epoch, 'stage': 'backbone', 'args': config.run_args,
                        'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                       'criterion': criterion.state_dict()}
+                       'criterion': criterion.learned_state_dict()}
             # last.pth goes last: once it names this epoch, every file of the epoch is complete, so a run
             # killed at any moment resumes from a consistent set
             if is_best:

@@ -1,4 +1,5 @@
 """Checkpoint files: plain data only (weights_only loading), written atomically (temp file, then rename)."""
+import glob
 import json
 import os
 import tempfile
@@ -24,6 +25,9 @@ def _atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    # A run killed mid-write (SIGKILL) leaves its temp file behind; the next good write of `path` removes it.
+    for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
+        stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:

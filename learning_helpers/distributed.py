@@ -5,6 +5,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from errors import GFNetDynnError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -82,8 +84,10 @@ def barrier() -> None:
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA when asked (bf16 if supported, else fp16); a null context otherwise."""
+    """bf16 mixed precision on CUDA when asked; a null context otherwise. bf16 only: it keeps fp32's exponent
+    range, so no gradient scaler is needed (fp16 would underflow without one)."""
     if not enabled or device.type != 'cuda':
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if not torch.cuda.is_bf16_supported():
+        raise GFNetDynnError('--amp needs a GPU with bfloat16 support (Ampere or newer); run without --amp')
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -160,6 +160,15 @@ class DistillationLoss(nn.Module):
         self.soft = SoftDistillation(tau)
         self.frequency = frequency
 
+    def learned_state_dict(self) -> dict:
+        """What the loss itself learns (freq's projections), for checkpoints: the frozen teacher is not saved
+        with every epoch, --resume reloads it from --teacher-path."""
+        return self.frequency.state_dict() if self.frequency is not None else {}
+
+    def load_learned_state_dict(self, state: dict) -> None:
+        if self.frequency is not None:
+            self.frequency.load_state_dict(state)
+
     def forward(self, images: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
                 student_maps: list | None = None, student_grid: tuple[int, int] | None = None) -> torch.Tensor:
         base_loss = self.base(student_logits, targets)
