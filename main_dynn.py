@@ -6,6 +6,7 @@
   python main_dynn.py --export onnx --checkpoint-path C --out D  one ONNX graph per segment, for edge runtimes
 """
 import argparse
+import json
 import logging
 import sys
 import time
@@ -120,7 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     evaluation.add_argument('--thresholds', type=float, nargs='+', default=DEFAULT_THRESHOLDS,
                             help='gate thresholds of the sweep')
     evaluation.add_argument('--exit-threshold', type=float, default=None,
-                            help='threshold for real early exit; default: cheapest within 1 point of full accuracy')
+                            help='threshold of real early exit (--eval) and of the export; default: cheapest within '
+                                 "1 point of full accuracy (--export: the one --eval chose, else 0.5)")
     evaluation.add_argument('--results-json', type=str, default=None,
                             help="default: results.json beside the evaluated checkpoint")
     evaluation.add_argument('--export', type=str, default=None, choices=['onnx'],
@@ -390,11 +392,21 @@ def run_export(args: argparse.Namespace) -> Path:
     """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards."""
     from models.onnx_export import export_segments
     model, model_args = load_for_inference(args)
-    out = export_segments(model, check_writable(args.out, '--out'), threshold=args.exit_threshold or 0.5,
+    threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
+    out = export_segments(model, check_writable(args.out, '--out'), threshold=threshold,
                           class_names=model_args['class_names'], input_size=model_args['input_size'])
-    print(f'exported {len(model.exit_positions) + 1} ONNX segments to {out}; run them with:\n'
-          f'  python -m models.onnx_runner {out} IMAGE [IMAGE ...]')
+    print(f'exported {len(model.exit_positions) + 1} ONNX segments (exit threshold {threshold:g}) to '
+          f'{out.parent}; run them with:\n  python -m models.onnx_runner {out.parent} IMAGE [IMAGE ...]')
     return out
+
+
+def evaluated_threshold(checkpoint_path: str, fallback: float = 0.5) -> float:
+    """The threshold --eval chose for this checkpoint (results.json beside it), else `fallback`."""
+    try:
+        return float(json.loads((Path(checkpoint_path).parent / 'results.json').read_text())['chosen']['threshold'])
+    except (OSError, ValueError, KeyError, TypeError):
+        logging.info('no --exit-threshold and no results.json beside the checkpoint: exporting with %g', fallback)
+        return fallback
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     train_loader, val_loader = build_loaders(train_set, val_set, model_args['batch'], args.num_workers, seed=0)
     gflops = exit_gflops(model)
 
+    # One-time imports are not passes over the data: load scikit-learn (about 3 s) before the clock starts.
+    import sklearn.metrics  # noqa: F401
+    plain_forward_pass(model, val_loader)  # warm-up: first-call allocations, loader start-up code paths
     plain_seconds, _ = timed(lambda: plain_forward_pass(model, val_loader))
     eval_seconds, (results, _) = timed(lambda: evaluate_early_exit(
         model, val_loader, device, thresholds=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], exit_threshold=None,
@@ -74,13 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         'threads': torch.get_num_threads(), 'checkpoint': args.checkpoint,
         'plain_forward_pass_s': plain_seconds, 'eval_s': eval_seconds, 'eval_over_plain': eval_seconds / plain_seconds,
+        'eval_cached_pass_s': results['timing']['cached_pass_seconds'],
+        'eval_real_early_exit_s': results['real_early_exit']['seconds'],
+        # the floor of one cached pass + one real early-exit pass at the chosen point's compute share
+        'eval_over_plain_floor': 1 + results['chosen']['expected_gflops'] / results['full_gflops'],
         'warmup_epoch_s': warmup_seconds, 'backbone_epoch_s': backbone_seconds,
         'warmup_over_backbone': warmup_seconds / backbone_seconds,
         'full_accuracy': results['full_accuracy'], 'chosen_threshold': chosen['threshold'],
         'chosen_accuracy': chosen['accuracy'], 'flops_saving': chosen['flops_saving'],
     }
     print(f"--eval {eval_seconds:.1f} s vs plain forward pass {plain_seconds:.1f} s: "
-          f"{report['eval_over_plain']:.2f}x (target <= 1.3x)")
+          f"{report['eval_over_plain']:.2f}x (target <= 1.3x; floor 1 + chosen compute share = "
+          f"{report['eval_over_plain_floor']:.2f}x)")
     print(f"warm-up epoch {warmup_seconds:.1f} s vs backbone epoch {backbone_seconds:.1f} s: "
           f"{report['warmup_over_backbone']:.2f}x (target <= 0.5x)")
     print(f"threshold {chosen['threshold']:.2f}: {chosen['accuracy']:.2f}% vs full {results['full_accuracy']:.2f}%, "

@@ -7,14 +7,22 @@ matplotlib.use('Agg')  # no display on servers and boards
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _thresholds_by_point(sweep: list[dict]) -> dict:
+    """{(GFLOPs, accuracy): [thresholds]}: thresholds that land on the same point share one label."""
+    points = {}
+    for point in sweep:
+        points.setdefault((point['expected_gflops'], point['accuracy']), []).append(point['threshold'])
+    return points
+
+
 def plot_tradeoff(results: dict, path: str | Path) -> Path:
     """Accuracy vs expected GFLOPs per image: the threshold sweep, each exit alone, the chosen point."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     sweep = results['sweep']
     ax.plot([p['expected_gflops'] for p in sweep], [p['accuracy'] for p in sweep], 'o-', label='gated early exit')
-    for point in sweep:
-        ax.annotate(f"{point['threshold']:.1f}", (point['expected_gflops'], point['accuracy']),
-                    textcoords='offset points', xytext=(4, -10), fontsize=7)
+    for (gflops, accuracy), thresholds in _thresholds_by_point(sweep).items():
+        label = f'{thresholds[0]:g}' if len(thresholds) == 1 else f'{thresholds[0]:g}-{thresholds[-1]:g}'
+        ax.annotate(label, (gflops, accuracy), textcoords='offset points', xytext=(4, -10), fontsize=7)
     ax.plot(results['gflops_per_exit'], results['per_exit_accuracy'], 's--', color='grey', label='single exit')
     chosen = results['chosen']
     ax.plot([chosen['expected_gflops']], [chosen['accuracy']], '*', markersize=14, color='tab:red',

@@ -218,7 +218,15 @@ def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_pat
     manifest = json.loads((out_dir / 'manifest.json').read_text())
     assert manifest
     assert sorted(p.name for p in out_dir.glob('*.onnx')) == [f'segment_{k}.onnx' for k in range(len(EXITS) + 1)]
-    assert str(out_dir) in out
+    assert f'python -m models.onnx_runner {out_dir} IMAGE' in out  # the folder the runner takes
+
+
+def test_export_threshold_is_the_one_eval_chose_else_one_half(tmp_path):
+    from main_dynn import evaluated_threshold
+    checkpoint = tmp_path / 'best.pth'
+    assert evaluated_threshold(str(checkpoint)) == 0.5
+    (tmp_path / 'results.json').write_text(json.dumps({'chosen': {'threshold': 0.7}}))
+    assert evaluated_threshold(str(checkpoint)) == 0.7
 
 
 @pytest.mark.slow
