@@ -16,7 +16,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from dataset_config import DATASET_CONFIG
-from errors import GFNetDynnError
+from errors import GFNetDynnError, exit_code
 from learning_helpers import model_factory
 from learning_helpers.backbone_stage import BackboneStageConfig, run_backbone_stage
 from learning_helpers.checkpoint import check_writable, load_resume_checkpoint, save_json
@@ -446,23 +446,10 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
-def one_line(error: GFNetDynnError) -> str:
-    """The user-facing line of an error; a DataLoader worker re-raises ours with its traceback as the text,
-    whose last line holds the original message."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    prefix = f'{type(error).__module__}.{type(error).__name__}: '
-    return last.removeprefix(prefix).removeprefix(f'{type(error).__name__}: ')
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2; bugs keep their traceback."""
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
-    try:
-        run(get_args_parser().parse_args(argv))
-    except GFNetDynnError as error:
-        print(f'error: {one_line(error)}', file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(get_args_parser().parse_args(argv)))
 
 
 if __name__ == '__main__':

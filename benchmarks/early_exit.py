@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.common import median_latency_ms, throughput, write_json
 from data_loader_help import build_datasets, resolve_data_path
-from errors import GFNetDynnError
+from errors import GFNetDynnError, exit_code
 from learning_helpers.evaluation import (cheapest_within, collect_exit_outputs, per_exit_accuracy, sweep_point,
                                          threshold_sweep)
 from learning_helpers.model_factory import load_dynn_checkpoint
@@ -119,15 +119,13 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         result = benchmark(args)
-    except GFNetDynnError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    print(format_table(result))
-    path = write_json(result, args.json, f"early_exit_{args.device.replace(':', '')}.json")
-    print(f'written: {path}')
-    return 0
+        print(format_table(result))
+        default_name = 'early_exit_' + args.device.replace(':', '') + '.json'
+        print(f'written: {write_json(result, args.json, default_name)}')
+    return exit_code(run)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from errors import GFNetDynnError
+from errors import GFNetDynnError, exit_code
 
 MANIFEST_NAME = 'manifest.json'
 MANIFEST_FORMAT = 1
@@ -148,12 +148,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2."""
     args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except GFNetDynnError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(args))
 
 
 if __name__ == '__main__':

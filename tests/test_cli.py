@@ -242,3 +242,35 @@ def test_dynn_stage_whose_epochs_all_go_to_warm_up_prints_a_checkpoint_that_exis
     assert printed.is_file()
     assert torch.load(printed, map_location='cpu', weights_only=True)['args']['num_epoch'] == 1
     assert '--max_warmup_epoch' in err
+
+
+@pytest.mark.slow
+def test_early_exit_benchmark_writes_the_issue_schema(dynn_run, tiny_data, tmp_path, capsys):
+    """`python -m benchmarks.early_exit` on a trained checkpoint: one table, and JSON with the full network
+    and one point per threshold, speed-ups relative to the full network's own timings."""
+    from benchmarks.early_exit import main as bench_main
+    out_json = tmp_path / 'bench.json'
+    rc = bench_main(['--checkpoint', str(dynn_run[1] / 'best.pth'), '--data-set', 'TINY', '--device', 'cpu',
+                     '--thresholds', '0.3', '0.7', '--latency-images', '100', '--rounds', '1',
+                     '--json', str(out_json)])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(out_json.read_text())
+    assert result['device'] == 'cpu' and result['threads'] >= 1
+    assert set(result['full']) == {'accuracy', 'gflops', 'latency_ms_bs1', 'throughput_bs64'}
+    assert [p['threshold'] for p in result['points']] == [0.3, 0.7]
+    for point in result['points']:
+        assert {'threshold', 'accuracy', 'gflops', 'latency_ms_bs1', 'throughput_bs64', 'speedup_bs1',
+                'speedup_bs64'} <= set(point)
+        assert point['speedup_bs1'] == pytest.approx(result['full']['latency_ms_bs1'] / point['latency_ms_bs1'])
+        assert point['speedup_bs64'] == pytest.approx(point['throughput_bs64'] / result['full']['throughput_bs64'])
+        assert 0 < point['gflops'] <= result['full']['gflops'] + 1e-9
+    assert 'threshold' in capsys.readouterr().out
+
+
+def test_early_exit_benchmark_without_a_gpu_says_so(tmp_path, capsys):
+    from benchmarks.early_exit import main as bench_main
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is visible')
+    rc = bench_main(['--checkpoint', str(tmp_path / 'none.pth'), '--device', 'cuda'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and 'no GPU' in err[0]
