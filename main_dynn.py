@@ -430,8 +430,6 @@ def run(args: argparse.Namespace) -> Path:
     if args.amp and device.type != 'cuda':
         logging.warning('--amp has no effect on %s: mixed precision runs on CUDA only; training in float32',
                         device.type)
-    elif args.amp and not torch.cuda.is_bf16_supported():
-        raise GFNetDynnError('--amp needs a GPU with bfloat16 support (Ampere or newer); run without --amp')
     torch.manual_seed(args.seed)
     if args.export:
         return run_export(args)
