@@ -22,6 +22,7 @@ from learning_helpers.backbone_stage import BackboneStageConfig, run_backbone_st
 from learning_helpers.checkpoint import check_writable, load_resume_checkpoint, save_json
 from learning_helpers.distributed import barrier, init_distributed, is_main_process
 from learning_helpers.eval_stage import evaluate_early_exit, format_results_table
+from learning_helpers.evaluation import DEFAULT_THRESHOLDS
 from learning_helpers.joint_stage import JointStageConfig, joint_param_groups, run_joint_stage
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
 from learning_helpers.optim import build_optimizer, build_scheduler
@@ -30,9 +31,6 @@ from models.flops import exit_gflops
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from models.weights import load_state, read_checkpoint
 
-DEFAULT_ARCH = 'GFNet-xs-dynn'
-DEFAULT_PATCH_SIZE = 16
-DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,9 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group('model')
     model.add_argument('--arch', type=str, default=None, choices=model_factory.arch_choices(),
-                       help=f"architecture; default: the checkpoint's, else {DEFAULT_ARCH}")
+                       help=f"architecture; default: the checkpoint's, else {model_factory.DEFAULT_ARCH}")
     model.add_argument('--patch-size', type=int, default=None,
-                       help=f"patch side; default: the checkpoint's, else {DEFAULT_PATCH_SIZE}")
+                       help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
     model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
     model.add_argument('--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
                        help='0-based blocks followed by an early exit')
@@ -179,8 +177,8 @@ def resolve_device(name: str, distributed_device: torch.device | None) -> torch.
 
 def resolve_model_shape(args: argparse.Namespace, source_args: dict) -> dict:
     """Architecture, patch size and input size: the flag if given, else the checkpoint's, else the default."""
-    arch = args.arch or source_args.get('arch') or DEFAULT_ARCH
-    patch_size = args.patch_size or source_args.get('patch_size') or DEFAULT_PATCH_SIZE
+    arch = args.arch or source_args.get('arch') or model_factory.DEFAULT_ARCH
+    patch_size = args.patch_size or source_args.get('patch_size') or model_factory.DEFAULT_PATCH_SIZE
     input_size = args.input_size or source_args.get('input_size') or DATASET_CONFIG[args.data_set][
         'default_input_size']
     if input_size % patch_size:
@@ -322,10 +320,13 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
             max_nan_skips=args.max_nan_skips)
         joint_start = run_warmup_stage(model, train_loader, val_loader, optimizer, scheduler, device,
                                        warmup_config, writer, patience, warmup_start)
-    if joint_start >= args.num_epoch:
+    if joint_start >= args.num_epoch:  # warm-up only: its last.pth is the checkpoint this run wrote last
         logging.warning('the warm-up used all %d epochs: the gates were not trained and no best.pth was written; '
                         'pass a --num_epoch larger than --max_warmup_epoch %d', args.num_epoch,
                         args.max_warmup_epoch)
+        if is_main_process():
+            print(f"dynn stages done: warm-up only; checkpoint: {checkpoint_dir / 'last.pth'}")
+        return checkpoint_dir / 'last.pth'
     optimizer = build_optimizer(joint_param_groups(model, args.lr, args.transfer_ratio, args.freeze_backbone),
                                 args.opt or 'sgd', args.lr, weight_decay)
     scheduler = build_scheduler(optimizer, args.num_epoch, min_ratio, start_epoch=joint_start)
@@ -345,10 +346,6 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     summary = run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs, joint_config,
                               writer, start_epoch=start_epoch, stage_start_epoch=joint_start, pos_weight=pos_weight,
                               global_step=global_step, best_acc=best_acc)
-    if joint_start >= args.num_epoch:  # warm-up only: its last.pth is the checkpoint this run wrote last
-        if is_main_process():
-            print(f"dynn stages done: warm-up only; checkpoint: {summary['last_path']}")
-        return summary['last_path']
     if is_main_process():
         print(f"dynn stages done: best gated val acc {summary['best_acc']:.2f}%; checkpoint: {summary['best_path']}")
     return summary['best_path']
@@ -367,7 +364,7 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
     """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
     from learning_helpers.plots import plot_confusion, plot_tradeoff
     model, model_args = load_for_inference(args)
-    json_path = Path(args.results_json) if args.results_json else Path(args.checkpoint_path).parent / 'results.json'
+    json_path = Path(args.results_json) if args.results_json else default_results_json(args.checkpoint_path)
     check_writable(json_path.parent, '--results-json')  # before the evaluation, not after it
     _, val_loader, class_names = build_data(args, model_args['input_size'], distributed=False)
     if len(class_names) != model.num_classes:
@@ -400,10 +397,15 @@ def run_export(args: argparse.Namespace) -> Path:
     return out
 
 
+def default_results_json(checkpoint_path: str) -> Path:
+    """Where --eval writes results.json when --results-json is not given: beside the checkpoint."""
+    return Path(checkpoint_path).parent / 'results.json'
+
+
 def evaluated_threshold(checkpoint_path: str, fallback: float = 0.5) -> float:
     """The threshold --eval chose for this checkpoint (results.json beside it), else `fallback`."""
     try:
-        return float(json.loads((Path(checkpoint_path).parent / 'results.json').read_text())['chosen']['threshold'])
+        return float(json.loads(default_results_json(checkpoint_path).read_text())['chosen']['threshold'])
     except (OSError, ValueError, KeyError, TypeError):
         logging.info('no --exit-threshold and no results.json beside the checkpoint: exporting with %g', fallback)
         return fallback

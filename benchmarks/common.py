@@ -1,5 +1,4 @@
 """Shared timing helpers: synchronised wall-clock timing, thread settings, writing results as JSON."""
-import json
 import statistics
 import time
 from pathlib import Path
@@ -7,12 +6,10 @@ from typing import Callable
 
 import torch
 
+from learning_helpers.checkpoint import save_json
+from learning_helpers.distributed import synchronize
+
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def median_latency_ms(fn: Callable, inputs: list[torch.Tensor], device: torch.device, warmup: int = 10) -> float:
@@ -44,7 +41,5 @@ def throughput(fn: Callable, batches: list[torch.Tensor], device: torch.device, 
 
 
 def write_json(data: dict, path: str | Path | None, default_name: str) -> Path:
-    path = Path(path) if path else RESULTS_DIR / default_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
+    """Write results to `path`, or to benchmarks/results/`default_name` (atomically, like every results file)."""
+    return save_json(Path(path) if path else RESULTS_DIR / default_name, data)

@@ -17,6 +17,7 @@ from benchmarks.common import write_json
 from data_loader_help import build_datasets, build_loaders, resolve_data_path
 from learning_helpers.backbone_stage import train_one_epoch
 from learning_helpers.eval_stage import evaluate_early_exit
+from learning_helpers.evaluation import DEFAULT_THRESHOLDS
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_forward_pass(model, val_loader)  # warm-up: first-call allocations, loader start-up code paths
     plain_seconds, _ = timed(lambda: plain_forward_pass(model, val_loader))
     eval_seconds, (results, _) = timed(lambda: evaluate_early_exit(
-        model, val_loader, device, thresholds=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], exit_threshold=None,
+        model, val_loader, device, thresholds=DEFAULT_THRESHOLDS, exit_threshold=None,
         gflops_per_exit=gflops, class_names=class_names))
 
     heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 1e-3, 5e-4)

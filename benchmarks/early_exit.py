@@ -15,7 +15,7 @@ import torch
 from benchmarks.common import median_latency_ms, throughput, write_json
 from data_loader_help import build_datasets, resolve_data_path
 from errors import GFNetDynnError, exit_code
-from learning_helpers.evaluation import (cheapest_within, collect_exit_outputs, per_exit_accuracy, sweep_point,
+from learning_helpers.evaluation import (DEFAULT_THRESHOLDS, cheapest_within, collect_exit_outputs, per_exit_accuracy, sweep_point,
                                          threshold_sweep)
 from learning_helpers.model_factory import load_dynn_checkpoint
 from models.early_exit import EarlyExitEngine
@@ -23,7 +23,6 @@ from models.flops import exit_gflops
 from models.gfnet import GFNet
 from models.weights import read_checkpoint
 
-DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 NO_EXIT = 1.01  # above any gate probability: measures the engine's overhead when nobody leaves
 
 

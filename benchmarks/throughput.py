@@ -13,7 +13,8 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers GFNet with timm)
-from benchmarks.common import synchronize, write_json
+from benchmarks.common import write_json
+from learning_helpers.distributed import synchronize
 
 CONFIGS = [('gfnet_ti', 64, 8), ('gfnet_ti', 224, 16), ('gfnet_ti', 256, 16),
            ('gfnet_xs', 64, 8), ('gfnet_xs', 224, 16), ('gfnet_xs', 256, 16)]

@@ -65,7 +65,8 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optim
         if not guard.allows(loss, epoch, step):
             continue
         loss.backward()
-        sync_gradients(criterion.parameters())  # freq's projections live outside the DDP-wrapped model
+        if criterion.frequency is not None:  # freq's projections live outside the DDP-wrapped model
+            sync_gradients(criterion.frequency.parameters())
         optimizer.step()
         totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(-1) == targets).sum(),
                                torch.tensor(len(targets), device=device)])

@@ -83,6 +83,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall-clock timings measure it (a no-op on the CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 mixed precision on CUDA when asked; a null context otherwise. bf16 only: it keeps fp32's exponent
     range, so no gradient scaler is needed (fp16 would underflow without one)."""

@@ -5,6 +5,7 @@ import time
 import torch
 
 from errors import GFNetDynnError
+from learning_helpers.distributed import synchronize
 from learning_helpers.evaluation import (ExitCache, cheapest_within, collect_exit_outputs, gated_predictions,
                                          per_exit_accuracy, threshold_sweep)
 from models.early_exit import EarlyExitEngine
@@ -13,21 +14,16 @@ from models.gfnet_dynn import GFNetDynn
 KEEP_INPUTS_BYTES = 2 * 1024**3  # keep decoded validation batches up to this size for the real-exit pass
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def run_real_early_exit(model: GFNetDynn, batches, device: torch.device, threshold: float) -> dict:
     """Real early exit over `batches`: predictions, exit indices and the seconds spent in the model."""
     engine = EarlyExitEngine(model, threshold)
     predictions, exits, seconds = [], [], 0.0
     for images, _ in batches:
         images = images.to(device, non_blocking=True)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         result = engine(images)
-        _synchronize(device)
+        synchronize(device)
         seconds += time.perf_counter() - started
         predictions.append(result.predictions.cpu())
         exits.append(result.exit_index.cpu())

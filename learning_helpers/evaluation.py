@@ -10,6 +10,8 @@ from tqdm import tqdm
 from learning_helpers.distributed import all_gather_cat, autocast, is_main_process
 from learning_helpers.losses import best_exit, level_error
 
+DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # the sweep of --eval and of the benchmarks
+
 
 class ExitCache(NamedTuple):
     """Everything the sweep needs, on the CPU."""

@@ -7,9 +7,13 @@ import torch.nn as nn
 import models  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
 from models.gfnet import GFNet
+from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from models.weights import load_state, read_checkpoint
 
 _logger = logging.getLogger(__name__)
+
+DEFAULT_ARCH = 'GFNet-xs-dynn'  # --arch when neither the flag nor a checkpoint says
+DEFAULT_PATCH_SIZE = 16
 
 
 def arch_choices() -> list[str]:
@@ -70,8 +74,8 @@ def load_dynn_checkpoint(checkpoint: dict, source: str, *, input_size: int | Non
         raise GFNetDynnError(f'{source} has no head.weight: not a GFNet checkpoint')
     num_classes = head.shape[0]
     size = input_size or stored.get('input_size')
-    model = build_dynn(stored.get('arch', 'GFNet-xs-dynn'), num_classes, size, stored.get('patch_size', 16), 0.0,
-                       stored.get('exit_positions', [3, 5, 7, 9]), stored.get('gate', 'unc'))
+    model = build_dynn(stored.get('arch', DEFAULT_ARCH), num_classes, size, stored.get('patch_size', DEFAULT_PATCH_SIZE),
+                       0.0, stored.get('exit_positions', list(DEFAULT_EXIT_POSITIONS)), stored.get('gate', 'unc'))
     report = load_state(model, checkpoint, source=source)
     if any(key.startswith(('intermediate_heads.', 'gates.')) for key in report.fresh):
         _logger.warning('%s has no trained exits (they start fresh): use a best.pth of the dynn stage', source)
