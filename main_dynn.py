@@ -23,14 +23,14 @@ from learning_helpers.checkpoint import check_writable, load_resume_checkpoint, 
 from learning_helpers.distributed import barrier, init_distributed, is_main_process
 from learning_helpers.eval_stage import evaluate_early_exit, format_results_table
 from learning_helpers.evaluation import DEFAULT_THRESHOLDS
-from learning_helpers.joint_stage import JointStageConfig, joint_param_groups, run_joint_stage
-from learning_helpers.losses import DistillationLoss, FrequencyDistillation
-from learning_helpers.optim import build_optimizer, build_scheduler
+from learning_helpers.joint_stage import PHASE_COUNTERS, JointStageConfig, dynn_param_groups, run_joint_stage
+from learning_helpers.losses import CLASSIFIER_LOSSES, DistillationLoss, FrequencyDistillation
+from learning_helpers.optim import build_optimizer, build_scheduler, default_weight_decay, restore_optimizer
 from learning_helpers.warmup_stage import ExitPatience, WarmupStageConfig, run_warmup_stage
-from models.flops import exit_gflops
+from models.flops import EXIT_COSTS, exit_gflops, normalized_exit_costs
+from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from models.weights import load_state, read_checkpoint
-
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,8 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
     model.add_argument('--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
                        help='0-based blocks followed by an early exit')
-    model.add_argument('--gate', type=str, default='unc', choices=['unc', 'identity'],
-                       help='exit gate: learnable uncertainty gate or max-probability baseline')
+    model.add_argument('--gate', type=str, default='unc', choices=sorted(GATES),
+                       help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
     model.add_argument('--checkpoint-path', type=str, default=None,
                        help='weights to start from (training) or to evaluate/export (--eval, --export)')
 
@@ -107,10 +107,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     dynn.add_argument('--patience', type=int, default=2, help='warm-up epochs without improvement before freezing')
     dynn.add_argument('--max_warmup_epoch', type=int, default=10, help='warm-up epochs at most')
     dynn.add_argument('--bilevel_batch_count', type=int, default=60, help='batches per gate/classifier phase')
+    dynn.add_argument('--phase-counter', type=str, default='epoch', choices=PHASE_COUNTERS,
+                      help='epoch: the phase counter restarts every epoch, gate phase first (the reference); '
+                           'global: it runs across epochs (ours)')
     dynn.add_argument('--gate_objective', type=str, default='ce', choices=['ce', 'zero_one'],
                       help="per-exit error in the gates' target: cross-entropy or 0/1 error")
-    dynn.add_argument('--classifier_loss', type=str, default='boosted', choices=['boosted', 'weighted_ce'],
-                      help='classifier phase: gate-mass weighted CE (JEI-DNN) or plain mean CE over exits')
+    dynn.add_argument('--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES),
+                      help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
+                           "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
+    dynn.add_argument('--exit-costs', type=str, default='flops', choices=sorted(EXIT_COSTS),
+                      help="exit costs the gates trade against: flops (true FLOPs) or reference (the reference "
+                           "counter's flatter vector, to reproduce its released runs); reported GFLOPs stay true")
     dynn.add_argument('--transfer-ratio', type=float, default=0.01, help='backbone lr = lr * this in joint training')
     dynn.add_argument('--freeze-backbone', action='store_true', help='keep the backbone frozen in joint training')
 
@@ -130,7 +137,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     runtime = parser.add_argument_group('runtime')
     runtime.add_argument('--output-dir', type=str, default='.', help='where checkpoint*/ and runs/ go')
     runtime.add_argument('--device', type=str, default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
-    runtime.add_argument('--seed', type=int, default=0, help='seed of the split, shuffles and initialisation')
+    runtime.add_argument('--seed', type=int, default=42, help='seed of the split, shuffles and initialisation')
     return parser
 
 
@@ -181,9 +188,13 @@ def resolve_model_shape(args: argparse.Namespace, source_args: dict) -> dict:
     patch_size = args.patch_size or source_args.get('patch_size') or model_factory.DEFAULT_PATCH_SIZE
     input_size = args.input_size or source_args.get('input_size') or DATASET_CONFIG[args.data_set][
         'default_input_size']
-    if input_size % patch_size:
-        raise GFNetDynnError(f'--input-size {input_size} is not divisible by --patch-size {patch_size}; '
-                             f'pick a multiple, e.g. {input_size - input_size % patch_size or patch_size}')
+    if input_size < patch_size:
+        raise GFNetDynnError(f'--input-size {input_size} is smaller than one patch ({patch_size} px); pass an '
+                             f'--input-size of at least {patch_size}')
+    if input_size % patch_size:  # the patch embedding floors the grid, as the official GFNet does
+        logging.info('input %d px with %d px patches: a %d x %d token grid; the last %d pixels of each row and '
+                     'column are not used', input_size, patch_size, input_size // patch_size,
+                     input_size // patch_size, input_size % patch_size)
     return {'arch': arch, 'patch_size': patch_size, 'input_size': input_size}
 
 
@@ -252,16 +263,14 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
     model.to(device)
     criterion = build_criterion(args, model, len(class_names), shape, device)
     opt = args.opt or 'adamw'
-    weight_decay = args.wd if args.wd is not None else (0.05 if opt == 'adamw' else 5e-4)
     optimizer = build_optimizer([{'params': list(model.parameters()) + list(criterion.parameters())}], opt,
-                                args.lr, weight_decay)
+                                args.lr, default_weight_decay(opt) if args.wd is None else args.wd)
     scheduler = build_scheduler(optimizer, args.num_epoch, args.min_lr / args.lr, warmup_epochs=args.warmup_epochs)
     start_epoch, best_acc = 0, 0.0
     if resume:
         model.load_state_dict(resume['model'])
         criterion.load_learned_state_dict(resume['criterion'])
-        optimizer.load_state_dict(resume['optimizer'])
-        scheduler.load_state_dict(resume['scheduler'])
+        restore_optimizer(optimizer, scheduler, resume, args.resume)
         start_epoch, best_acc = resume['epoch'] + 1, resume['best_acc']
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     out_dir = Path(args.output_dir)
@@ -298,28 +307,27 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     checkpoint_dir = out_dir / 'checkpoint' / f'checkpoint_{args.data_set}_{args.ce_ic_tradeoff}_confEE'
     max_batches = 4 if args.barely_train else None
     writer = make_writer(out_dir, f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
-    min_ratio = args.min_lr / args.lr
-    weight_decay = args.wd if args.wd is not None else (0.05 if args.opt == 'adamw' else 5e-4)
+    # one optimizer for both stages, as in the reference; its cosine schedule steps only after joint epochs
+    opt = args.opt or 'sgd'
+    optimizer = build_optimizer(dynn_param_groups(model, args.lr, args.transfer_ratio), opt, args.lr,
+                                default_weight_decay(opt) if args.wd is None else args.wd)
+    scheduler = build_scheduler(optimizer, args.num_epoch, args.min_lr / args.lr)
+    if resume:
+        restore_optimizer(optimizer, scheduler, resume, args.resume)
 
     joint_start = resume['stage_start_epoch'] if resume.get('stage') == 'joint' else None
     if joint_start is None:
         patience = ExitPatience(len(model.exit_positions), args.patience)
-        optimizer = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], args.opt or 'sgd',
-                                    args.lr, weight_decay)
-        scheduler = build_scheduler(optimizer, args.num_epoch, min_ratio)
-        warmup_start = 0
         if resume:  # stage 'warmup'
             patience.load_state_dict(resume['warmup'])
-            optimizer.load_state_dict(resume['optimizer'])
-            scheduler.load_state_dict(resume['scheduler'])
-            warmup_start = resume['epoch'] + 1
         warmup_config = WarmupStageConfig(
             max_epochs=min(args.max_warmup_epoch, args.num_epoch), patience=args.patience, seed=args.seed,
-            warmup_dir=out_dir / 'checkpoint_warmup' / f"{args.data_set}_{shape['arch']}_{shape['input_size']}",
+            warmup_dir=out_dir / 'checkpoint_warmup' / (f"{args.data_set}_{shape['arch']}_{shape['input_size']}_"
+                                                        f'{args.max_warmup_epoch}'),
             checkpoint_dir=checkpoint_dir, run_args=run_args, max_batches=max_batches, amp=args.amp,
             max_nan_skips=args.max_nan_skips)
         joint_start = run_warmup_stage(model, train_loader, val_loader, optimizer, scheduler, device,
-                                       warmup_config, writer, patience, warmup_start)
+                                       warmup_config, writer, patience, resume['epoch'] + 1 if resume else 0)
     if joint_start >= args.num_epoch:  # warm-up only: its last.pth is the checkpoint this run wrote last
         logging.warning('the warm-up used all %d epochs: the gates were not trained and no best.pth was written; '
                         'pass a --num_epoch larger than --max_warmup_epoch %d', args.num_epoch,
@@ -327,43 +335,40 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
         if is_main_process():
             print(f"dynn stages done: warm-up only; checkpoint: {checkpoint_dir / 'last.pth'}")
         return checkpoint_dir / 'last.pth'
-    optimizer = build_optimizer(joint_param_groups(model, args.lr, args.transfer_ratio, args.freeze_backbone),
-                                args.opt or 'sgd', args.lr, weight_decay)
-    scheduler = build_scheduler(optimizer, args.num_epoch, min_ratio, start_epoch=joint_start)
-    costs = torch.tensor(exit_gflops(model))
-    costs = costs / costs[-1]
+    costs = torch.tensor(EXIT_COSTS[args.exit_costs](model))
     pos_weight, start_epoch, global_step, best_acc = torch.ones(len(model.exit_positions)), joint_start, 0, 0.0
     if resume.get('stage') == 'joint':
-        optimizer.load_state_dict(resume['optimizer'])
-        scheduler.load_state_dict(resume['scheduler'])
         pos_weight, global_step = resume['pos_weight'], resume['global_step']
         start_epoch, best_acc = resume['epoch'] + 1, resume['best_acc']
     joint_config = JointStageConfig(
         num_epochs=args.num_epoch, tradeoff=args.ce_ic_tradeoff, bilevel_batch_count=args.bilevel_batch_count,
-        gate_objective=args.gate_objective, classifier_loss=args.classifier_loss,
+        phase_counter=args.phase_counter, gate_objective=args.gate_objective, classifier_loss=args.classifier_loss,
         freeze_backbone=args.freeze_backbone, seed=args.seed, checkpoint_dir=checkpoint_dir, run_args=run_args,
         max_batches=max_batches, amp=args.amp, max_nan_skips=args.max_nan_skips)
-    summary = run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs, joint_config,
-                              writer, start_epoch=start_epoch, stage_start_epoch=joint_start, pos_weight=pos_weight,
-                              global_step=global_step, best_acc=best_acc)
+    summary = run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs,
+                              normalized_exit_costs(model), joint_config, writer, start_epoch=start_epoch,
+                              stage_start_epoch=joint_start, pos_weight=pos_weight, global_step=global_step,
+                              best_acc=best_acc)
     if is_main_process():
         print(f"dynn stages done: best gated val acc {summary['best_acc']:.2f}%; checkpoint: {summary['best_path']}")
     return summary['best_path']
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """The early-exit model of --checkpoint-path, built from the checkpoint's own args."""
+def load_for_inference(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, dict]:
+    """The early-exit model of --checkpoint-path, built from the checkpoint's own args; also those args and the
+    checkpoint itself."""
     checkpoint, source_args = checkpoint_args(args.checkpoint_path)
     shape = resolve_model_shape(args, source_args)
     fallback = {**vars(args), **shape}
-    return model_factory.load_dynn_checkpoint(checkpoint, args.checkpoint_path, input_size=shape['input_size'],
-                                              fallback=fallback)
+    model, model_args = model_factory.load_dynn_checkpoint(checkpoint, args.checkpoint_path,
+                                                           input_size=shape['input_size'], fallback=fallback)
+    return model, model_args, checkpoint
 
 
 def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
     """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
     from learning_helpers.plots import plot_confusion, plot_tradeoff
-    model, model_args = load_for_inference(args)
+    model, model_args, checkpoint = load_for_inference(args)
     json_path = Path(args.results_json) if args.results_json else default_results_json(args.checkpoint_path)
     check_writable(json_path.parent, '--results-json')  # before the evaluation, not after it
     _, val_loader, class_names = build_data(args, model_args['input_size'], distributed=False)
@@ -373,7 +378,7 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
     model.to(device)
     results, _ = evaluate_early_exit(
         model, val_loader, device, thresholds=args.thresholds, exit_threshold=args.exit_threshold,
-        gflops_per_exit=exit_gflops(model), class_names=class_names,
+        gflops_per_exit=exit_gflops(model), class_names=class_names, conformal=checkpoint.get('conformal'),
         max_batches=4 if args.barely_train else None, amp=args.amp)
     results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],
                'checkpoint': str(args.checkpoint_path), 'device': str(device), **results}
@@ -388,7 +393,7 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> Path:
 def run_export(args: argparse.Namespace) -> Path:
     """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards."""
     from models.onnx_export import export_segments
-    model, model_args = load_for_inference(args)
+    model, model_args, _ = load_for_inference(args)
     threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
     out = export_segments(model, check_writable(args.out, '--out'), threshold=threshold,
                           class_names=model_args['class_names'], input_size=model_args['input_size'])

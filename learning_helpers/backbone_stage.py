@@ -98,6 +98,8 @@ def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_load
     """Epoch loop: train, evaluate, step the schedule, save best/last, log. Returns the final summary."""
     guard = NonFiniteGuard(config.max_nan_skips)
     val_stats = {'acc': best_acc}
+    if is_main_process() and start_epoch < config.num_epochs:
+        print(f'backbone training: epochs {start_epoch}-{config.num_epochs - 1} (counted from 0)')
     for epoch in range(start_epoch, config.num_epochs):
         started = time.perf_counter()
         seed_epoch(config.seed, epoch, train_loader)
@@ -123,7 +125,7 @@ def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_load
                 for name, value in (('train/loss', train_stats['loss']), ('train/acc', train_stats['acc']),
                                     ('val/loss', val_stats['loss']), ('val/acc', val_stats['acc']), ('lr', lr)):
                     writer.add_scalar(f'backbone/{name}', value, epoch)
-            print(f"backbone epoch {epoch + 1}/{config.num_epochs} | loss {train_stats['loss']:.4f} | "
+            print(f"backbone epoch {epoch} | loss {train_stats['loss']:.4f} | "
                   f"train acc {train_stats['acc']:.2f} | val acc {val_stats['acc']:.2f} (best {best_acc:.2f}) | "
                   f'lr {lr:.2e} | {time.perf_counter() - started:.1f} s', flush=True)
     return {'acc': val_stats['acc'], 'best_acc': best_acc, 'best_path': config.checkpoint_dir / 'best.pth',

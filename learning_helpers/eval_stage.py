@@ -6,8 +6,9 @@ import torch
 
 from errors import GFNetDynnError
 from learning_helpers.distributed import synchronize
-from learning_helpers.evaluation import (ExitCache, cheapest_within, collect_exit_outputs, gated_predictions,
-                                         per_exit_accuracy, threshold_sweep)
+from learning_helpers.conformal import prediction_set_stats
+from learning_helpers.evaluation import (ExitCache, cheapest_within, collect_exit_outputs, conditional_exit_choice,
+                                         exit_point, gated_predictions, per_exit_accuracy, threshold_sweep)
 from models.early_exit import EarlyExitEngine
 from models.gfnet_dynn import GFNetDynn
 
@@ -43,10 +44,22 @@ def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: 
             'confusion_matrix': confusion_matrix(targets, predictions, labels=labels).tolist()}
 
 
+def conformal_report(cache: ExitCache, thresholds: dict | None) -> dict | None:
+    """Coverage and mean size of the conformal prediction sets, with the qhats the checkpoint stored (calibrated
+    on the validation set when it was written) and the exit rule they were calibrated for; None without them."""
+    if not isinstance(thresholds, dict) or 'alphas' not in thresholds:
+        return None
+    chosen = conditional_exit_choice(cache.gate_probs)
+    return {'calibrated_on': 'the validation set, when the checkpoint was written',
+            'exit_rule': 'training-time gating (a_k >= 0.5)', 'thresholds': thresholds,
+            **prediction_set_stats(cache, chosen, thresholds)}
+
+
 def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, thresholds: list[float],
                         exit_threshold: float | None, gflops_per_exit: list[float], class_names: list[str],
-                        max_batches: int | None = None, amp: bool = False) -> tuple[dict, ExitCache]:
-    """Everything --eval reports, as the SPEC section 3 results dict plus extra keys."""
+                        conformal: dict | None = None, max_batches: int | None = None,
+                        amp: bool = False) -> tuple[dict, ExitCache]:
+    """Everything --eval reports: the results dict documented in the README, plus extra keys."""
     started = time.perf_counter()
     cache, batches = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp,
                                           keep_inputs=KEEP_INPUTS_BYTES)
@@ -73,6 +86,8 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, t
         'real_early_exit': {'threshold': chosen['threshold'], 'seconds': real['seconds'],
                             'images_per_second': len(real['predictions']) / max(real['seconds'], 1e-9),
                             'mismatches_with_cache': mismatches},
+        'training_rule': exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops_per_exit),
+        'conformal': conformal_report(cache, conformal),
         'timing': {'cached_pass_seconds': cached_pass_seconds},
         'full_network': class_report(cache.targets, cache.logits[-1].argmax(-1), class_names),
         'at_chosen_threshold': class_report(cache.targets, cached_predictions, class_names),
@@ -99,4 +114,13 @@ def format_results_table(results: dict) -> str:
               f"vs full {results['full_accuracy']:.2f}%, {100 * chosen['flops_saving']:.1f}% fewer FLOPs",
               f"real early exit: {real['images_per_second']:.1f} images/s, predictions differing from the cache: "
               f"{real['mismatches_with_cache']}"]
+    conformal = results.get('conformal')
+    if conformal:
+        lines += ['', f"conformal prediction sets (qhats calibrated on {conformal['calibrated_on']}; exits by "
+                      f"{conformal['exit_rule']}): coverage % / mean set size",
+                  f"{'alpha':>6} {'general':>15} {'per exit':>15}"]
+        for row in conformal['overall']:
+            general, gated = row['general'], row['gated']
+            lines.append(f"{row['alpha']:6.3f} {general['coverage']:8.2f} / {general['mean_set_size']:4.2f} "
+                         f"{gated['coverage']:8.2f} / {gated['mean_set_size']:4.2f}")
     return '\n'.join(lines)

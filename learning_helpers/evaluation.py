@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from learning_helpers.distributed import all_gather_cat, autocast, is_main_process
-from learning_helpers.losses import best_exit, level_error
+from learning_helpers.losses import best_exit, exit_mass, level_error
 
 DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # the sweep of --eval and of the benchmarks
 
@@ -67,18 +67,40 @@ def per_exit_accuracy(cache: ExitCache) -> list[float]:
     return (100 * correct.double().mean(dim=1)).tolist()  # float64: 94.0625, not 94.0625011920929
 
 
-def sweep_point(cache: ExitCache, threshold: float, gflops_per_exit: Sequence[float]) -> dict:
-    """Accuracy, expected GFLOPs, and each exit's share and accuracy at one threshold (SPEC section 3)."""
-    predictions, chosen = gated_predictions(cache, threshold)
+def conditional_exit_choice(gate_probs: torch.Tensor) -> torch.Tensor:
+    """(G, N) gate probabilities -> (N,) exit index under the rule training validates with (the reference's):
+    walking the exits in order, a_k = clip(P_k / prod_{j<k} (1 - a_j), 0, 1) with P_k the exit mass; a sample
+    leaves at the first k with a_k >= 0.5, else at the final head (G)."""
+    num_gates, n = gate_probs.shape
+    mass = exit_mass(gate_probs.double())[:-1]  # (G, N)
+    not_left_yet = torch.ones(n, dtype=torch.float64)  # prod_{j<k} (1 - a_j)
+    chosen = torch.full((n,), num_gates, dtype=torch.long)
+    for k in range(num_gates):
+        # a division by 0 only happens after some a_j = 1, i.e. for samples that already left
+        activation = (mass[k] / not_left_yet).clamp(0, 1)
+        chosen[(activation >= 0.5) & (chosen == num_gates)] = k
+        not_left_yet = not_left_yet * (1 - activation)
+    return chosen
+
+
+def exit_point(cache: ExitCache, chosen: torch.Tensor, gflops_per_exit: Sequence[float]) -> dict:
+    """Accuracy, expected GFLOPs, and each exit's share and accuracy when sample i leaves at chosen[i]."""
+    predictions = cache.logits.argmax(dim=-1).gather(0, chosen.unsqueeze(0)).squeeze(0)
     correct = (predictions == cache.targets).double()  # float64 keeps the JSON's percentages exact
     num_exits = cache.logits.shape[0]
     counts = torch.bincount(chosen, minlength=num_exits).double()
     hits = torch.bincount(chosen, weights=correct, minlength=num_exits)
     share = counts / max(len(chosen), 1)
     exit_accuracy = torch.where(counts > 0, 100 * hits / counts.clamp_min(1), torch.zeros_like(counts))
-    return {'threshold': round(float(threshold), 6), 'accuracy': 100 * correct.mean().item(),
+    return {'accuracy': 100 * correct.mean().item(),
             'expected_gflops': float((share * torch.tensor(gflops_per_exit, dtype=torch.float64)).sum()),
             'exit_share': share.tolist(), 'exit_accuracy': exit_accuracy.tolist()}
+
+
+def sweep_point(cache: ExitCache, threshold: float, gflops_per_exit: Sequence[float]) -> dict:
+    """`exit_point` when each sample leaves at the first gate with probability >= threshold."""
+    return {'threshold': round(float(threshold), 6),
+            **exit_point(cache, exit_choice(cache.gate_probs, threshold), gflops_per_exit)}
 
 
 def threshold_sweep(cache: ExitCache, thresholds: Sequence[float], gflops_per_exit: Sequence[float]) -> list[dict]:
@@ -101,7 +123,8 @@ def best_exit_counts(cache: ExitCache, costs: torch.Tensor, tradeoff: float, obj
 
 
 def updated_pos_weight(counts: torch.Tensor, max_weight: float = 5.0) -> torch.Tensor:
-    """pos_weight_k = min((n - c_k) / max(c_k, 0.1), 5) for each intermediate gate (SPEC, stage 2)."""
+    """pos_weight_k = min((n - c_k) / max(c_k, 0.1), 5) for each intermediate gate, c_k the number of samples
+    whose best exit is k (the reference's count)."""
     n = counts.sum().float()
     gate_counts = counts[:-1].float()
     return torch.clamp((n - gate_counts) / gate_counts.clamp_min(0.1), max=max_weight)

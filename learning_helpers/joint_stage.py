@@ -1,8 +1,9 @@
 """Stage 2: joint training of gates and exits with the accuracy / inference-cost trade-off (JEI-DNN).
 
-Phases alternate every `bilevel_batch_count` batches, gate phase first. Gate phase: gates learn to fire
-from the exit that minimises CE + lambda * cost onward. Classifier phase: exits (and the backbone, at
-lr * transfer-ratio, unless frozen) learn weighted by the mass the gates send them.
+Phases alternate every `bilevel_batch_count` batches, gate phase first; the batch counter restarts each epoch
+(the reference) or runs across epochs (`--phase-counter global`). Gate phase: gates learn to fire from the
+exit that minimises CE + lambda * cost onward. Classifier phase: the exits (and the backbone, at
+lr * transfer-ratio, unless frozen) learn with the `--classifier_loss`. docs/METHOD.md has the formulas.
 """
 import logging
 import time
@@ -16,15 +17,15 @@ from tqdm import tqdm
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.conformal import conformal_thresholds
 from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, sync_gradients
-from learning_helpers.evaluation import (best_exit_counts, collect_exit_outputs, per_exit_accuracy, sweep_point,
-                                         updated_pos_weight)
+from learning_helpers.evaluation import (best_exit_counts, collect_exit_outputs, conditional_exit_choice,
+                                         exit_point, per_exit_accuracy, updated_pos_weight)
 from learning_helpers.losses import CLASSIFIER_LOSSES, GateLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from models.gfnet_dynn import GFNetDynn
 
 _logger = logging.getLogger(__name__)
 
-VALIDATION_THRESHOLD = 0.5  # gated accuracy during training: leave where P(exit) >= 0.5
+PHASE_COUNTERS = ('epoch', 'global')  # where the gate / classifier phase counter restarts
 
 
 @dataclass
@@ -32,6 +33,7 @@ class JointStageConfig:
     num_epochs: int  # --num_epoch: the run's total, warm-up epochs included
     tradeoff: float  # --ce_ic_tradeoff, lambda
     bilevel_batch_count: int
+    phase_counter: str  # 'epoch' (the reference) or 'global'
     gate_objective: str
     classifier_loss: str
     freeze_backbone: bool
@@ -43,27 +45,25 @@ class JointStageConfig:
     max_nan_skips: int = 5
 
 
-def joint_param_groups(model: GFNetDynn, lr: float, transfer_ratio: float, freeze_backbone: bool) -> list[dict]:
-    """Gates and exit heads at lr; backbone and final head at lr * transfer_ratio, or frozen."""
-    exit_params = {id(p) for p in list(model.gates.parameters()) + list(model.intermediate_heads.parameters())}
-    backbone = [p for p in model.parameters() if id(p) not in exit_params]
-    set_requires_grad(model, True)
-    groups = [{'params': list(model.gates.parameters()), 'lr': lr},
-              {'params': list(model.intermediate_heads.parameters()), 'lr': lr}]
-    if freeze_backbone:
-        for param in backbone:
-            param.requires_grad_(False)
-    else:
-        groups.append({'params': backbone, 'lr': lr * transfer_ratio})
-    return [g for g in groups if g['params']]
+def dynn_param_groups(model: GFNetDynn, lr: float, transfer_ratio: float) -> list[dict]:
+    """The one optimizer of stages 1-2: exit heads and gates at lr, the backbone (final head included) at
+    lr * transfer_ratio. Which of them train is set by requires_grad: a parameter without a gradient is
+    skipped by the optimizer, weight decay and momentum included."""
+    exit_params = list(model.intermediate_heads.parameters()) + list(model.gates.parameters())
+    exit_ids = {id(p) for p in exit_params}
+    backbone = [p for p in model.parameters() if id(p) not in exit_ids]
+    return [{'params': exit_params, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
 
 
-def _trainable(params) -> list:
-    return [p for p in params if p.requires_grad]
+def set_joint_trainable(model: GFNetDynn, freeze_backbone: bool) -> None:
+    """Stage 2 trains exits and gates, and the backbone unless frozen."""
+    set_requires_grad(model, not freeze_backbone)
+    set_requires_grad(model.intermediate_heads, True)
+    set_requires_grad(model.gates, True)
 
 
 class JointTrainer:
-    """One epoch of alternating phases; the batch counter that picks the phase survives across epochs."""
+    """One epoch of alternating phases; with the global counter the batch counter survives across epochs."""
 
     def __init__(self, model: GFNetDynn, optimizer, costs: torch.Tensor, config: JointStageConfig,
                  device: torch.device, global_step: int = 0):
@@ -71,12 +71,16 @@ class JointTrainer:
         self.gate_loss = GateLoss(config.tradeoff, config.gate_objective)
         self.classifier_loss = CLASSIFIER_LOSSES[config.classifier_loss]()
         self.global_step = global_step
-        self.classifier_params = _trainable(p for n, p in model.named_parameters() if not n.startswith('gates.'))
+        # identity gates have nothing to learn: their phase is skipped
+        self.gates_learn = any(True for _ in model.gates.parameters())
 
-    def phase(self) -> str:
-        if not self.classifier_params:  # every exit frozen: only the gates can learn
-            return 'gate'
-        return 'gate' if (self.global_step // self.config.bilevel_batch_count) % 2 == 0 else 'classifier'
+    def phase(self, step_in_epoch: int) -> str:
+        if not self.gates_learn:
+            return 'classifier'
+        if not any(p.requires_grad for p in self.model.intermediate_heads.parameters()):
+            return 'gate'  # every exit frozen: only the gates can learn
+        step = self.global_step if self.config.phase_counter == 'global' else step_in_epoch
+        return 'gate' if (step // self.config.bilevel_batch_count) % 2 == 0 else 'classifier'
 
     def gate_step(self, images: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # exits are fixed in this phase; only the gates see gradients
@@ -85,12 +89,15 @@ class JointTrainer:
         return self.gate_loss(gate_logits, logits.float(), targets, self.costs, pos_weight)
 
     def classifier_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # the blocks after the last intermediate exit run only if the loss trains the final exit: parameters
+        # outside the loss get no gradient, so weight decay leaves them alone
+        through_final = self.classifier_loss.trains_final_exit
         if self.config.freeze_backbone:
             with torch.no_grad():
-                pooled = self.model.forward_pooled(images)
+                pooled = self.model.forward_pooled(images, through_final)
             out = self.model.heads_and_gates(pooled)
         else:
-            out = self.model(images)
+            out = self.model(images, through_final)
         return self.classifier_loss(out.logits.float(), out.gate_logits, targets)
 
     def train_one_epoch(self, loader, epoch: int, pos_weight: torch.Tensor, guard: NonFiniteGuard) -> dict:
@@ -103,7 +110,7 @@ class JointTrainer:
             if max_batches is not None and step >= max_batches:
                 break
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            phase = self.phase()
+            phase = self.phase(step)
             with autocast(self.device, self.config.amp):
                 loss = (self.gate_step(images, targets, pos_weight) if phase == 'gate'
                         else self.classifier_step(images, targets))
@@ -121,36 +128,58 @@ class JointTrainer:
         return {'gate_loss': gate_sum / max(gate_batches, 1), 'classifier_loss': cls_sum / max(cls_batches, 1)}
 
 
-def validate_joint(model: GFNetDynn, val_loader, device: torch.device, costs: torch.Tensor, tradeoff: float,
-                   objective: str, *, max_batches: int | None = None, amp: bool = False) -> dict:
-    """Gated accuracy at P(exit) >= 0.5, per-exit accuracy, mean cost, exit shares, the new pos_weight and
-    conformal thresholds, all from one pass over the validation set."""
+def validate_joint(model: GFNetDynn, val_loader, device: torch.device, costs: torch.Tensor, flops_share: list[float],
+                   tradeoff: float, objective: str, *, max_batches: int | None = None, amp: bool = False) -> dict:
+    """One pass over the validation set: gated accuracy under the training-time exit rule, its mean compute
+    (a share of the full network's true FLOPs), per-exit accuracy, exit shares, the next pos_weight (from the
+    gates' cost vector `costs`) and the conformal thresholds."""
     cache, _ = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp)
-    point = sweep_point(cache, VALIDATION_THRESHOLD, costs.tolist())
-    return {'gated_acc': point['accuracy'], 'mean_cost': point['expected_gflops'],  # costs are normalised
+    chosen = conditional_exit_choice(cache.gate_probs)
+    point = exit_point(cache, chosen, flops_share)
+    return {'gated_acc': point['accuracy'], 'mean_cost': point['expected_gflops'],
             'exit_share': point['exit_share'], 'exit_acc': per_exit_accuracy(cache),
             'pos_weight': updated_pos_weight(best_exit_counts(cache, costs.cpu(), tradeoff, objective)),
-            'conformal': conformal_thresholds(cache)}
+            'conformal': conformal_thresholds(cache, chosen)}
+
+
+def snapshot_name(epoch: int, tradeoff: float, gated_acc: float) -> str:
+    """ckpt_epoch{E}_{lambda}_{acc}.pth as the reference names them: 0-based epoch, accuracy rounded to two
+    decimals and printed as Python prints it (ckpt_epoch81_0.75_68.8.pth)."""
+    return f'ckpt_epoch{epoch}_{tradeoff}_{round(gated_acc, 2)}.pth'
+
+
+def _warn_if_only_gates_train(config: JointStageConfig, batches_per_epoch: int, gates_learn: bool) -> None:
+    if config.phase_counter == 'epoch' and gates_learn and batches_per_epoch <= config.bilevel_batch_count:
+        _logger.warning('an epoch has %d batches, no more than --bilevel_batch_count %d: with the phase counter '
+                        'restarting every epoch (the reference) only the gates train in stage 2; lower '
+                        '--bilevel_batch_count or pass --phase-counter global to train the exits too',
+                        batches_per_epoch, config.bilevel_batch_count)
 
 
 def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
-                    costs: torch.Tensor, config: JointStageConfig, writer: SummaryWriter | None, *,
-                    start_epoch: int, stage_start_epoch: int, pos_weight: torch.Tensor, global_step: int = 0,
-                    best_acc: float = 0.0) -> dict:
-    """Epochs start_epoch..num_epochs-1: train, validate, save, rebalance the gates, log."""
+                    costs: torch.Tensor, flops_share: list[float], config: JointStageConfig,
+                    writer: SummaryWriter | None, *, start_epoch: int, stage_start_epoch: int,
+                    pos_weight: torch.Tensor, global_step: int = 0, best_acc: float = 0.0) -> dict:
+    """Epochs start_epoch..num_epochs-1: train, validate, save, rebalance the gates, step the schedule, log.
+    `costs` are the exit costs the gates trade against (normalised), `flops_share` the true ones."""
+    set_joint_trainable(model, config.freeze_backbone)
     trainer = JointTrainer(model, optimizer, costs.to(device), config, device, global_step)
+    _warn_if_only_gates_train(config, min(len(train_loader), config.max_batches or len(train_loader)),
+                              trainer.gates_learn)
     guard = NonFiniteGuard(config.max_nan_skips)
     lam = config.tradeoff
     last = {'gated_acc': best_acc}
+    if is_main_process() and start_epoch < config.num_epochs:
+        print(f'joint training: epochs {start_epoch}-{config.num_epochs - 1} (counted from 0, warm-up included)')
     for epoch in range(start_epoch, config.num_epochs):
         started = time.perf_counter()
         seed_epoch(config.seed, epoch, train_loader)
         stats = trainer.train_one_epoch(train_loader, epoch, pos_weight.to(device), guard)
-        last = validate_joint(model, val_loader, device, costs, lam, config.gate_objective,
+        last = validate_joint(model, val_loader, device, costs, flops_share, lam, config.gate_objective,
                               max_batches=config.max_batches, amp=config.amp)
         pos_weight = last['pos_weight']
         lr = optimizer.param_groups[0]['lr']
-        scheduler.step()
+        scheduler.step()  # the cosine schedule moves only after joint epochs, as in the reference
         is_best = last['gated_acc'] > best_acc or epoch == stage_start_epoch  # the first always writes best.pth
         best_acc = max(best_acc, last['gated_acc'])
         if is_main_process():
@@ -163,12 +192,12 @@ def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sched
             # killed at any moment resumes from a consistent set
             if is_best:
                 save_checkpoint(config.checkpoint_dir / 'best.pth', payload)
-            save_checkpoint(config.checkpoint_dir / f"ckpt_epoch{epoch}_{lam}_{last['gated_acc']:.2f}.pth",
+            save_checkpoint(config.checkpoint_dir / snapshot_name(epoch, lam, last['gated_acc']),
                             {'model': model.state_dict(), 'acc': last['gated_acc'], 'epoch': epoch, 'stage': 'joint',
-                             'args': config.run_args})
+                             'args': config.run_args, 'conformal': last['conformal']})
             save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
             _log_epoch(writer, epoch, stats, last, lr)
-            print(f"joint epoch {epoch + 1}/{config.num_epochs} | gate loss {stats['gate_loss']:.4f} | "
+            print(f"joint epoch {epoch} | gate loss {stats['gate_loss']:.4f} | "
                   f"cls loss {stats['classifier_loss']:.4f} | gated acc {last['gated_acc']:.2f} | cost "
                   f"{last['mean_cost']:.3f} | exit acc {' '.join(f'{a:.1f}' for a in last['exit_acc'])} | "
                   f'lr {lr:.2e} | {time.perf_counter() - started:.1f} s', flush=True)

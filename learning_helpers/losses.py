@@ -1,4 +1,6 @@
-"""Losses: distillation for the backbone stage, and the three early-exit losses (warm-up, gate, classifier)."""
+"""Losses: distillation for the backbone stage, and the early-exit losses (warm-up, gate, classifier phase).
+
+The formulas are written out in docs/METHOD.md."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,7 +74,8 @@ class WarmupLoss(nn.Module):
 def per_exit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(E, B, C) logits, (B,) targets -> (E, B) per-sample cross-entropy at every exit."""
     num_exits, batch, num_classes = logits.shape
-    flat = F.cross_entropy(logits.reshape(-1, num_classes).float(), targets.repeat(num_exits), reduction='none')
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under --amp -> float32
+    flat = F.cross_entropy(logits.reshape(-1, num_classes), targets.repeat(num_exits), reduction='none')
     return flat.view(num_exits, batch)
 
 
@@ -122,11 +125,32 @@ def exit_mass(gate_probs: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.minimum(g, 1 - before), min=0)
 
 
-class ClassifierLoss(nn.Module):
-    """Classifier phase: mean over samples and exits of P_k * L_k * (sum_j L_j / sum_j P_j L_j), gates detached.
+class BoostedClassifierLoss(nn.Module):
+    """Classifier phase as the reference trains it (`--classifier_loss boosted`), over the G intermediate exits:
+    mean_{b,k} P_k L_k r, with L_k = CE(exit_k), P_k the exit mass of the gates (no gradient) and
+    r = sum_j L_j / sum_j P_j L_j per sample, *not* detached.
 
-    The per-sample factor (detached: it is a rescaling, not a path for gradients) keeps each sample's
-    total on the scale of its summed CE, so samples the gates send early do not vanish from training."""
+    With the masses constant and r differentiable, sum_k P_k L_k r = sum_k L_k for every sample, so value and
+    gradients equal the plain mean cross-entropy over the intermediate exits; the final head is not trained.
+    Written out as the reference does so the equivalence is a tested fact, not an assumption."""
+
+    trains_final_exit = False  # takes the (G, B, C) logits of the intermediate exits
+
+    def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = per_exit_cross_entropy(exit_logits, targets)  # (G, B)
+        with torch.no_grad():
+            mass = exit_mass(torch.sigmoid(gate_logits.float()))[:-1]  # (G, B)
+        weighted = mass * ce
+        ratio = ce.sum(dim=0) / weighted.sum(dim=0)  # (B,)
+        return (weighted * ratio).mean()
+
+
+class GateWeightedClassifierLoss(nn.Module):
+    """Our extension (`--classifier_loss gate_weighted`), over all E exits, the final head included:
+    mean_{b,k} P_k L_k r with r = sum_j L_j / sum_j P_j L_j detached, so the gate masses really weight the
+    exits while each sample keeps the scale of its summed CE (samples sent early do not vanish)."""
+
+    trains_final_exit = True  # takes the (E, B, C) logits of every exit
 
     def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ce = per_exit_cross_entropy(exit_logits, targets)  # (E, B)
@@ -136,14 +160,7 @@ class ClassifierLoss(nn.Module):
         return (weighted * scale).mean()
 
 
-class WeightedCrossEntropyLoss(nn.Module):
-    """Classifier-phase alternative (`--classifier_loss weighted_ce`): mean over exits of CE, unweighted."""
-
-    def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return per_exit_cross_entropy(exit_logits, targets).mean()
-
-
-CLASSIFIER_LOSSES = {'boosted': ClassifierLoss, 'weighted_ce': WeightedCrossEntropyLoss}
+CLASSIFIER_LOSSES = {'boosted': BoostedClassifierLoss, 'gate_weighted': GateWeightedClassifierLoss}
 
 
 class DistillationLoss(nn.Module):

@@ -20,6 +20,22 @@ def build_optimizer(param_groups: list[dict], name: str, lr: float, weight_decay
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
 
 
+def default_weight_decay(name: str) -> float:
+    """--wd when not given: AdamW's 0.05 (GFNet's recipe), SGD's 5e-4 (the reference's)."""
+    return 0.05 if name == 'adamw' else 5e-4
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, checkpoint: dict, source: str) -> None:
+    """Load a --resume checkpoint's optimizer and schedule; a checkpoint whose parameter groups differ (written
+    by an older version of this tool) is a one-line error."""
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except ValueError as error:
+        raise GFNetDynnError(f'{source}: its optimizer state does not fit this version ({error}); start the stage '
+                             f'again from the previous stage\'s best.pth') from error
+    scheduler.load_state_dict(checkpoint['scheduler'])
+
+
 def lr_factor(epoch: int, *, total_epochs: int, warmup_epochs: int, min_ratio: float, offset: int) -> float:
     """Multiplier of every group's base lr at absolute epoch `offset + epoch`: linear warm-up, then cosine
     from 1 down to min_ratio at total_epochs."""
@@ -61,8 +77,7 @@ class NonFiniteGuard:
         self.in_a_row = 0
 
     def allows(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
-        """True if the step may proceed (epoch and batch are 0-based; messages count from 1, like the epoch
-        lines). One host sync per step, the price of never stepping on NaN. Under torchrun the ranks decide
+        """True if the step may proceed (epoch and batch counted from 0, like the epoch lines). One host sync per step, the price of never stepping on NaN. Under torchrun the ranks decide
         together: a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
         non_finite = (~torch.isfinite(loss.detach())).any().float()
         if all_reduce_sum(non_finite).item() == 0:
@@ -70,10 +85,10 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         _logger.warning('non-finite loss (%s on this process) at epoch %d batch %d: step skipped (%d in a row)',
-                        loss.item(), epoch + 1, batch + 1, self.in_a_row)
+                        loss.item(), epoch, batch, self.in_a_row)
         if self.in_a_row > self.max_skips:
             raise GFNetDynnError(f'loss was non-finite for {self.in_a_row} batches in a row, more than '
-                                 f'--max-nan-skips {self.max_skips} (epoch {epoch + 1}, batch {batch + 1}); lower '
+                                 f'--max-nan-skips {self.max_skips} (epoch {epoch}, batch {batch}); lower '
                                  f'--lr or check the data; the last good checkpoint is kept')
         return False
 

@@ -1,4 +1,7 @@
-"""Stage 1: warm up the exit heads on a frozen backbone, freezing each head when it stops improving."""
+"""Stage 1: warm up the exit heads on a frozen backbone, freezing each head when it stops improving.
+
+The learning rate stays constant here: the one optimizer of stages 1-2 is shared with joint training, whose
+cosine schedule starts when it does (as in the reference)."""
 import copy
 import logging
 import time
@@ -109,7 +112,7 @@ def run_warmup_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sche
                      config: WarmupStageConfig, writer: SummaryWriter | None, patience_state: ExitPatience,
                      start_epoch: int = 0) -> int:
     """Warm up until every exit is frozen or max_epochs pass; returns the number of epochs used. Ends with
-    every exit at its best weights and all exits trainable again."""
+    every exit at its best weights and all exits trainable again. `scheduler` is saved, not stepped."""
     guard = NonFiniteGuard(config.max_nan_skips)
     set_requires_grad(model, False)
     for k, head in enumerate(model.intermediate_heads):
@@ -131,7 +134,6 @@ def run_warmup_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sche
             model.intermediate_heads[k].load_state_dict(patience_state.best_state[k])
             set_requires_grad(model.intermediate_heads[k], False)
         lr = optimizer.param_groups[0]['lr']
-        scheduler.step()
         if is_main_process():
             save_checkpoint(config.checkpoint_dir / 'last.pth', {
                 'model': model.state_dict(), 'acc': accuracies[-1], 'epoch': epoch, 'stage': 'warmup',
@@ -142,7 +144,7 @@ def run_warmup_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sche
                 for k, acc in enumerate(accuracies):
                     writer.add_scalar(f'warmup/exit{k}_acc', acc, epoch)
             frozen = ''.join('F' if f else '.' for f in patience_state.frozen)
-            print(f"warm-up epoch {epoch + 1}/{config.max_epochs} | loss {stats['loss']:.4f} | exit acc "
+            print(f"warm-up epoch {epoch} | loss {stats['loss']:.4f} | exit acc "
                   f"{' '.join(f'{a:.1f}' for a in accuracies)} | frozen {frozen} | lr {lr:.2e} | "
                   f'{time.perf_counter() - started:.1f} s', flush=True)
     else:

@@ -95,3 +95,45 @@ def normalized_exit_costs(model: torch.nn.Module) -> list[float]:
     """Cost of each exit as a fraction of the full network; the final exit costs 1."""
     gflops = exit_gflops(model)
     return [g / gflops[-1] for g in gflops]
+
+
+# The reference's counter (an MSDNet-style op counter run at batch 1), reproduced so that `--exit-costs reference`
+# gives the gates the same cost vector, hence the same lambda trade-off, as the reference's released runs. Its
+# miscounts are kept on purpose: each Linear is counted for one token instead of all N, the global filter as an
+# FFT on a fixed 11 x 18 grid whatever the input, LayerNorm as 2.5 and GELU as 8 operations per element, the
+# shared norm once after every block (its inference path normalises after each block), element-wise adds and
+# pooling not at all. Reported GFLOPs always come from `exit_gflops`, never from here.
+_REFERENCE_FFT_GRID = (11, 18)
+_REFERENCE_GATE_OPS = {'unc': lambda num_classes: 9 * num_classes + 6, 'identity': lambda num_classes: 0}
+
+
+def reference_exit_op_counts(model: torch.nn.Module) -> list[float]:
+    """The reference counter's cumulative operations up to each exit (first to final) for a GFNetDynn."""
+    a, b = _REFERENCE_FFT_GRID
+    tokens = model.grid_size[0] * model.grid_size[1]
+    dim, classes = model.embed_dim, model.num_classes
+    hidden = model.blocks[0].mlp.fc1.out_features
+    patch = model.patch_embed.patch_size
+    norm = 2.5 * tokens * dim
+    fft_filter = tokens * (10 * a * b * math.log2(a * b) + a * (b / 2 + 1) * 6)
+    mlp = (2 * dim * hidden + hidden) + 8 * tokens * hidden + (2 * hidden * dim + dim)  # fc1 (1 token), GELU, fc2
+    head = 2 * dim * classes + classes  # one token, as every Linear
+    gate = _REFERENCE_GATE_OPS[model.gate_type](classes)
+    ops = 2 * 3 * dim * patch[0] * patch[1] * tokens  # patch embedding convolution
+    counts = []
+    for i in range(len(model.blocks)):
+        ops += norm + fft_filter + norm + mlp + norm  # norm1, filter, norm2, MLP, then the shared norm
+        if i in model.exit_positions:
+            ops += head + gate
+            counts.append(ops)
+    counts.append(ops + norm + head)  # the final norm and head
+    return counts
+
+
+def reference_normalized_exit_costs(model: torch.nn.Module) -> list[float]:
+    """`reference_exit_op_counts` divided by the full network's: what `--exit-costs reference` trains with."""
+    counts = reference_exit_op_counts(model)
+    return [c / counts[-1] for c in counts]
+
+
+EXIT_COSTS = {'flops': normalized_exit_costs, 'reference': reference_normalized_exit_costs}  # --exit-costs

@@ -119,10 +119,10 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _resize_grid(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize_grid(tensor: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
     """Bicubic resize of a (h, w, C) grid to (size[0], size[1], C)."""
     grid = tensor.permute(2, 0, 1).unsqueeze(0).float()  # (1, C, h, w)
-    grid = F.interpolate(grid, size=size, mode='bicubic', align_corners=True)
+    grid = F.interpolate(grid, size=size, mode='bicubic', align_corners=align_corners)
     return grid.squeeze(0).permute(1, 2, 0).to(tensor.dtype)
 
 
@@ -132,14 +132,15 @@ def _resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> to
     if old_side * old_side != pos_embed.shape[1]:
         raise ValueError(f'pos_embed with {pos_embed.shape[1]} tokens is not a square grid; cannot resize')
     grid = pos_embed.reshape(old_side, old_side, -1)
-    return _resize_grid(grid, grid_size).reshape(1, grid_size[0] * grid_size[1], -1)
+    # align_corners=False for positions, True for filters: what the official GFNet fine-tuning code does
+    return _resize_grid(grid, grid_size, align_corners=False).reshape(1, grid_size[0] * grid_size[1], -1)
 
 
 def _resize_complex_weight(weight: torch.Tensor, freq_size: tuple[int, int]) -> torch.Tensor:
     """(a, b//2+1, D, 2) -> the model's frequency grid, real and imaginary parts resized alike."""
     a, w, dim, _ = weight.shape
     flat = weight.reshape(a, w, dim * 2)
-    return _resize_grid(flat, freq_size).reshape(freq_size[0], freq_size[1], dim, 2)
+    return _resize_grid(flat, freq_size, align_corners=True).reshape(freq_size[0], freq_size[1], dim, 2)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:

@@ -3,7 +3,6 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from errors import GFNetDynnError
@@ -15,7 +14,7 @@ DEFAULT_EXIT_POSITIONS = (3, 5, 7, 9)
 
 class DynnOutput(NamedTuple):
     """Everything one forward pass computes; exits are ordered first to last, the final head last."""
-    logits: torch.Tensor  # (E, B, C), E = G + 1
+    logits: torch.Tensor  # (E, B, C), E = G + 1; (G, B, C) when the final exit was not asked for
     gate_logits: torch.Tensor  # (G, B), one per intermediate exit
 
 
@@ -39,12 +38,11 @@ class GFNetDynn(GFNet):
         super().__init__(**kwargs)
         self.exit_positions = validate_exit_positions(exit_positions, len(self.blocks))
         self.gate_type = gate
+        # Created after GFNet's own init, so exits and gates keep PyTorch's default Linear init, as in the
+        # reference (which attaches them to a finished model).
         self.intermediate_heads = nn.ModuleList(
             nn.Linear(self.embed_dim, self.num_classes) for _ in self.exit_positions)
         self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions)
-        for head in self.intermediate_heads:
-            trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
 
     @property
     def num_exits(self) -> int:
@@ -68,26 +66,32 @@ class GFNetDynn(GFNet):
         logits = self.intermediate_heads[k](pooled)
         return logits, self.gates[k](logits)
 
-    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> pooled features at every exit, (E, B, D). The frozen-backbone stages run this without
+    def forward_pooled(self, x: torch.Tensor, through_final: bool = True) -> torch.Tensor:
+        """Images -> pooled features at every exit, (E, B, D); with through_final=False only up to the last
+        intermediate exit, (G, B, D), skipping the blocks after it. The frozen-backbone stages run this without
         autograd and train only what follows."""
         tokens = self.embed(x)
         pooled = []
-        for i, block in enumerate(self.blocks):
+        num_blocks = len(self.blocks) if through_final else self.exit_positions[-1] + 1
+        for i, block in enumerate(self.blocks[:num_blocks]):
             tokens = block(tokens)
             if i in self.exit_positions:
                 pooled.append(self.pool(tokens))
-        pooled.append(self.pool(tokens))
+        if through_final:
+            pooled.append(self.pool(tokens))
         return torch.stack(pooled)
 
     def heads_and_gates(self, pooled: torch.Tensor) -> DynnOutput:
-        """Pooled features (E, B, D) -> exit logits and gate logits."""
+        """Pooled features (E, B, D) -> exit logits (E, B, C) and gate logits (G, B); from (G, B, D), the
+        intermediate exits' logits alone, (G, B, C)."""
         exit_logits = [head(features) for head, features in zip(self.intermediate_heads, pooled)]
         gate_logits = [gate(logits) for gate, logits in zip(self.gates, exit_logits)]
-        return DynnOutput(torch.stack(exit_logits + [self.head(pooled[-1])]), torch.stack(gate_logits))
+        if len(pooled) > len(self.intermediate_heads):
+            exit_logits.append(self.head(pooled[-1]))
+        return DynnOutput(torch.stack(exit_logits), torch.stack(gate_logits))
 
-    def forward(self, x: torch.Tensor) -> DynnOutput:
-        return self.heads_and_gates(self.forward_pooled(x))
+    def forward(self, x: torch.Tensor, through_final: bool = True) -> DynnOutput:
+        return self.heads_and_gates(self.forward_pooled(x, through_final))
 
 
 default_cfgs = generate_default_cfgs({

@@ -115,9 +115,9 @@ def test_impossible_flag_values_are_named(flags, pattern, data, capsys, out):
     assert re.search(pattern, fails([*FAST, *flags], capsys, out))
 
 
-def test_input_size_not_divisible_by_patch_size_suggests_one(data, capsys, out):
-    line = fails([*FAST, '--input-size', '30'], capsys, out)  # patch 8
-    assert re.search(r'--input-size 30 is not divisible by --patch-size 8; pick a multiple, e.g. 24', line)
+def test_input_size_smaller_than_a_patch_is_refused(data, capsys, out):
+    line = fails([*FAST, '--input-size', '6'], capsys, out)  # patch 8
+    assert re.search(r'--input-size 6 is smaller than one patch \(8 px\); pass an --input-size of at least 8', line)
 
 
 @pytest.mark.parametrize('positions, pattern', [(['3', '5', '20'], r'must lie in 0\.\.10'),

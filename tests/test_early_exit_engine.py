@@ -135,11 +135,15 @@ def demo_cache(tmp_path_factory):
         for head in model.intermediate_heads:
             head.weight.normal_(std=0.5)
         cache, _ = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
-        for k, gate in enumerate(model.gates):  # gate k fires for the more confident half at exit k
+        for k, gate in enumerate(model.gates):  # gate k fires for the more confident part at exit k
             max_prob = cache.logits[k].softmax(dim=-1).amax(dim=-1)
             slope = 4.0 / max_prob.std()  # gate logits spread over about -8..8
+            # split in the middle of the widest gap between the 16th and 48th most confident: no gate
+            # probability lands near 0.5
+            ordered = max_prob.sort().values
+            i = 16 + int((ordered[17:49] - ordered[16:48]).argmax())
             gate.linear.weight.copy_(torch.tensor([[slope, 0.0, 0.0, 0.0]]))
-            gate.linear.bias.fill_(-slope * torch.quantile(max_prob, 0.5))
+            gate.linear.bias.fill_(-slope * (ordered[i] + ordered[i + 1]) / 2)
         cache, _ = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
     return model, images, cache
 

@@ -7,9 +7,10 @@ import torch
 from torch.testing import assert_close
 
 from errors import GFNetDynnError
-from learning_helpers.conformal import conformal_thresholds, prediction_set_stats
-from learning_helpers.evaluation import (ExitCache, best_exit_counts, cheapest_within, exit_choice,
-                                         gated_predictions, per_exit_accuracy, threshold_sweep, updated_pos_weight)
+from learning_helpers.conformal import ALPHAS, conformal_quantile, conformal_thresholds, prediction_set_stats
+from learning_helpers.evaluation import (ExitCache, best_exit_counts, cheapest_within, conditional_exit_choice,
+                                         exit_choice, exit_point, gated_predictions, per_exit_accuracy,
+                                         threshold_sweep, updated_pos_weight)
 from learning_helpers.losses import best_exit, per_exit_cross_entropy
 from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
 
@@ -126,36 +127,98 @@ def test_best_exit_counts_count_the_argmin_of_error_plus_lambda_cost():
     assert int(counts.sum()) == cache.targets.numel()
 
 
+# the training-time exit rule (picks best.pth)
+
+def _reference_gating(gate_probs: torch.Tensor) -> list[int]:
+    """Sample by sample, as the reference's classifier helper does: masses P_k from the running sum of g, then
+    a_k = clip(P_k / prod_{j<k}(1 - a_j), 0, 1); leave at the first a_k >= 0.5."""
+    num_gates, n = gate_probs.shape
+    chosen = []
+    for i in range(n):
+        summed_g, not_left, exit_at = 0.0, 1.0, num_gates
+        for k in range(num_gates):
+            g = float(gate_probs[k, i])
+            mass = max(0.0, min(g, 1.0 - summed_g))
+            summed_g += g
+            a = min(1.0, max(0.0, mass / not_left)) if not_left > 0 else 1.0
+            if a >= 0.5 and exit_at == num_gates:
+                exit_at = k
+            not_left *= 1 - a
+        chosen.append(exit_at)
+    return chosen
+
+
+def test_conditional_exit_choice_equals_a_sample_by_sample_transcription_of_the_reference():
+    generator = torch.Generator().manual_seed(3)
+    gate_probs = torch.rand(4, 500, generator=generator) ** 2  # many small gates, so later exits get picked
+    gate_probs[:, :20] = torch.tensor([0.3, 0.3, 0.3, 0.3]).view(4, 1)  # 0.3, then 0.3/0.7, then 0.3/0.4
+    assert conditional_exit_choice(gate_probs).tolist() == _reference_gating(gate_probs)
+    assert conditional_exit_choice(gate_probs)[:20].tolist() == [2] * 20
+
+
+def test_conditional_exit_choice_differs_from_a_plain_threshold_at_one_half():
+    gate_probs = torch.tensor([[0.4], [0.3], [0.2]])  # no raw probability reaches 0.5
+    assert exit_choice(gate_probs, 0.5).tolist() == [3]
+    assert conditional_exit_choice(gate_probs).tolist() == [1]  # a_1 = 0.3 / (1 - 0.4) = 0.5
+
+
+def test_exit_point_counts_shares_and_accuracies_of_the_chosen_exits():
+    cache = _random_cache()
+    chosen = conditional_exit_choice(cache.gate_probs)
+    point = exit_point(cache, chosen, GFLOPS)
+    predictions = cache.logits.argmax(-1)[chosen, torch.arange(cache.targets.numel())]
+    assert point['accuracy'] == pytest.approx(100 * (predictions == cache.targets).double().mean().item())
+    assert point['exit_share'] == pytest.approx([(chosen == k).double().mean().item() for k in range(4)])
+
+
 # conformal prediction sets
+
+def test_conformal_alphas_are_the_references_nine():
+    assert list(ALPHAS) == pytest.approx([0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05])
+
+
+def test_conformal_quantile_matches_numpys_higher_method_at_the_conformal_level():
+    import numpy as np
+    scores = torch.rand(57, generator=torch.Generator().manual_seed(4))
+    for alpha in (0.01, 0.03, 0.05, 0.2):
+        level = min(1.0, math.ceil(58 * (1 - alpha)) / 57)
+        assert conformal_quantile(scores, alpha) == pytest.approx(float(np.quantile(scores.numpy(), level,
+                                                                                   method='higher')))
+    assert conformal_quantile(torch.empty(0), 0.02) == pytest.approx(0.98)  # nobody left there: 1 - alpha
+
+
+def test_conformal_per_exit_qhat_falls_back_to_all_samples_below_21_leavers():
+    cache = _random_cache(num_exits=3, n=200, seed=1)
+    chosen = torch.full((200,), 2)
+    chosen[:21] = 0  # 21 samples left at exit 0: its own qhat; exit 1 (none): the all-samples qhat
+    thresholds = conformal_thresholds(cache, chosen, [0.05])
+    scores = 1 - cache.logits.softmax(-1).gather(2, cache.targets.view(1, -1, 1).expand(3, -1, 1)).squeeze(2)
+    assert thresholds['gated'][0][0] == pytest.approx(conformal_quantile(scores[0, :21], 0.05))
+    assert thresholds['gated'][0][1] == pytest.approx(conformal_quantile(scores[1], 0.05))
+    assert thresholds['gated'][0][2] == pytest.approx(conformal_quantile(scores[2, 21:], 0.05))
+    gated_scores = torch.cat([scores[0, :21], scores[2, 21:]])
+    assert thresholds['general'][0] == pytest.approx(conformal_quantile(gated_scores, 0.05))
+
 
 def test_conformal_coverage_on_the_calibration_set_reaches_one_minus_alpha():
     cache = _random_cache(num_exits=3, n=200, seed=1)
+    chosen = conditional_exit_choice(cache.gate_probs)
     alphas = (0.01, 0.05, 0.1, 0.2, 0.5)
-    stats = prediction_set_stats(cache, conformal_thresholds(cache, alphas), alphas)
-    assert len(stats) == 3 * len(alphas)
-    for row in stats:
-        assert row['coverage'] >= 100 * (1 - row['alpha']) - 1e-9, row
+    stats = prediction_set_stats(cache, chosen, conformal_thresholds(cache, chosen, alphas))
+    assert [row['alpha'] for row in stats['overall']] == list(alphas)
+    for row in stats['overall']:
+        for kind in ('general', 'all', 'strict'):
+            assert row[kind]['coverage'] >= 100 * (1 - row['alpha']) - 1e-9, (kind, row)
+    assert len(stats['per_exit']) == 3 * len(alphas)
 
 
 def test_conformal_sets_shrink_as_alpha_grows():
     cache = _random_cache(num_exits=3, n=200, seed=1)
-    alphas = (0.01, 0.05, 0.1, 0.2, 0.5)
-    stats = prediction_set_stats(cache, conformal_thresholds(cache, alphas), alphas)
-    for k in range(3):
-        sizes = [row['mean_set_size'] for row in stats if row['exit'] == k]
-        assert all(later <= earlier for earlier, later in zip(sizes, sizes[1:])), sizes
-        assert sizes[-1] < sizes[0]
-
-
-def test_conformal_thresholds_are_calibration_scores_at_or_above_the_conformal_rank():
-    cache = _random_cache(num_exits=2, n=50, seed=2)
-    alpha = 0.1
-    qhat = conformal_thresholds(cache, [alpha])
-    rank = math.ceil((50 + 1) * (1 - alpha))  # split conformal: the rank-th smallest score guarantees coverage
-    for k in range(2):
-        scores = 1 - cache.logits[k].softmax(-1)[torch.arange(50), cache.targets]
-        assert torch.isclose(scores, torch.tensor(qhat[k][0])).any()  # 'higher': an actual score, no interpolation
-        assert qhat[k][0] >= scores.sort().values[rank - 1].item()
+    chosen = conditional_exit_choice(cache.gate_probs)
+    stats = prediction_set_stats(cache, chosen, conformal_thresholds(cache, chosen, (0.01, 0.05, 0.1, 0.2, 0.5)))
+    sizes = [row['general']['mean_set_size'] for row in stats['overall']]
+    assert all(later <= earlier for earlier, later in zip(sizes, sizes[1:])), sizes
+    assert sizes[-1] < sizes[0]
 
 
 # lr schedule

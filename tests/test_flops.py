@@ -7,7 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the variants with timm)
-from models.flops import count_flops, exit_gflops, flop_counter, normalized_exit_costs
+from models.flops import (count_flops, exit_gflops, flop_counter, normalized_exit_costs, reference_exit_op_counts,
+                          reference_normalized_exit_costs)
 from models.gfnet import GlobalFilter
 
 
@@ -125,3 +126,42 @@ def test_flops_follow_the_model_input_size():
 
 def test_exit_gflops_follow_the_model_input_size():
     assert exit_gflops(_tiny_dynn(64))[-1] > exit_gflops(_tiny_dynn(32))[-1]
+
+
+# The reference's counter, for --exit-costs reference. Expected values: printed by the reference repository's own
+# dynn/op_counter.py (measure_model_and_assign_cost_per_exit on its GFNet_xs_dynn with exits 3/5/7/9).
+REFERENCE_COUNTS = {
+    # (embed_dim, patch, img_size, classes): cumulative ops at each exit
+    (384, 16, 256, 21): [192132697.13434386, 212709745.7015158, 233286794.26868773, 253863842.83585966,
+                         274686456.4030316],
+    (384, 16, 600, 30): [986332540.5660806, 1075775955.8491209, 1165219371.1321614, 1254662786.415202,
+                         1345420165.6982424],
+    (256, 8, 64, 8): [17119862.28358595, 22536156.425378926, 27952450.5671719, 33368744.708964877,
+                      38825920.85075786],
+}
+
+
+@pytest.mark.parametrize('dim, patch, img_size, classes', sorted(REFERENCE_COUNTS))
+def test_reference_op_counts_equal_what_the_reference_counter_printed(dim, patch, img_size, classes):
+    name = 'gfnet_xs_dynn' if dim == 384 else 'gfnet_ti_dynn'
+    model = timm.create_model(name, num_classes=classes, img_size=img_size, patch_size=patch)
+    assert reference_exit_op_counts(model) == pytest.approx(REFERENCE_COUNTS[dim, patch, img_size, classes],
+                                                            rel=1e-12)
+
+
+def test_reference_costs_are_flatter_than_true_flops():
+    model = timm.create_model('gfnet_xs_dynn', num_classes=21, img_size=256)
+    reference = reference_normalized_exit_costs(model)
+    assert reference == pytest.approx([0.699462, 0.774373, 0.849284, 0.924195, 1.0], abs=1e-6)
+    true = normalized_exit_costs(model)
+    assert true[-1] == reference[-1] == 1.0
+    assert all(t < r for t, r in zip(true[:-1], reference[:-1]))
+    assert true[0] == pytest.approx(0.35, abs=0.02)
+
+
+def test_reference_costs_of_identity_gates_leave_out_the_gate_ops():
+    unc = timm.create_model('gfnet_ti_dynn', num_classes=10, img_size=64, patch_size=8)
+    identity = timm.create_model('gfnet_ti_dynn', num_classes=10, img_size=64, patch_size=8, gate='identity')
+    gate_ops = 9 * 10 + 6
+    differences = [u - i for u, i in zip(reference_exit_op_counts(unc), reference_exit_op_counts(identity))]
+    assert differences == pytest.approx([gate_ops, 2 * gate_ops, 3 * gate_ops, 4 * gate_ops, 4 * gate_ops])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import models  # noqa: F401  (registers the GFNet variants with timm)
-from learning_helpers.losses import (ClassifierLoss, DistillationLoss, FrequencyDistillation, GateLoss,
-                                     SoftDistillation, WarmupLoss, WeightedCrossEntropyLoss, aligned_depths,
+from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, FrequencyDistillation, GateLoss,
+                                     GateWeightedClassifierLoss, SoftDistillation, WarmupLoss, aligned_depths,
                                      best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy)
 
 
@@ -332,7 +332,61 @@ def test_exit_masses_sum_to_one_when_gates_sum_to_at_most_one():
 
 # classifier loss
 
-def test_classifier_loss_equals_the_hand_formula():
+def _reference_weighted_loss(exit_logits: torch.Tensor, gate_logits: torch.Tensor,
+                             targets: torch.Tensor) -> torch.Tensor:
+    """A transcription of the reference's classifier-phase loss (JEI-DNN's weighted mode, which its 'boosted'
+    mode falls back to): masses from the sigmoided gates exit by exit, then mean(P * L * ratio)."""
+    num_gates, batch = gate_logits.shape
+    summed_g = torch.zeros(batch, 1, dtype=torch.float64)
+    masses, losses = [], []
+    for k in range(num_gates):
+        with torch.no_grad():
+            g = torch.sigmoid(gate_logits[k].double())[:, None]
+        masses.append(torch.max(torch.zeros(batch, 1, dtype=torch.float64), torch.min(g, 1 - summed_g)))
+        summed_g = summed_g + g
+        losses.append(F.cross_entropy(exit_logits[k].double(), targets, reduction='none')[:, None])
+    P, L = torch.cat(masses, dim=1), torch.cat(losses, dim=1)
+    weighted = P * L
+    ratio = (L.sum(dim=1) / weighted.sum(dim=1))[:, None]
+    return torch.mean(weighted * ratio)
+
+
+def test_boosted_loss_equals_a_transcription_of_the_reference_with_its_gradients():
+    torch.manual_seed(0)
+    exit_logits = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)  # (E=4, B=6, C=5)
+    gate_logits = torch.randn(3, 6, dtype=torch.float64) * 2
+    targets = torch.tensor([0, 3, 4, 1, 2, 2])
+    ours = CLASSIFIER_LOSSES['boosted']()(exit_logits[:-1], gate_logits, targets)  # intermediate exits only
+    ours_grad, = torch.autograd.grad(ours, exit_logits)
+    theirs = _reference_weighted_loss(exit_logits, gate_logits, targets)
+    theirs_grad, = torch.autograd.grad(theirs, exit_logits)
+    assert_close(ours.double(), theirs, rtol=1e-6, atol=1e-9)
+    assert_close(ours_grad.double(), theirs_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_boosted_loss_value_and_gradients_are_the_mean_ce_over_intermediate_exits():
+    torch.manual_seed(1)
+    exit_logits = torch.randn(4, 8, 5, dtype=torch.float64, requires_grad=True)
+    gate_logits = torch.randn(3, 8, dtype=torch.float64, requires_grad=True) * 3
+    targets = torch.randint(0, 5, (8,))
+    boosted = CLASSIFIER_LOSSES['boosted']()(exit_logits[:-1], gate_logits, targets)
+    boosted_grad, = torch.autograd.grad(boosted, exit_logits)
+    plain = torch.stack([F.cross_entropy(exit_logits[k], targets) for k in range(3)]).mean()
+    plain_grad, = torch.autograd.grad(plain, exit_logits)
+    assert_close(boosted, plain, rtol=1e-9, atol=1e-12)
+    assert_close(boosted_grad, plain_grad, rtol=1e-7, atol=1e-12)
+    assert torch.all(boosted_grad[-1] == 0)  # the final head is not trained by this phase
+    assert not CLASSIFIER_LOSSES['boosted'].trains_final_exit and CLASSIFIER_LOSSES['gate_weighted'].trains_final_exit
+
+
+def test_boosted_loss_sends_no_gradient_to_the_gates():
+    exit_logits = torch.randn(3, 4, 5, requires_grad=True)
+    gate_logits = torch.randn(2, 4, requires_grad=True)
+    CLASSIFIER_LOSSES['boosted']()(exit_logits[:-1], gate_logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert gate_logits.grad is None
+
+
+def test_gate_weighted_loss_equals_the_hand_formula():
     torch.manual_seed(0)
     exit_logits, gate_logits = torch.randn(3, 4, 5), torch.randn(2, 4)
     targets = torch.tensor([0, 3, 4, 1])
@@ -341,20 +395,26 @@ def test_classifier_loss_equals_the_hand_formula():
     mass = torch.tensor([_exit_mass_by_hand(row) for row in g], dtype=torch.float64).T  # (E, B)
     scale = ce.sum(dim=0) / (mass * ce).sum(dim=0)
     expected = (mass * ce * scale).mean()
-    assert_close(ClassifierLoss()(exit_logits, gate_logits, targets).double(), expected, rtol=1e-5, atol=1e-7)
+    assert_close(GateWeightedClassifierLoss()(exit_logits, gate_logits, targets).double(), expected,
+                 rtol=1e-5, atol=1e-7)
 
 
-def test_classifier_loss_sends_no_gradient_to_the_gates():
+def test_gate_weighted_loss_weights_exits_by_their_mass_unlike_boosted():
+    # one sample the gates send out at exit 0 (mass 0.99): gate_weighted puts its gradient there
+    exit_logits = torch.zeros(3, 1, 4, requires_grad=True)
+    gate_logits = torch.tensor([[5.0], [0.0]])
+    targets = torch.tensor([1])
+    grad, = torch.autograd.grad(GateWeightedClassifierLoss()(exit_logits, gate_logits, targets), exit_logits)
+    norms = grad.abs().sum(dim=(1, 2))
+    assert norms[0] > 10 * norms[1] and norms[0] > 10 * norms[2]
+    grad, = torch.autograd.grad(CLASSIFIER_LOSSES['boosted']()(exit_logits[:-1], gate_logits, targets), exit_logits)
+    norms = grad.abs().sum(dim=(1, 2))
+    assert_close(norms[0], norms[1]) and norms[2] == 0
+
+
+def test_gate_weighted_loss_sends_no_gradient_to_the_gates():
     exit_logits = torch.randn(3, 4, 5, requires_grad=True)
     gate_logits = torch.randn(2, 4, requires_grad=True)
-    ClassifierLoss()(exit_logits, gate_logits, torch.tensor([0, 1, 2, 3])).backward()
+    GateWeightedClassifierLoss()(exit_logits, gate_logits, torch.tensor([0, 1, 2, 3])).backward()
     assert gate_logits.grad is None
     assert exit_logits.grad is not None and exit_logits.grad.abs().sum() > 0
-
-
-def test_weighted_ce_loss_is_the_mean_ce_over_exits():
-    torch.manual_seed(0)
-    exit_logits, targets = torch.randn(3, 4, 5), torch.tensor([0, 1, 2, 3])
-    expected = torch.stack([_ce_by_hand(exit_logits[k], targets) for k in range(3)]).mean()
-    assert_close(WeightedCrossEntropyLoss()(exit_logits, torch.randn(2, 4), targets).double(), expected,
-                 rtol=1e-5, atol=1e-7)

@@ -237,10 +237,10 @@ def nan_run(make_learnable_folder, tmp_path, monkeypatch):
 
 
 def test_one_nonfinite_loss_is_reported_and_its_step_skipped(nan_run, capsys):
-    rc, probe, checkpoint_dir = nan_run({1}, ['--num_epoch', '1'])  # epoch 1, batch 2 in the messages
+    rc, probe, checkpoint_dir = nan_run({1}, ['--num_epoch', '1'])  # epoch 0, batch 1 in the messages (counted from 0)
     out, err = capsys.readouterr()
     assert rc == 0
-    assert 'non-finite loss (nan on this process) at epoch 1 batch 2: step skipped (1 in a row)' in err
+    assert 'non-finite loss (nan on this process) at epoch 0 batch 1: step skipped (1 in a row)' in err
     assert len(_epoch_lines(out, 'backbone')) == 1
     weights = probe['weights']
     assert len(weights) == 3
@@ -251,7 +251,7 @@ def test_one_nonfinite_loss_is_reported_and_its_step_skipped(nan_run, capsys):
 
 
 def test_nonfinite_losses_in_a_row_stop_with_one_line_and_keep_the_checkpoints(nan_run, capsys):
-    # epoch 1 trains and saves; from epoch 2 on every loss is NaN; the 3rd in a row exceeds --max-nan-skips 2
+    # epoch 0 trains and saves; from epoch 1 on every loss is NaN; the 3rd in a row exceeds --max-nan-skips 2
     rc, probe, checkpoint_dir = nan_run(set(range(3, 100)), ['--num_epoch', '2', '--max-nan-skips', '2'])
     out, err = capsys.readouterr()
     assert rc == 2
@@ -259,7 +259,7 @@ def test_nonfinite_losses_in_a_row_stop_with_one_line_and_keep_the_checkpoints(n
     errors = [line for line in err.splitlines() if line.startswith('error:')]
     assert errors == [err.strip().splitlines()[-1]]
     assert errors[0].startswith('error: loss was non-finite for 3 batches in a row, more than --max-nan-skips 2 '
-                                '(epoch 2, batch 3)')
+                                '(epoch 1, batch 2)')
     assert len(_epoch_lines(out, 'backbone')) == 1
     saved = probe['files_at_first_nan']
     assert set(saved) == {'best.pth', 'last.pth'}
@@ -351,7 +351,7 @@ def test_torchrun_two_processes_train_both_stages_like_one(demo_data, reference_
                                  tmp_path, 'backbone')
     assert backbone.returncode == 0, backbone.stderr[-3000:]
     assert '--amp has no effect on cpu' in backbone.stderr
-    assert backbone.stderr.count('at epoch 1 batch 2: step skipped (1 in a row)') == 2  # both ranks skipped
+    assert backbone.stderr.count('at epoch 0 batch 1: step skipped (1 in a row)') == 2  # both ranks skipped
     _assert_rank_zero_wrote_last_pth_last_each_epoch(writes, tmp_path / BACKBONE_DIR, 1)
     lines = _epoch_lines(backbone.stdout, 'backbone')
     assert len(lines) == 1  # printed by rank 0 only

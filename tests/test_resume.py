@@ -24,7 +24,7 @@ BACKBONE_FLAGS = ['--stage', 'backbone', *FLAGS, '--num_epoch', '3', '--lr', '2e
 # of its stage to run, so the lr schedule must resume too. Phases of 3 batches straddle the 2-batch epochs,
 # so the resumed run must also restore the phase counter.
 DYNN_FLAGS = ['--stage', 'dynn', *FLAGS, '--num_epoch', '6', '--max_warmup_epoch', '3', '--patience', '2',
-              '--bilevel_batch_count', '3', '--lr', '5e-3']
+              '--bilevel_batch_count', '1', '--lr', '5e-3']
 
 
 class Interrupted(Exception):
@@ -117,7 +117,7 @@ def dynn_uninterrupted(resume_data, tmp_path_factory) -> Path:
 
 
 DYNN_CHECKPOINTS = Path('checkpoint') / 'checkpoint_TINY_0.75_confEE'
-WARMUP_HEADS = Path('checkpoint_warmup') / 'TINY_GFNet-ti-dynn_32'
+WARMUP_HEADS = Path('checkpoint_warmup') / 'TINY_GFNet-ti-dynn_32_3'
 FIRST_JOINT_EPOCH = 3
 
 

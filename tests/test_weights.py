@@ -4,6 +4,7 @@ import argparse
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import models  # noqa: F401  (registers the variants with timm)
@@ -97,11 +98,15 @@ def test_official_xs_checkpoint_loads_into_dynn_at_another_size_and_class_count(
     for key, value in before.items():
         assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
     assert loaded['head.weight'].shape == (21, 384)
-    # align_corners bicubic keeps the grid's corners: token (0, 0) and (13, 13) land on (0, 0) and (15, 15)
-    old = src['pos_embed'].reshape(14, 14, 384)
-    new = loaded['pos_embed'].reshape(16, 16, 384)
-    assert_close(new[0, 0], old[0, 0])
-    assert_close(new[-1, -1], old[-1, -1])
+    # the official GFNet fine-tuning code: positions bicubic with align_corners=False, filters with True
+    official_pos = F.interpolate(src['pos_embed'].reshape(1, 14, 14, 384).permute(0, 3, 1, 2), size=(16, 16),
+                                 mode='bicubic', align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    assert_close(loaded['pos_embed'], official_pos)
+    weight = src['blocks.0.filter.complex_weight']  # (14, 8, 384, 2)
+    official_filter = F.interpolate(weight.reshape(1, 14, 8, 768).permute(0, 3, 1, 2), size=(16, 9),
+                                     mode='bicubic', align_corners=True).permute(0, 2, 3, 1).reshape(16, 9, 384, 2)
+    assert_close(loaded['blocks.0.filter.complex_weight'], official_filter)
+    assert_close(official_filter[0, 0], weight[0, 0])  # align_corners keeps the corners
 
 
 def test_resize_to_the_same_grid_is_the_identity():
