@@ -64,8 +64,8 @@ fi
 #   python main_dynn.py --data-set PatternNet --data-path data/PatternNet \
 #       --checkpoint-path checkpoint/backbone_PatternNet_GFNet-xs-dynn/best.pth
 #
-# NaSC-TG2 (10 classes, 128 px, one folder randomly split 80/20 with --seed):
-#   python main_dynn.py --stage backbone --data-set NaSC --data-path data/NaSC --split-ratio 0.8 --seed 0
+# NaSC-TG2 (10 classes, 128 px, one folder randomly split 80/20 with --seed; 42 is the reference's split):
+#   python main_dynn.py --stage backbone --data-set NaSC --data-path data/NaSC --split-ratio 0.8 --seed 42
 #   python main_dynn.py --data-set NaSC --data-path data/NaSC \
 #       --checkpoint-path checkpoint/backbone_NaSC_GFNet-xs-dynn/best.pth
 #

@@ -1,4 +1,4 @@
-"""The early-exit pipeline's own costs on DEMO, against the targets of the early-exit issue:
+"""The early-exit pipeline's own costs on DEMO, against the project's targets:
 
   1. --eval (one cached pass + one real-early-exit pass) vs one plain forward pass over the validation set
      (target <= 1.3x; the reference runs the full network once per threshold, nine times);

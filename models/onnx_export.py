@@ -2,8 +2,8 @@
 
 Segment k runs the blocks before exit k and returns that exit's outputs; a runtime
 (`models/onnx_runner.py`) chains the segments and feeds only the samples still inside to the next one.
-Graphs come from the dynamo exporter (the TorchScript one cannot export rfft2, SPEC.md section 7), with
-each global filter's FFTs written as DFT-matrix products (`MatmulGlobalFilter`) for speed on CPU runtimes.
+Graphs come from the dynamo exporter (the TorchScript one rejects rfft2), with each global filter's FFTs
+written as DFT-matrix products (`MatmulGlobalFilter`) for speed on CPU runtimes.
 """
 import copy
 import functools

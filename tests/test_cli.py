@@ -245,7 +245,7 @@ def test_dynn_stage_whose_epochs_all_go_to_warm_up_prints_a_checkpoint_that_exis
 
 
 @pytest.mark.slow
-def test_early_exit_benchmark_writes_the_issue_schema(dynn_run, tiny_data, tmp_path, capsys):
+def test_early_exit_benchmark_writes_its_json_schema(dynn_run, tiny_data, tmp_path, capsys):
     """`python -m benchmarks.early_exit` on a trained checkpoint: one table, and JSON with the full network
     and one point per threshold, speed-ups relative to the full network's own timings."""
     from benchmarks.early_exit import main as bench_main
