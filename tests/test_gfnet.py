@@ -1,4 +1,6 @@
 """GFNet backbone and GFNet-Dynn exits: the filter's maths, shapes, state-dict names, variants, exits."""
+import math
+
 import pytest
 import timm
 import torch
@@ -165,3 +167,18 @@ def test_dynn_constructor_rejects_bad_exit_positions():
     with pytest.raises(GFNetDynnError):
         GFNetDynn(exit_positions=(2, 1), **TINY)
 
+
+
+def test_exit_heads_and_gates_keep_pytorchs_default_linear_init():
+    """The reference attaches exits to a finished model, so they skip GFNet's trunc-normal init: weights and
+    biases uniform in +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)), not std 0.02 with zero bias."""
+    torch.manual_seed(0)
+    model = timm.create_model('gfnet_ti_dynn', num_classes=10, img_size=32, patch_size=8)
+    bound = 1 / math.sqrt(256)
+    for head in model.intermediate_heads:
+        assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+        assert head.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # uniform, not std 0.02
+        assert head.bias.abs().min() > 0
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.15) and torch.all(model.head.bias == 0)
+    for gate in model.gates:
+        assert gate.linear.weight.abs().max() <= 1 / math.sqrt(4) and gate.linear.bias.abs().min() > 0
