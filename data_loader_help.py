@@ -1,43 +1,67 @@
 """Datasets and loaders built from `dataset_config.py`, with one-line errors for every data-folder mistake."""
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import LEVEL_TO_ARG, RandAugment
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import dataset_config
 from demo_data import ensure_demo_dataset
 from errors import GFNetDynnError
+from scene_folder import SceneFolder, real_files
 
 logger = logging.getLogger(__name__)
 
 DEMO_DATA_SET = 'DEMO'  # the one data set we can generate instead of asking for a folder
-SKIP_HINT = 'fix or remove it, or pass --skip-bad-images'
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+# The keys of a dataset_config.py entry: (accepted types, what a value must satisfy, how to say it)
+ENTRY_KEYS = {
+    'num_classes': ((int,), lambda v: v >= 2, 'an int of at least 2'),
+    'default_input_size': ((int,), lambda v: v > 0, 'a positive int (pixels)'),
+    'train_folder': ((str,), lambda v: True, "a folder name under --data-path ('' for the data path itself)"),
+    'val_folder': ((str,), lambda v: True, "a folder name under --data-path ('' for the data path itself)"),
+    'use_random_split': ((bool,), lambda v: True, 'True or False'),
+    'default_data_path': ((str, type(None)), lambda v: v is None or v != '', 'a path or None'),
+}
 
 
-def _dataset_entry(data_set: str) -> dict:
-    """The DATASET_CONFIG entry for data_set, looked up now so tests and users can add entries."""
+def _check_entry(name: str, entry) -> dict:
+    """An entry with every key present, of its type (True is not an int here) and in range."""
+    if not isinstance(entry, dict):
+        raise GFNetDynnError(f'dataset_config.py entry {name!r} is a {type(entry).__name__}, not a dict of '
+                             f'{", ".join(ENTRY_KEYS)}')
+    unknown = sorted(set(entry) - set(ENTRY_KEYS))
+    if unknown:
+        raise GFNetDynnError(f'dataset_config.py entry {name!r} has unknown key {unknown[0]!r}; the keys are '
+                             f'{", ".join(ENTRY_KEYS)}')
+    for key, (types, ok, description) in ENTRY_KEYS.items():
+        if key not in entry:
+            raise GFNetDynnError(f'dataset_config.py entry {name!r} lacks {key!r}; add it: {description}')
+        value = entry[key]
+        right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not right_type or not ok(value):
+            raise GFNetDynnError(f'dataset_config.py entry {name!r}: {key} is {value!r}; it must be {description}')
+    return entry
+
+
+def dataset_entry(data_set: str) -> dict:
+    """The DATASET_CONFIG entry for data_set, checked, looked up now so tests and users can add entries."""
     config = dataset_config.DATASET_CONFIG
     if data_set not in config:
         raise GFNetDynnError(f'unknown --data-set {data_set!r}; choose one of {", ".join(sorted(config))} '
                              f'or add an entry to dataset_config.py')
-    return config[data_set]
+    return _check_entry(data_set, config[data_set])
 
 
 def resolve_data_path(data_set: str, data_path: str | None) -> Path:
     """The folder to read data_set from: --data-path, else the config default (DEMO is generated if missing)."""
-    path = Path(data_path if data_path is not None else _dataset_entry(data_set)['default_data_path'])
+    path = Path(data_path if data_path is not None else dataset_entry(data_set)['default_data_path'])
     if data_set == DEMO_DATA_SET and (data_path is None or not path.exists()):
         ensure_demo_dataset(path)
     if not path.exists():
@@ -77,79 +101,9 @@ def build_transform(is_train: bool, input_size: int, reprob: float = 0.0) -> Cal
     ])
 
 
-def _open_rgb(path: str) -> Image.Image:
-    """Fully decode path and convert it to RGB, so grey, RGBA and palette images all give 3 channels."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert('RGB')
-
-
-def load_rgb(path: str) -> Image.Image:
-    """The dataset loader: an RGB image, or an error naming the file that failed to decode."""
-    try:
-        return _open_rgb(path)
-    except DECODE_ERRORS as err:
-        raise GFNetDynnError(f'cannot read image {path} ({err}); {SKIP_HINT}') from err
-
-
-def _image_problem(path: str, full_decode: bool) -> str | None:
-    """Why path is not a usable image, or None; checks the header only unless full_decode."""
-    if not path.lower().endswith(IMG_EXTENSIONS):
-        return f'{path} is not an image file (expected {", ".join(IMG_EXTENSIONS)})'
-    try:
-        if full_decode:
-            _open_rgb(path)
-        else:
-            Image.open(path).close()
-    except DECODE_ERRORS as err:
-        return f'cannot read image {path} ({err})'
-    return None
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    """True for dot-files and anything under a dot-folder (.DS_Store, .complete, .ipynb_checkpoints)."""
-    return any(part.startswith('.') for part in path.relative_to(root).parts)
-
-
-class SceneFolder(ImageFolder):
-    """ImageFolder that skips hidden entries, decodes to RGB and names the folder or file behind each error.
-
-    Every non-hidden file must be a readable image: scanning opens each header (cheap), or with
-    skip_bad_images fully decodes each file and drops the bad ones with a warning.
-    """
-
-    def __init__(self, root: str | Path, transform: Callable | None = None, skip_bad_images: bool = False):
-        self.skip_bad_images = skip_bad_images  # read by _check_file, which ImageFolder calls while scanning
-        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=self._check_file,
-                         allow_empty=True)
-        empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
-        if empty:
-            raise GFNetDynnError(f'no images in {", ".join(str(Path(root) / n) for n in empty)}; '
-                                 f'add images or delete the empty class folder')
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        """Class names are the non-hidden sub-folders of directory, sorted."""
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
-        if not classes:
-            raise GFNetDynnError(f'no class folders in {directory}; it must hold one sub-folder per class')
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    def _check_file(self, path: str) -> bool:
-        """Keep readable images and ignore hidden files; a bad file raises, or with skip_bad_images is dropped."""
-        if _is_hidden(Path(path), Path(self.root)):
-            return False
-        problem = _image_problem(path, full_decode=self.skip_bad_images)
-        if problem is None:
-            return True
-        if not self.skip_bad_images:
-            raise GFNetDynnError(f'{problem}; {SKIP_HINT}')
-        logger.warning('skipping bad image: %s', problem)
-        return False
-
-
 def _check_class_count(data_set: str, folder: SceneFolder) -> None:
     """The folder must hold exactly the number of classes dataset_config.py promises."""
-    expected = _dataset_entry(data_set)['num_classes']
+    expected = dataset_entry(data_set)['num_classes']
     if len(folder.classes) != expected:
         raise GFNetDynnError(f'dataset_config.py says {data_set} has {expected} classes but {folder.root} has '
                              f'{len(folder.classes)}; fix the folder or the entry')
@@ -197,7 +151,7 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
                    seed: int = 0, reprob: float = 0.0,
                    skip_bad_images: bool = False) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class_names) for data_set under data_path, split as its config entry says."""
-    entry = _dataset_entry(data_set)
+    entry = dataset_entry(data_set)
     if not 0 < split_ratio < 1:
         raise GFNetDynnError(f'--split-ratio {split_ratio} must be between 0 and 1 (exclusive), e.g. 0.8')
     root = Path(data_path)
@@ -213,6 +167,10 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
         _check_same_classes(train_scenes, val_scenes)
         train_set, val_set = _with_transform(train_scenes, train_tf), _with_transform(val_scenes, val_tf)
         classes = train_scenes.classes
+        shared = len(real_files(train_scenes) & real_files(val_scenes))
+        if shared:
+            logger.warning('%d validation images are also training images (the same files, through links); '
+                           'validation accuracy will be optimistic', shared)
     logger.info('%s: %d training and %d validation images in %d classes from %s',
                 data_set, len(train_set), len(val_set), len(classes), root)
     return train_set, val_set, classes

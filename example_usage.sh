@@ -8,18 +8,37 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-.}
 LAMBDA=${LAMBDA:-0.75}
 
+# A stage whose run folder holds a finished run is skipped, an unfinished one resumed: running the demo twice,
+# or again after Ctrl-C, never trains over a model (make clean starts over).
+finished() {
+    "$PYTHON" -c 'import sys, torch; c = torch.load(sys.argv[1], map_location="cpu", weights_only=True); sys.exit(0 if c["epoch"] + 1 >= c["args"]["num_epoch"] else 1)' "$1"
+}
+
+stage() {  # stage RUN_FOLDER FLAGS...
+    local folder=$1
+    shift
+    if [ -f "$folder/last.pth" ]; then
+        if finished "$folder/last.pth"; then
+            echo "already trained: $folder (make clean to train again)"
+        else
+            "$PYTHON" main_dynn.py --resume "$folder/last.pth"
+        fi
+    else
+        "$PYTHON" main_dynn.py "$@"
+    fi
+}
+
 demo() {
+    local backbone="$OUT/checkpoint/backbone_DEMO_GFNet-ti-dynn" dynn="$OUT/checkpoint/checkpoint_DEMO_${LAMBDA}_confEE"
     # Stage 0: a GFNet-Ti at 64 px with 8-px patches (8x8 tokens), trained from scratch.
-    "$PYTHON" main_dynn.py --stage backbone --data-set DEMO --arch GFNet-ti-dynn --patch-size 8 \
+    stage "$backbone" --stage backbone --data-set DEMO --arch GFNet-ti-dynn --patch-size 8 \
         --batch 64 --num_epoch 6 --lr 2e-3 --min-lr 1e-5 --warmup-epochs 1 --output-dir "$OUT"
     # Stages 1-2: exits after blocks 3 5 7 9; warm-up with patience, then gates and exits jointly.
-    "$PYTHON" main_dynn.py --data-set DEMO \
-        --checkpoint-path "$OUT/checkpoint/backbone_DEMO_GFNet-ti-dynn/best.pth" \
+    stage "$dynn" --data-set DEMO --checkpoint-path "$backbone/best.pth" \
         --batch 64 --num_epoch 8 --max_warmup_epoch 4 --bilevel_batch_count 5 --lr 0.01 --min-lr 1e-3 \
         --ce_ic_tradeoff "$LAMBDA" --output-dir "$OUT"
     # Evaluation: per-exit accuracy, the threshold sweep, real early exit, results.json and two plots.
-    "$PYTHON" main_dynn.py --eval --data-set DEMO \
-        --checkpoint-path "$OUT/checkpoint/checkpoint_DEMO_${LAMBDA}_confEE/best.pth" --output-dir "$OUT"
+    "$PYTHON" main_dynn.py --eval --data-set DEMO --checkpoint-path "$dynn/best.pth"
 }
 
 if [ "$#" -eq 0 ] || [ "$1" = demo ]; then

@@ -8,8 +8,11 @@ import torch
 
 from learning_helpers.checkpoint import save_json
 from learning_helpers.distributed import synchronize
+from learning_helpers.outputs import check_output_file
 
-RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+# Default output folder, relative to the working directory and git-ignored: a run never rewrites the
+# measurements committed under benchmarks/results/ unless --json names them.
+DEFAULT_DIR = Path('bench')
 
 
 def median_latency_ms(fn: Callable, inputs: list[torch.Tensor], device: torch.device, warmup: int = 10) -> float:
@@ -40,6 +43,12 @@ def throughput(fn: Callable, batches: list[torch.Tensor], device: torch.device, 
     return images / (time.perf_counter() - started)
 
 
-def write_json(data: dict, path: str | Path | None, default_name: str) -> Path:
-    """Write results to `path`, or to benchmarks/results/`default_name` (atomically, like every results file)."""
-    return save_json(Path(path) if path else RESULTS_DIR / default_name, data)
+def json_path(path: str | None, default_name: str) -> Path:
+    """Where a benchmark writes its JSON: --json, else bench/`default_name`; checked before the benchmark runs,
+    so it never replaces a file that is not an earlier benchmark JSON."""
+    return check_output_file(Path(path) if path else DEFAULT_DIR / default_name, 'benchmark', '--json')
+
+
+def write_json(data: dict, path: Path, benchmark: str) -> Path:
+    """Write results atomically, marked with the benchmark's name (how a later run recognises the file)."""
+    return save_json(path, {'benchmark': benchmark, **data})

@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from benchmarks.common import write_json
+from benchmarks.common import json_path, write_json
 from data_loader_help import build_datasets, build_loaders, resolve_data_path
+from errors import exit_code
 from learning_helpers.backbone_stage import train_one_epoch
 from learning_helpers.eval_stage import evaluate_early_exit
 from learning_helpers.evaluation import DEFAULT_THRESHOLDS
@@ -41,15 +42,19 @@ def plain_forward_pass(model: torch.nn.Module, loader) -> None:
         GFNet.forward(model, images)
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('benchmarks.dynn_costs', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default=DEMO_DYNN, help='dynn-stage checkpoint (make demo writes it)')
     parser.add_argument('--data-set', default='DEMO')
     parser.add_argument('--data-path', default=None)
     parser.add_argument('--num_workers', type=int, default=2)
-    parser.add_argument('--json', default=None, help='default: benchmarks/results/dynn_costs.json')
-    args = parser.parse_args(argv)
+    parser.add_argument('--json', default=None, help='default: bench/dynn_costs.json')
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    path = json_path(args.json, 'dynn_costs.json')
     device = torch.device('cpu')
     model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
     train_set, val_set, class_names = build_datasets(
@@ -94,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['warmup_over_backbone']:.2f}x (target <= 0.5x)")
     print(f"threshold {chosen['threshold']:.2f}: {chosen['accuracy']:.2f}% vs full {results['full_accuracy']:.2f}%, "
           f"{100 * chosen['flops_saving']:.1f}% fewer FLOPs (target >= 30%)")
-    print(f"written: {write_json(report, args.json, 'dynn_costs.json')}")
-    return 0
+    print(f"written: {write_json(report, path, 'dynn_costs')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a user mistake prints one line and exits 2."""
+    args = get_args_parser().parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from benchmarks.common import median_latency_ms, throughput, write_json
+from benchmarks.common import json_path, median_latency_ms, throughput, write_json
 from data_loader_help import build_datasets, resolve_data_path
 from errors import GFNetDynnError, exit_code
 from learning_helpers.evaluation import (DEFAULT_THRESHOLDS, cheapest_within, collect_exit_outputs, per_exit_accuracy, sweep_point,
@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--latency-images', type=int, default=120, help='images timed at batch 1 (>= 100)')
     parser.add_argument('--batch', type=int, default=64, help='batch size of the throughput runs')
     parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds; the best is kept')
-    parser.add_argument('--json', default=None, help='default: benchmarks/results/early_exit_{device}.json')
+    parser.add_argument('--json', default=None, help='default: bench/early_exit_{device}.json')
     return parser
 
 
@@ -120,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def run() -> None:
+        path = json_path(args.json, 'early_exit_' + args.device.replace(':', '') + '.json')
         result = benchmark(args)
         print(format_table(result))
-        default_name = 'early_exit_' + args.device.replace(':', '') + '.json'
-        print(f'written: {write_json(result, args.json, default_name)}')
+        print(f"written: {write_json(result, path, 'early_exit')}")
     return exit_code(run)
 
 

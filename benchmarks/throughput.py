@@ -13,7 +13,8 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers GFNet with timm)
-from benchmarks.common import write_json
+from benchmarks.common import json_path, write_json
+from errors import exit_code
 from learning_helpers.distributed import synchronize
 
 CONFIGS = [('gfnet_ti', 64, 8), ('gfnet_ti', 224, 16), ('gfnet_ti', 256, 16),
@@ -56,15 +57,19 @@ def measure(name: str, size: int, patch: int, device: torch.device, batch: int, 
             'eval_images_per_s': images_per_second(eval_step, images, device, seconds)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('benchmarks.throughput', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch', type=int, default=None, help='default: 64 on CUDA, 8 on CPU')
     parser.add_argument('--seconds', type=float, default=3.0, help='timed seconds per measurement')
-    parser.add_argument('--json', default=None, help='default: benchmarks/results/throughput_{device}.json')
-    args = parser.parse_args(argv)
+    parser.add_argument('--json', default=None, help='default: bench/throughput_{device}.json')
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    path = json_path(args.json, f'throughput_{device.type}.json')
     batch = args.batch or (64 if device.type == 'cuda' else 8)
     rows = [measure(name, size, patch, device, batch, args.seconds) for name, size, patch in CONFIGS]
     print(f"device {device}, {torch.get_num_threads()} threads, batch {batch}")
@@ -72,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['model']:>9} {row['input_size']:4d} {row['patch_size']:5d} {row['train_images_per_s']:12.1f} "
               f"{row['eval_images_per_s']:11.1f}")
-    path = write_json({'device': str(device), 'threads': torch.get_num_threads(), 'results': rows}, args.json,
-                      f"throughput_{device.type}.json")
+    write_json({'device': str(device), 'threads': torch.get_num_threads(), 'results': rows}, path, 'throughput')
     print(f'written: {path}')
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a user mistake prints one line and exits 2."""
+    args = get_args_parser().parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == '__main__':

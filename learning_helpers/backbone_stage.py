@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from learning_helpers.checkpoint import save_checkpoint
-from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, sync_gradients, unwrap
+from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, unwrap
+from learning_helpers.loop import train_batches
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch
 
@@ -51,26 +51,18 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optim
                     amp: bool = False) -> dict[str, float]:
     """One pass over the training set; returns mean loss and accuracy (%)."""
     model.train()
-    totals = torch.zeros(3, device=device)  # loss sum, correct, seen
-    bar = tqdm(loader, desc=f'backbone epoch {epoch}', leave=False, disable=not is_main_process(),
-               total=min(len(loader), max_batches or len(loader)))
-    for step, (images, targets) in enumerate(bar):
-        if max_batches is not None and step >= max_batches:
-            break
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits, maps = _student_outputs(model, images, criterion)
-            loss = criterion(images, logits, targets, maps, unwrap(model).grid_size)
-        optimizer.zero_grad(set_to_none=True)
-        if not guard.allows(loss, epoch, step):
-            continue
-        loss.backward()
-        if criterion.frequency is not None:  # freq's projections live outside the DDP-wrapped model
-            sync_gradients(criterion.frequency.parameters())
-        optimizer.step()
-        totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(-1) == targets).sum(),
-                               torch.tensor(len(targets), device=device)])
-    loss_sum, correct, seen = all_reduce_sum(totals).tolist()
+
+    def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
+        logits, maps = _student_outputs(model, images, criterion)
+        loss = criterion(images, logits, targets, maps, unwrap(model).grid_size)
+        count = torch.tensor(len(targets), device=device)
+        return loss, torch.stack([loss.detach().float() * count, (logits.argmax(-1) == targets).sum(), count])
+
+    # freq's projections live outside the DDP-wrapped model: their gradients are averaged by hand
+    sync = criterion.frequency.parameters() if criterion.frequency is not None else ()
+    loss_sum, correct, seen = train_batches(loader, step_loss, optimizer, desc=f'backbone epoch {epoch}',
+                                            epoch=epoch, device=device, guard=guard, sync=sync, num_stats=3,
+                                            max_batches=max_batches, amp=amp).tolist()
     return {'loss': loss_sum / max(seen, 1), 'acc': 100 * correct / max(seen, 1)}
 
 

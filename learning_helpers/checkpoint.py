@@ -12,22 +12,48 @@ from errors import GFNetDynnError
 from models.weights import read_checkpoint
 
 
+def _umask_mode() -> int:
+    """The permissions a plain open() would give a new file: 0o666 minus the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that owns temp file `.NAME.PID.RANDOM.tmp` still runs (a foreign name counts as
+    alive: it is left alone)."""
+    try:
+        pid = int(temp.name.split('.')[-3])
+        os.kill(pid, 0)
+    except (ValueError, IndexError):
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder and rename it over `path`: a crash leaves the old file."""
+    """Write through a temp file in the same folder and rename it over `path`: a crash leaves the old file.
+    The temp name holds the writer's PID, so that cleaning up after a killed writer never touches the live
+    temp file of another process writing the same path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp')
     try:
         with os.fdopen(handle, 'wb') as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(tmp_name, _umask_mode())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    # A run killed mid-write (SIGKILL) leaves its temp file behind; the next good write of `path` removes it.
+    # A writer killed mid-write (SIGKILL) leaves its temp file behind; the next good write of `path` removes it.
     for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
-        stale.unlink(missing_ok=True)
+        if not _writer_alive(stale):
+            stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
@@ -73,16 +99,3 @@ def load_resume_checkpoint(path: str | Path) -> dict:
                              f"run's last.pth to --resume, or this file as --checkpoint-path to start a new run "
                              f'from its weights')
     return checkpoint
-
-
-def check_writable(folder: str | Path, flag: str = '--output-dir') -> Path:
-    """Fail early, before any training, when outputs could not be saved; `flag` is the one that chose folder."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise GFNetDynnError(f'cannot write to output directory {folder} ({error.strerror}); pass a writable '
-                             f'{flag}') from error
-    return folder

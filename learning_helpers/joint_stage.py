@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.conformal import conformal_thresholds
-from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, sync_gradients
+from learning_helpers.distributed import is_main_process
 from learning_helpers.evaluation import (best_exit_counts, collect_exit_outputs, conditional_exit_choice,
                                          exit_point, per_exit_accuracy, updated_pos_weight)
+from learning_helpers.loop import batches_per_epoch, train_batches
 from learning_helpers.losses import CLASSIFIER_LOSSES, GateLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from models.gfnet_dynn import GFNetDynn
@@ -102,29 +102,21 @@ class JointTrainer:
 
     def train_one_epoch(self, loader, epoch: int, pos_weight: torch.Tensor, guard: NonFiniteGuard) -> dict:
         self.model.train()
-        totals = torch.zeros(4, device=self.device)  # gate loss, gate batches, classifier loss, classifier batches
-        max_batches = self.config.max_batches
-        total = min(len(loader), max_batches or len(loader))
-        for step, (images, targets) in enumerate(tqdm(loader, desc=f'joint epoch {epoch}', leave=False, total=total,
-                                                      disable=not is_main_process())):
-            if max_batches is not None and step >= max_batches:
-                break
-            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+        def step_loss(step: int, images: torch.Tensor, targets: torch.Tensor):
             phase = self.phase(step)
-            with autocast(self.device, self.config.amp):
-                loss = (self.gate_step(images, targets, pos_weight) if phase == 'gate'
-                        else self.classifier_step(images, targets))
+            loss = (self.gate_step(images, targets, pos_weight) if phase == 'gate'
+                    else self.classifier_step(images, targets))
             self.global_step += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            if not guard.allows(loss, epoch, step):
-                continue
-            loss.backward()
-            sync_gradients(self.model.parameters())
-            self.optimizer.step()
+            stats = torch.zeros(4, device=self.device)  # gate loss, gate batches, classifier loss, classifier batches
             slot = 0 if phase == 'gate' else 2
-            totals[slot] += loss.detach().float()
-            totals[slot + 1] += 1
-        gate_sum, gate_batches, cls_sum, cls_batches = all_reduce_sum(totals).tolist()
+            stats[slot], stats[slot + 1] = loss.detach().float(), 1
+            return loss, stats
+
+        gate_sum, gate_batches, cls_sum, cls_batches = train_batches(
+            loader, step_loss, self.optimizer, desc=f'joint epoch {epoch}', epoch=epoch, device=self.device,
+            guard=guard, sync=self.model.parameters(), num_stats=4, max_batches=self.config.max_batches,
+            amp=self.config.amp).tolist()
         return {'gate_loss': gate_sum / max(gate_batches, 1), 'classifier_loss': cls_sum / max(cls_batches, 1)}
 
 
@@ -164,8 +156,7 @@ def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sched
     `costs` are the exit costs the gates trade against (normalised), `flops_share` the true ones."""
     set_joint_trainable(model, config.freeze_backbone)
     trainer = JointTrainer(model, optimizer, costs.to(device), config, device, global_step)
-    _warn_if_only_gates_train(config, min(len(train_loader), config.max_batches or len(train_loader)),
-                              trainer.gates_learn)
+    _warn_if_only_gates_train(config, batches_per_epoch(train_loader, config.max_batches), trainer.gates_learn)
     guard = NonFiniteGuard(config.max_nan_skips)
     lam = config.tradeoff
     last = {'gated_acc': best_acc}

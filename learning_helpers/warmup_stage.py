@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from learning_helpers.checkpoint import save_checkpoint
-from learning_helpers.distributed import autocast, is_main_process, all_reduce_sum, sync_gradients
+from learning_helpers.distributed import is_main_process
 from learning_helpers.evaluation import collect_exit_outputs, per_exit_accuracy
+from learning_helpers.loop import train_batches
 from learning_helpers.losses import WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from models.gfnet_dynn import GFNetDynn
@@ -81,25 +81,16 @@ def warmup_train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.de
     """Train the exit heads on features the frozen backbone computes without autograd."""
     model.eval()  # frozen backbone: no drop path, no dropout
     criterion = WarmupLoss()
-    totals = torch.zeros(2, device=device)
-    total = min(len(loader), max_batches or len(loader))
-    for step, (images, targets) in enumerate(tqdm(loader, desc=f'warm-up epoch {epoch}', leave=False,
-                                                  total=total, disable=not is_main_process())):
-        if max_batches is not None and step >= max_batches:
-            break
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            with torch.no_grad():
-                pooled = model.forward_pooled(images)  # (E, B, D)
-            loss = criterion(model.heads_and_gates(pooled.float()).logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if not guard.allows(loss, epoch, step):
-            continue
-        loss.backward()
-        sync_gradients(model.intermediate_heads.parameters())
-        optimizer.step()
-        totals += torch.stack([loss.detach().float(), torch.tensor(1.0, device=device)])
-    loss_sum, batches = all_reduce_sum(totals).tolist()
+
+    def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
+        with torch.no_grad():
+            pooled = model.forward_pooled(images)  # (E, B, D)
+        loss = criterion(model.heads_and_gates(pooled.float()).logits.float(), targets)
+        return loss, torch.stack([loss.detach().float(), torch.tensor(1.0, device=device)])
+
+    loss_sum, batches = train_batches(loader, step_loss, optimizer, desc=f'warm-up epoch {epoch}', epoch=epoch,
+                                      device=device, guard=guard, sync=model.intermediate_heads.parameters(),
+                                      num_stats=2, max_batches=max_batches, amp=amp).tolist()
     return {'loss': loss_sum / max(batches, 1)}
 
 

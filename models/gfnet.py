@@ -158,7 +158,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
             out[key] = _resize_pos_embed(value, model.grid_size)
         elif key.endswith('filter.complex_weight'):
             out[key] = _resize_complex_weight(value, tuple(target[key].shape[:2]))
-        elif key.startswith(('head.', 'intermediate_heads.')):
+        elif key.startswith(('head.', 'intermediate_heads.')) and value.shape[1:] == target[key].shape[1:]:
             _logger.info('skipping %s: checkpoint has %d classes, model has %d', key, value.shape[0],
                          target[key].shape[0])
         else:

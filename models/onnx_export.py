@@ -5,9 +5,11 @@ Segment k runs the blocks before exit k and returns that exit's outputs; a runti
 Graphs come from the dynamo exporter (the TorchScript one rejects rfft2), with each global filter's FFTs
 written as DFT-matrix products (`MatmulGlobalFilter`) for speed on CPU runtimes.
 """
+import contextlib
 import copy
 import functools
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -112,6 +114,20 @@ class SegmentGraph(nn.Module):
         return tokens, logits, torch.sigmoid(gate_logits)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's optimisation passes log about 250 INFO lines per model; keep their warnings only."""
+    loggers = [logging.getLogger(name) for name in ('onnx_ir', 'onnxscript', 'torch.onnx')]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def segment_file_name(k: int) -> str:
     return f'segment_{k}.onnx'
 
@@ -141,9 +157,10 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
     for k in range(model.num_exits):
         graph = SegmentGraph(model, k).eval()
         output_names = ['logits'] if graph.is_final else ['next_tokens', 'logits', 'gate_prob']
-        program = torch.onnx.export(graph, (x,), dynamo=True, opset_version=OPSET, verbose=False,
-                                    input_names=['images' if k == 0 else 'tokens'], output_names=output_names,
-                                    dynamic_shapes=({0: batch},))
+        with _quiet_exporter():
+            program = torch.onnx.export(graph, (x,), dynamo=True, opset_version=OPSET, verbose=False,
+                                        input_names=['images' if k == 0 else 'tokens'], output_names=output_names,
+                                        dynamic_shapes=({0: batch},))
         file_names.append(segment_file_name(k))
         _replace_atomically(out_dir / file_names[-1], functools.partial(program.save, external_data=False))
         if not graph.is_final:

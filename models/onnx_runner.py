@@ -13,12 +13,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from errors import GFNetDynnError, exit_code
+from errors import GFNetDynnError, OneLineParser, exit_code
+from image_io import DECODE_ERRORS, BandCountError, open_rgb
 
 MANIFEST_NAME = 'manifest.json'
 MANIFEST_FORMAT = 1
 MANIFEST_KEYS = ('input_size', 'mean', 'std', 'threshold', 'exit_positions', 'class_names', 'segments')
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises on bad files
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -39,7 +39,33 @@ def read_manifest(directory: str | Path) -> dict:
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise GFNetDynnError(f'{path} lacks {", ".join(missing)}; export the model again')
+    _check_manifest_values(manifest, path)
     return manifest
+
+
+def _check_manifest_values(manifest: dict, path: Path) -> None:
+    """Every value the runner reads has the type and range it needs; the first that does not is named."""
+    def numbers(value, count: int) -> bool:
+        return (isinstance(value, list) and len(value) == count
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+    positions = manifest['exit_positions']
+    checks = {
+        'input_size': isinstance(manifest['input_size'], int) and manifest['input_size'] > 0,
+        'mean': numbers(manifest['mean'], 3),
+        'std': numbers(manifest['std'], 3) and all(v > 0 for v in manifest['std']),
+        'threshold': isinstance(manifest['threshold'], (int, float)) and 0 <= manifest['threshold'] <= 1,
+        'exit_positions': isinstance(positions, list) and all(isinstance(p, int) for p in positions),
+        'class_names': isinstance(manifest['class_names'], list) and len(manifest['class_names']) > 0
+                       and all(isinstance(c, str) for c in manifest['class_names']),
+        'segments': isinstance(manifest['segments'], list) and isinstance(positions, list)
+                    and len(manifest['segments']) == len(positions) + 1
+                    and all(isinstance(name, str) and '/' not in name for name in manifest['segments']),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise GFNetDynnError(f'{path}: {key} is {manifest[key]!r}, not a value the runner can use; export the '
+                                 f'model again')
 
 
 class OnnxEarlyExit:
@@ -58,7 +84,12 @@ class OnnxEarlyExit:
             path = Path(directory) / name
             if not path.is_file():
                 raise GFNetDynnError(f'{path} is missing; copy the whole export folder or export again')
-            self.sessions.append(ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider']))
+            try:
+                self.sessions.append(ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider']))
+            except Exception as error:  # onnxruntime raises its own types for a damaged graph
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                raise GFNetDynnError(f'{path} is not a usable ONNX graph ({reason}); copy the export folder '
+                                     f'again or export again') from None
 
     @property
     def num_exits(self) -> int:
@@ -93,14 +124,14 @@ class OnnxEarlyExit:
 
 
 def preprocess(path: str | Path, input_size: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """The evaluation transform in numpy: RGB, bicubic resize of the short side to int(256/224 * size),
+    """The evaluation transform in numpy: RGB (16-bit and float images scaled as in training), bicubic resize of the short side to int(256/224 * size),
     centre crop, scale to [0, 1], normalise -> (3, size, size) float32. Matches torchvision's Resize,
     CenterCrop, ToTensor and Normalize on a PIL image."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert('RGB')
-    except IMAGE_ERRORS as err:
+        img = open_rgb(path)
+    except BandCountError as err:
+        raise GFNetDynnError(str(err)) from None
+    except DECODE_ERRORS as err:
         raise GFNetDynnError(f'cannot read image {path} ({err}); pass an image file') from None
     short_size = int(256 / 224 * input_size)
     width, height = img.size
@@ -120,11 +151,12 @@ def preprocess(path: str | Path, input_size: int, mean: list[float], std: list[f
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        'python -m models.onnx_runner',
         description='Classify images with an exported GFNet-Dynn, leaving at the first confident exit. '
                     'Prints: path, class name, exit k (of E), k counted from 1, E = the final head.')
     parser.add_argument('directory', type=str, help='folder written by the export (holds manifest.json)')
-    parser.add_argument('images', type=str, nargs='+', help='image files to classify')
+    parser.add_argument('images', type=str, nargs='*', help='image files to classify')
     parser.add_argument('--threshold', type=float, default=None,
                         help="gate probability at which a sample leaves (default: the manifest's)")
     parser.add_argument('--threads', type=int, default=0, help='onnxruntime intra-op threads (0: one per core)')
@@ -133,8 +165,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    if not args.images:
+        raise GFNetDynnError('no images given: pass the export folder, then one or more image files')
     if args.batch_size < 1:
         raise GFNetDynnError(f'--batch-size {args.batch_size} must be at least 1')
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise GFNetDynnError(f'--threshold {args.threshold} must lie in [0, 1]')
     runner = OnnxEarlyExit(args.directory, threshold=args.threshold, num_threads=args.threads)
     manifest = runner.manifest
     for start in range(0, len(args.images), args.batch_size):
@@ -147,8 +183,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2."""
-    args = get_args_parser().parse_args(argv)
-    return exit_code(lambda: run(args))
+    return exit_code(lambda: run(get_args_parser().parse_args(argv)))
 
 
 if __name__ == '__main__':

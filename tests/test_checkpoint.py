@@ -1,4 +1,9 @@
 """Checkpoint files: atomic writes, no leftovers from killed writers, and no frozen teacher inside."""
+import os
+import stat
+import subprocess
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -15,14 +20,36 @@ def test_save_checkpoint_round_trips_with_weights_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['best.pth']  # no temp file left
 
 
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    return int(done.stdout)
+
+
 def test_a_good_write_removes_the_temp_file_a_killed_writer_left(tmp_path):
-    stale = tmp_path / '.last.pth.k3x9.tmp'
+    stale = tmp_path / f'.last.pth.{_dead_pid()}.k3x9.tmp'
     stale.write_bytes(b'half a checkpoint')
-    other = tmp_path / '.best.pth.a1b2.tmp'  # another file's temp: not ours to remove
+    other = tmp_path / f'.best.pth.{_dead_pid()}.a1b2.tmp'  # another file's temp: not ours to remove
     other.write_bytes(b'x')
     save_checkpoint(tmp_path / 'last.pth', {'epoch': 3})
     assert not stale.exists() and other.exists()
     assert torch.load(tmp_path / 'last.pth', weights_only=True) == {'epoch': 3}
+
+
+def test_a_write_leaves_the_live_temp_file_of_another_writer_alone(tmp_path):
+    """Two processes writing one path at once: cleaning up must not delete the other one's file mid-write."""
+    live = tmp_path / f'.results.json.{os.getppid()}.q7w8.tmp'  # our parent process: alive
+    live.write_bytes(b'being written')
+    save_json(tmp_path / 'results.json', {'accuracy': 90.0})
+    assert live.read_bytes() == b'being written'
+
+
+def test_outputs_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / 'best.pth', {'epoch': 0})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):

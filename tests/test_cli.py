@@ -124,7 +124,7 @@ def test_dynn_stage_writes_the_spec_layout(dynn_run):
     assert 'best.pth' in names and 'last.pth' in names
     epochs = [n for n in names if n.startswith('ckpt_epoch')]
     assert len(epochs) == 1 and re.fullmatch(r'ckpt_epoch1_0\.75_\d+\.\d{1,2}\.pth', epochs[0])
-    warmup = output_dir / 'checkpoint_warmup' / 'TINY_GFNet-ti-dynn_32_1'
+    warmup = output_dir / 'checkpoint_warmup' / 'TINY_GFNet-ti-dynn_32_1_0.75'
     assert sorted(p.name for p in warmup.glob('*.pth')) == [f'{k}.pth' for k in range(len(EXITS))]
     assert f"checkpoint: {folder / 'best.pth'}" in stdout
     assert list((output_dir / 'runs').glob('dynn_TINY_0.75_*/events.out.tfevents.*'))
@@ -170,7 +170,7 @@ def test_eval_writes_results_json_plots_and_a_table(dynn_run, tiny_data, tmp_pat
     best = dynn_run[1] / 'best.pth'
     json_path = tmp_path / 'out' / 'results.json'
     rc, out, err = _run([*TINY_FLAGS, '--eval', '--checkpoint-path', str(best), '--results-json', str(json_path),
-                         '--thresholds', *map(str, THRESHOLDS), '--output-dir', str(tmp_path)], capsys)
+                         '--thresholds', *map(str, THRESHOLDS)], capsys)
     assert rc == 0, err
     _check_results_schema(json.loads(json_path.read_text()))
     assert (tmp_path / 'out' / 'results_tradeoff.png').read_bytes()[:4] == b'\x89PNG'
@@ -212,7 +212,7 @@ def test_eval_in_a_subprocess_from_another_directory(dynn_run, tiny_backbone, tm
 def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_path, capsys):
     pytest.importorskip('onnxscript')
     out_dir = tmp_path / 'onnx'
-    rc, out, err = _run([*TINY_FLAGS, '--export', 'onnx', '--checkpoint-path', str(dynn_run[1] / 'best.pth'),
+    rc, out, err = _run(['--data-set', 'TINY', '--export', 'onnx', '--checkpoint-path', str(dynn_run[1] / 'best.pth'),
                          '--out', str(out_dir)], capsys)
     assert rc == 0, err
     manifest = json.loads((out_dir / 'manifest.json').read_text())

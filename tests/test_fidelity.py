@@ -112,7 +112,7 @@ def test_every_joint_checkpoint_stores_the_conformal_thresholds(reference_path_r
 def test_eval_reports_conformal_coverage_and_set_size(reference_path_run, tiny_data, tmp_path, capsys):
     json_path = tmp_path / 'results.json'
     rc = main_dynn.main([*TINY_FLAGS, '--eval', '--checkpoint-path', str(reference_path_run['folder'] / 'best.pth'),
-                         '--results-json', str(json_path), '--output-dir', str(tmp_path)])
+                         '--results-json', str(json_path)])
     out = capsys.readouterr().out
     assert rc == 0
     conformal = json.loads(json_path.read_text())['conformal']
@@ -152,7 +152,7 @@ def test_identity_gates_train_and_evaluate_as_the_max_probability_baseline(tiny_
     assert not any(key.startswith('gates.') for key in _load(best)['model'])  # nothing to learn, nothing stored
     json_path = tmp_path / 'results.json'
     assert main_dynn.main([*TINY_FLAGS, '--eval', '--checkpoint-path', str(best), '--results-json', str(json_path),
-                           '--thresholds', '0.5', '0.99', '--output-dir', str(tmp_path)]) == 0
+                           '--thresholds', '0.5', '0.99']) == 0
     results = json.loads(json_path.read_text())
     model, _ = load_dynn_checkpoint(read_checkpoint(best), str(best))
     with torch.no_grad():

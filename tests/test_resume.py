@@ -117,7 +117,7 @@ def dynn_uninterrupted(resume_data, tmp_path_factory) -> Path:
 
 
 DYNN_CHECKPOINTS = Path('checkpoint') / 'checkpoint_TINY_0.75_confEE'
-WARMUP_HEADS = Path('checkpoint_warmup') / 'TINY_GFNet-ti-dynn_32_3'
+WARMUP_HEADS = Path('checkpoint_warmup') / 'TINY_GFNet-ti-dynn_32_3_0.75'
 FIRST_JOINT_EPOCH = 3
 
 
