@@ -1,9 +1,11 @@
 """Datasets and loaders built from `dataset_config.py`, with one-line errors for every data-folder mistake."""
 import copy
 import logging
+import random
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -176,6 +178,34 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
     return train_set, val_set, classes
 
 
+class SeededAugmentation(Dataset):
+    """A training set whose random augmentation of sample i in epoch e is drawn from a seed made of (seed, e, i)
+    alone: the images a run trains on then do not depend on how many loader workers made them, so --resume
+    with another --num_workers (or none) replays the run exactly. The caller's RNG state is left as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index  # distinct per (seed, epoch, index)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            torch.manual_seed(sample_seed % 2**63)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
 class ShardSampler(Sampler):
     """Every rank's share of the validation set, each sample once (rank r takes r, r + W, ...). Unlike
     DistributedSampler it never pads with repeats, so metrics gathered over ranks count each image once."""
@@ -193,6 +223,7 @@ class ShardSampler(Sampler):
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, *,
                   distributed: bool = False) -> tuple[DataLoader, DataLoader]:
     """Shuffled, seeded training loader (drop_last) and an ordered validation loader at 1.5x the batch."""
+    train_set = SeededAugmentation(train_set, seed)
     if distributed:
         train_kw = {'sampler': DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=True)}
         val_kw = {'sampler': ShardSampler(val_set, dist.get_rank(), dist.get_world_size())}
@@ -205,9 +236,8 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_wor
         raise GFNetDynnError(f'the training set gives {per_rank} images per process, fewer than one batch of '
                              f'{batch_size}; pass a smaller --batch')
     common = {'num_workers': num_workers, 'pin_memory': torch.cuda.is_available()}
-    # training workers start afresh each epoch, seeded from the generator seed_epoch resets: persistent ones
-    # would carry their augmentation RNG (and, without a fresh seed draw, the shuffle) over from earlier
-    # epochs, and --resume would not repeat an uninterrupted run
+    # training workers start afresh each epoch: persistent ones would keep the dataset copy made before
+    # set_epoch, so every epoch would repeat the first one's augmentation
     train_loader = DataLoader(train_set, batch_size=batch_size, drop_last=True, **train_kw, **common)
     val_loader = DataLoader(val_set, batch_size=int(1.5 * batch_size), drop_last=False,
                             persistent_workers=num_workers > 0, **val_kw, **common)

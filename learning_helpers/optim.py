@@ -65,8 +65,9 @@ def seed_epoch(seed: int, epoch: int, loader: torch.utils.data.DataLoader) -> No
     torch.manual_seed(epoch_seed)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed)
-    if hasattr(loader.sampler, 'set_epoch'):
-        loader.sampler.set_epoch(epoch)
+    for part in (loader.sampler, loader.dataset):  # the shuffle of a distributed sampler, the augmentation seeds
+        if hasattr(part, 'set_epoch'):
+            part.set_epoch(epoch)
 
 
 class NonFiniteGuard:

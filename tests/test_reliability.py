@@ -151,7 +151,8 @@ def test_backbone_run_killed_mid_write_resumes_to_the_uninterrupted_result(demo_
     _assert_every_checkpoint_loads(tmp_path)
     killed_at = _load(folder / 'last.pth')['epoch']
     assert killed_at in (0, 1)
-    resumed = _cli(['--resume', str(folder / 'last.pth'), '--num_workers', '0', '--device', 'cpu'], cwd=tmp_path)
+    # resumed with 2 loader workers where the run had none: the augmentation must not depend on it
+    resumed = _cli(['--resume', str(folder / 'last.pth'), '--num_workers', '2', '--device', 'cpu'], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     expected = _load(reference_out / BACKBONE_DIR / 'last.pth')
     actual = _load(folder / 'last.pth')

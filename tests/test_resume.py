@@ -221,3 +221,22 @@ def test_resume_of_a_per_epoch_snapshot_is_a_user_error(tmp_path, capsys):
     path = save_checkpoint(tmp_path / 'ckpt_epoch2_0.75_50.00.pth', {
         'model': {}, 'stage': 'joint', 'epoch': 2, 'acc': 50.0, 'args': {'num_epoch': 6}})
     assert_one_line_error(capsys, ['--resume', str(path)], 'no best_acc, optimizer, scheduler', 'last.pth')
+
+
+def test_augmentation_does_not_depend_on_the_number_of_loader_workers():
+    """Each sample's random draws come from (seed, epoch, index): 0 or 2 workers load the same epoch."""
+    draws = {}
+    for num_workers in (0, 2):
+        loader, _ = build_loaders(RandomItems(), RandomItems(), 4, num_workers, seed=0)
+        draws[num_workers] = epoch_batches(loader, 3)
+    for (noise, index), (noise_again, index_again) in zip(draws[0], draws[2], strict=True):
+        assert torch.equal(index, index_again) and torch.equal(noise, noise_again)
+
+
+def test_loading_a_training_sample_leaves_the_callers_random_state_alone():
+    loader, _ = build_loaders(RandomItems(), RandomItems(), 4, 0, seed=0)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    loader.dataset[5]
+    assert torch.equal(torch.rand(3), expected)  # dropout in the main process draws as if nothing was loaded
