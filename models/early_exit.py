@@ -30,15 +30,13 @@ class EarlyExitEngine:
     def __call__(self, images: torch.Tensor) -> EarlyExitResult:
         model = self.model
         batch = images.shape[0]
-        tokens = model.embed(images)  # (B, N, D)
+        tokens = images  # segment 0 takes the images, every later one the tokens (B, N, D) before it
         remaining = torch.arange(batch, device=images.device)  # original indices of samples still inside
         exit_index = torch.empty(batch, dtype=torch.long, device=images.device)
         out_logits = None
         final = len(model.exit_positions)
-        for k, (start, end) in enumerate(model.segments()):
-            for block in model.blocks[start:end]:
-                tokens = block(tokens)
-            logits, gate_logits = model.exit_output(k, tokens)
+        for k in range(model.num_exits):
+            tokens, logits, gate_logits = model.forward_segment(k, tokens)
             if out_logits is None:
                 out_logits = logits.new_empty(batch, logits.shape[-1])
             if k == final:

@@ -81,11 +81,9 @@ def exit_gflops(model: torch.nn.Module) -> list[float]:
     model.eval()
     cumulative = []
     with flop_counter() as counter:
-        tokens = model.embed(_dummy_image(model))
-        for k, (start, end) in enumerate(model.segments()):
-            for block in model.blocks[start:end]:
-                tokens = block(tokens)
-            model.exit_output(k, tokens)
+        tokens = _dummy_image(model)
+        for k in range(model.num_exits):
+            tokens, _, _ = model.forward_segment(k, tokens)
             cumulative.append(counter.get_total_flops() / 1e9)
     model.train(was_training)
     return cumulative

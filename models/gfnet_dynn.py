@@ -66,18 +66,28 @@ class GFNetDynn(GFNet):
         logits = self.intermediate_heads[k](pooled)
         return logits, self.gates[k](logits)
 
+    def segment_tokens(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Segment k's blocks: images (k = 0) or the previous segment's tokens -> tokens (B, N, D) at exit k.
+        The one walk over the segments: training, the early-exit engine, the FLOP count and the ONNX export
+        all go through it, so they cannot disagree on where an exit sits."""
+        tokens = self.embed(x) if k == 0 else x
+        start, end = self.segments()[k]
+        for block in self.blocks[start:end]:
+            tokens = block(tokens)
+        return tokens
+
+    def forward_segment(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens at exit k, exit k's logits, its gate logit or None at the final exit)."""
+        tokens = self.segment_tokens(k, x)
+        return (tokens, *self.exit_output(k, tokens))
+
     def forward_pooled(self, x: torch.Tensor, through_final: bool = True) -> torch.Tensor:
         """Images -> pooled features at every exit, (E, B, D); with through_final=False only up to the last
         intermediate exit, (G, B, D), skipping the blocks after it. The frozen-backbone stages run this without
         autograd and train only what follows."""
-        tokens = self.embed(x)
-        pooled = []
-        num_blocks = len(self.blocks) if through_final else self.exit_positions[-1] + 1
-        for i, block in enumerate(self.blocks[:num_blocks]):
-            tokens = block(tokens)
-            if i in self.exit_positions:
-                pooled.append(self.pool(tokens))
-        if through_final:
+        pooled, tokens = [], x
+        for k in range(self.num_exits if through_final else len(self.exit_positions)):
+            tokens = self.segment_tokens(k, tokens)
             pooled.append(self.pool(tokens))
         return torch.stack(pooled)
 

@@ -98,17 +98,13 @@ class SegmentGraph(nn.Module):
         super().__init__()
         self.model = model
         self.k = k
-        self.start, self.end = model.segments()[k]
 
     @property
     def is_final(self) -> bool:
         return self.k == len(self.model.exit_positions)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
-        tokens = self.model.embed(x) if self.k == 0 else x  # (B, N, D)
-        for block in self.model.blocks[self.start:self.end]:
-            tokens = block(tokens)
-        logits, gate_logits = self.model.exit_output(self.k, tokens)
+        tokens, logits, gate_logits = self.model.forward_segment(self.k, x)  # x: images (k = 0) or tokens
         if gate_logits is None:
             return logits
         return tokens, logits, torch.sigmoid(gate_logits)

@@ -182,3 +182,20 @@ def test_exit_heads_and_gates_keep_pytorchs_default_linear_init():
     assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.15) and torch.all(model.head.bias == 0)
     for gate in model.gates:
         assert gate.linear.weight.abs().max() <= 1 / math.sqrt(4) and gate.linear.bias.abs().min() > 0
+
+
+def test_chained_segments_equal_the_full_forward():
+    """forward_segment is the one walk over the blocks: chained over every exit it gives forward()'s outputs."""
+    torch.manual_seed(0)
+    model = timm.create_model('gfnet_ti_dynn', num_classes=5, img_size=32, patch_size=8, exit_positions=(2, 6)).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(images)
+        x, logits, gates = images, [], []
+        for k in range(model.num_exits):
+            x, exit_logits, gate_logits = model.forward_segment(k, x)
+            logits.append(exit_logits)
+            gates += [] if gate_logits is None else [gate_logits]
+    assert_close(torch.stack(logits), out.logits)
+    assert_close(torch.stack(gates), out.gate_logits)
+    assert gate_logits is None and x.shape == (3, 16, 256)
