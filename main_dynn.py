@@ -24,8 +24,8 @@ from learning_helpers import model_factory
 from learning_helpers.backbone_stage import BackboneStageConfig, run_backbone_stage
 from learning_helpers.checkpoint import load_resume_checkpoint, save_json
 from learning_helpers.distributed import barrier, init_distributed, is_main_process
-from learning_helpers.eval_stage import evaluate_early_exit, format_results_table
-from learning_helpers.evaluation import DEFAULT_THRESHOLDS
+from learning_helpers.eval_report import evaluate_early_exit, format_results_table
+from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.joint_stage import PHASE_COUNTERS, JointStageConfig, dynn_param_groups, run_joint_stage
 from learning_helpers.loop import TrainingStopped
 from learning_helpers.losses import CLASSIFIER_LOSSES, DistillationLoss, FrequencyDistillation

@@ -17,8 +17,8 @@ from benchmarks.common import json_path, write_json
 from data_loader_help import build_datasets, build_loaders, resolve_data_path
 from errors import exit_code
 from learning_helpers.backbone_stage import train_one_epoch
-from learning_helpers.eval_stage import evaluate_early_exit
-from learning_helpers.evaluation import DEFAULT_THRESHOLDS
+from learning_helpers.eval_report import evaluate_early_exit
+from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer

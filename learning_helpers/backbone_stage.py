@@ -10,7 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, unwrap
-from learning_helpers.loop import train_batches
+from learning_helpers.loop import batches, train_batches
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch
 
@@ -72,9 +72,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, max_batches: int
     """Validation loss and top-1 accuracy (%) of a plain classifier."""
     model.eval()
     totals = torch.zeros(3, device=device)
-    for step, (images, targets) in enumerate(loader):
-        if max_batches is not None and step >= max_batches:
-            break
+    for images, targets in batches(loader, 'validation', max_batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)

@@ -1,6 +1,6 @@
-"""The batch loop every training stage shares: progress bar, device transfer, mixed precision, the
-non-finite guard, the optimizer step, and where Ctrl-C stopped it."""
-from typing import Callable, Iterable
+"""The batch loops every stage shares: one pass over a loader under a progress bar, and the training step
+around it (device transfer, mixed precision, the non-finite guard, the optimizer step, where Ctrl-C stopped)."""
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -21,6 +21,16 @@ def batches_per_epoch(loader, max_batches: int | None) -> int:
     return min(len(loader), max_batches or len(loader))
 
 
+def batches(loader, desc: str, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's (images, targets) batches under a progress bar, at most max_batches of them."""
+    bar = tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
+               total=batches_per_epoch(loader, max_batches))
+    for step, batch in enumerate(bar):
+        if max_batches is not None and step >= max_batches:
+            break
+        yield batch
+
+
 def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer, *, desc: str, epoch: int,
                   device: torch.device, guard: NonFiniteGuard, sync: Iterable[torch.nn.Parameter] = (),
                   num_stats: int, max_batches: int | None = None, amp: bool = False) -> torch.Tensor:
@@ -30,10 +40,7 @@ def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
     totals = torch.zeros(num_stats, device=device)
     step = 0
     try:
-        for step, (images, targets) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
-                                                      total=batches_per_epoch(loader, max_batches))):
-            if max_batches is not None and step >= max_batches:
-                break
+        for step, (images, targets) in enumerate(batches(loader, desc, max_batches)):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast(device, amp):
                 loss, stats = step_loss(step, images, targets)

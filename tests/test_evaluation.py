@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from errors import GFNetDynnError
 from learning_helpers.conformal import ALPHAS, conformal_quantile, conformal_thresholds, prediction_set_stats
-from learning_helpers.evaluation import (ExitCache, best_exit_counts, cheapest_within, conditional_exit_choice,
+from learning_helpers.exit_cache import (ExitCache, best_exit_counts, cheapest_within, conditional_exit_choice,
                                          exit_choice, exit_point, gated_predictions, per_exit_accuracy,
                                          threshold_sweep, updated_pos_weight)
 from learning_helpers.losses import best_exit, per_exit_cross_entropy

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY_FLAGS
 from learning_helpers import warmup_stage
-from learning_helpers.evaluation import collect_exit_outputs, conditional_exit_choice
+from learning_helpers.exit_cache import collect_exit_outputs, conditional_exit_choice
 from learning_helpers.joint_stage import (JointStageConfig, JointTrainer, _warn_if_only_gates_train,
                                          dynn_param_groups, set_joint_trainable)
 from learning_helpers.losses import WarmupLoss

@@ -5,9 +5,9 @@ The reference ran the full network once per threshold; here thresholds cost noth
 from typing import NamedTuple, Sequence
 
 import torch
-from tqdm import tqdm
 
-from learning_helpers.distributed import all_gather_cat, autocast, is_main_process
+from learning_helpers.distributed import all_gather_cat, autocast
+from learning_helpers.loop import batches
 from learning_helpers.losses import best_exit, exit_mass, level_error
 
 DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # the sweep of --eval and of the benchmarks
@@ -28,11 +28,7 @@ def collect_exit_outputs(model: torch.nn.Module, loader, device: torch.device, *
     model.eval()
     logits, gates, targets, inputs = [], [], [], []
     keeping, kept_bytes = keep_inputs > 0, 0
-    total = min(len(loader), max_batches or len(loader))
-    for step, (images, labels) in enumerate(tqdm(loader, desc='exits', leave=False, total=total,
-                                                 disable=not is_main_process())):
-        if max_batches is not None and step >= max_batches:
-            break
+    for images, labels in batches(loader, 'exits', max_batches):
         if keeping:
             kept_bytes += images.nbytes
             keeping = kept_bytes <= keep_inputs

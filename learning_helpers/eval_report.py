@@ -7,7 +7,7 @@ import torch
 from errors import GFNetDynnError
 from learning_helpers.distributed import synchronize
 from learning_helpers.conformal import prediction_set_stats
-from learning_helpers.evaluation import (ExitCache, cheapest_within, collect_exit_outputs, conditional_exit_choice,
+from learning_helpers.exit_cache import (ExitCache, cheapest_within, collect_exit_outputs, conditional_exit_choice,
                                          exit_point, gated_predictions, per_exit_accuracy, threshold_sweep)
 from models.early_exit import EarlyExitEngine
 from models.gfnet_dynn import GFNetDynn
