@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> None:
         model, val_loader, device, thresholds=DEFAULT_THRESHOLDS, exit_threshold=None,
         gflops_per_exit=gflops, class_names=class_names))
 
-    heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 1e-3, 5e-4)
+    heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
     warmup_seconds, _ = timed(lambda: warmup_train_one_epoch(model, train_loader, heads, device, 0,
                                                              NonFiniteGuard(5)))
     backbone = build_backbone(model_args['arch'], len(class_names), model_args['input_size'],
                               model_args['patch_size'], 0.0)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
-    adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 1e-3, 0.05)
+    adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 0.05, lr=1e-3)
     backbone_seconds, _ = timed(lambda: train_one_epoch(backbone, criterion, train_loader, adamw, device, 0,
                                                         NonFiniteGuard(5)))
     chosen = results['chosen']

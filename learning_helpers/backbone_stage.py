@@ -1,31 +1,16 @@
 """Stage 0: train a plain GFNet on the dataset, optionally distilled from a teacher."""
-import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
-from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, unwrap
 from learning_helpers.loop import batches, train_batches
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch
-
-_logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BackboneStageConfig:
-    num_epochs: int
-    seed: int
-    checkpoint_dir: Path
-    run_args: dict  # stored in checkpoints so --eval and --resume can rebuild the run
-    max_batches: int | None = None  # --barely_train: a few batches per epoch for smoke tests
-    amp: bool = False
-    max_nan_skips: int = 5
+from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
+                                           training_checkpoint)
 
 
 def _student_outputs(model: nn.Module, images: torch.Tensor, criterion: DistillationLoss):
@@ -47,8 +32,7 @@ def _student_outputs(model: nn.Module, images: torch.Tensor, criterion: Distilla
 
 
 def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optimizer, device: torch.device,
-                    epoch: int, guard: NonFiniteGuard, *, max_batches: int | None = None,
-                    amp: bool = False) -> dict[str, float]:
+                    epoch: int, guard: NonFiniteGuard, run: RunConfig) -> dict[str, float]:
     """One pass over the training set; returns mean loss and accuracy (%)."""
     model.train()
 
@@ -62,19 +46,18 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optim
     sync = criterion.frequency.parameters() if criterion.frequency is not None else ()
     loss_sum, correct, seen = train_batches(loader, step_loss, optimizer, desc=f'backbone epoch {epoch}',
                                             epoch=epoch, device=device, guard=guard, sync=sync, num_stats=3,
-                                            max_batches=max_batches, amp=amp).tolist()
+                                            max_batches=run.max_batches, amp=run.amp).tolist()
     return {'loss': loss_sum / max(seen, 1), 'acc': 100 * correct / max(seen, 1)}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, *, max_batches: int | None = None,
-             amp: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, run: RunConfig) -> dict[str, float]:
     """Validation loss and top-1 accuracy (%) of a plain classifier."""
     model.eval()
     totals = torch.zeros(3, device=device)
-    for images, targets in batches(loader, 'validation', max_batches):
+    for images, targets in batches(loader, 'validation', run.max_batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device, run.amp):
             logits = model(images)
         loss = nn.functional.cross_entropy(logits.float(), targets, reduction='sum')
         totals += torch.stack([loss, (logits.argmax(-1) == targets).sum(), torch.tensor(len(targets), device=device)])
@@ -83,40 +66,31 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, max_batches: int
 
 
 def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_loader, val_loader, optimizer,
-                       scheduler, device: torch.device, config: BackboneStageConfig, writer: SummaryWriter | None,
-                       start_epoch: int = 0, best_acc: float = 0.0) -> dict:
-    """Epoch loop: train, evaluate, step the schedule, save best/last, log. Returns the final summary."""
-    guard = NonFiniteGuard(config.max_nan_skips)
-    val_stats = {'acc': best_acc}
-    if is_main_process() and start_epoch < config.num_epochs:
-        print(f'backbone training: epochs {start_epoch}-{config.num_epochs - 1} (counted from 0)')
-    for epoch in range(start_epoch, config.num_epochs):
+                       scheduler, device: torch.device, run: RunConfig, writer: SummaryWriter | None,
+                       start: StartPoint) -> StageSummary:
+    """Epochs start.epoch..num_epochs-1: train, evaluate, step the schedule, save, log."""
+    guard = NonFiniteGuard(run.max_nan_skips)
+    best_acc, val_stats = start.best_acc, {'acc': start.best_acc}
+    if is_main_process() and start.epoch < run.num_epochs:
+        print(f'backbone training: epochs {start.epoch}-{run.num_epochs - 1} (counted from 0)')
+    for epoch in range(start.epoch, run.num_epochs):
         started = time.perf_counter()
-        seed_epoch(config.seed, epoch, train_loader)
-        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, guard,
-                                      max_batches=config.max_batches, amp=config.amp)
+        seed_epoch(run.seed, epoch, train_loader)
+        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, guard, run)
         # unwrapped: evaluation needs no gradient sync, and the ranks' validation shards may differ in length
-        val_stats = evaluate(unwrap(model), val_loader, device, max_batches=config.max_batches, amp=config.amp)
+        val_stats = evaluate(unwrap(model), val_loader, device, run)
         lr = optimizer.param_groups[0]['lr']
         scheduler.step()
         is_best = val_stats['acc'] > best_acc or epoch == 0  # epoch 0 always writes best.pth, even at 0%
         best_acc = max(best_acc, val_stats['acc'])
+        save_epoch(run.checkpoint_dir, training_checkpoint(
+            'backbone', unwrap(model), run, epoch=epoch, acc=val_stats['acc'], best_acc=best_acc,
+            optimizer=optimizer, scheduler=scheduler, criterion=criterion.learned_state_dict()), best=is_best)
+        log_epoch(writer, 'backbone', epoch, {'train_loss': train_stats['loss'], 'train_acc': train_stats['acc'],
+                                              'val_loss': val_stats['loss'], 'val_acc': val_stats['acc'], 'lr': lr})
         if is_main_process():
-            payload = {'model': unwrap(model).state_dict(), 'acc': val_stats['acc'], 'best_acc': best_acc,
-                       'epoch': epoch, 'stage': 'backbone', 'args': config.run_args,
-                       'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                       'criterion': criterion.learned_state_dict()}
-            # last.pth goes last: once it names this epoch, every file of the epoch is complete, so a run
-            # killed at any moment resumes from a consistent set
-            if is_best:
-                save_checkpoint(config.checkpoint_dir / 'best.pth', payload)
-            save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
-            if writer is not None:
-                for name, value in (('train/loss', train_stats['loss']), ('train/acc', train_stats['acc']),
-                                    ('val/loss', val_stats['loss']), ('val/acc', val_stats['acc']), ('lr', lr)):
-                    writer.add_scalar(f'backbone/{name}', value, epoch)
-            print(f"backbone epoch {epoch} | loss {train_stats['loss']:.4f} | "
-                  f"train acc {train_stats['acc']:.2f} | val acc {val_stats['acc']:.2f} (best {best_acc:.2f}) | "
-                  f'lr {lr:.2e} | {time.perf_counter() - started:.1f} s', flush=True)
-    return {'acc': val_stats['acc'], 'best_acc': best_acc, 'best_path': config.checkpoint_dir / 'best.pth',
-            'last_path': config.checkpoint_dir / 'last.pth'}
+            print(f"backbone epoch {epoch} | loss {train_stats['loss']:.4f} | train acc {train_stats['acc']:.2f} | "
+                  f"val acc {val_stats['acc']:.2f} (best {best_acc:.2f}) | lr {lr:.2e} | "
+                  f'{time.perf_counter() - started:.1f} s', flush=True)
+    return StageSummary(run.num_epochs, val_stats['acc'], best_acc, run.checkpoint_dir / 'best.pth',
+                        run.checkpoint_dir / 'last.pth')

@@ -78,24 +78,3 @@ def load_training_checkpoint(path: str | Path) -> dict:
         raise GFNetDynnError(f"{path} lacks {', '.join(missing)}: it was not written by main_dynn.py; for "
                              f'weights only, pass it as --checkpoint-path instead')
     return checkpoint
-
-
-# What --resume reads back at each stage. Per-epoch snapshots (ckpt_epoch*.pth) keep the weights only.
-RESUME_KEYS = {'backbone': ('epoch', 'best_acc', 'optimizer', 'scheduler', 'criterion'),
-               'warmup': ('epoch', 'optimizer', 'scheduler', 'warmup'),
-               'joint': ('epoch', 'best_acc', 'optimizer', 'scheduler', 'stage_start_epoch', 'global_step',
-                         'pos_weight')}
-
-
-def load_resume_checkpoint(path: str | Path) -> dict:
-    """A checkpoint --resume can continue from (a run's last.pth): its stage's training state must be there."""
-    checkpoint = load_training_checkpoint(path)
-    required = RESUME_KEYS.get(checkpoint['stage']) if isinstance(checkpoint['stage'], str) else None
-    missing = ['a known stage'] if required is None else [key for key in required if key not in checkpoint]
-    if not isinstance(checkpoint['args'], dict) or 'num_epoch' not in checkpoint['args']:
-        missing.append('args.num_epoch')
-    if missing:
-        raise GFNetDynnError(f"{path} holds no training state to resume from (no {', '.join(missing)}); pass the "
-                             f"run's last.pth to --resume, or this file as --checkpoint-path to start a new run "
-                             f'from its weights')
-    return checkpoint

@@ -8,12 +8,10 @@ lr * transfer-ratio, unless frozen) learn with the `--classifier_loss`. docs/MET
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.conformal import conformal_thresholds
 from learning_helpers.distributed import is_main_process
 from learning_helpers.exit_cache import (best_exit_counts, collect_exit_outputs, conditional_exit_choice,
@@ -21,6 +19,8 @@ from learning_helpers.exit_cache import (best_exit_counts, collect_exit_outputs,
 from learning_helpers.loop import batches_per_epoch, train_batches
 from learning_helpers.losses import CLASSIFIER_LOSSES, GateLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
+from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
+                                           training_checkpoint)
 from models.gfnet_dynn import GFNetDynn
 
 _logger = logging.getLogger(__name__)
@@ -28,31 +28,14 @@ _logger = logging.getLogger(__name__)
 PHASE_COUNTERS = ('epoch', 'global')  # where the gate / classifier phase counter restarts
 
 
-@dataclass
-class JointStageConfig:
-    num_epochs: int  # --num_epoch: the run's total, warm-up epochs included
+@dataclass(frozen=True)
+class JointConfig:
     tradeoff: float  # --ce_ic_tradeoff, lambda
     bilevel_batch_count: int
     phase_counter: str  # 'epoch' (the reference) or 'global'
     gate_objective: str
     classifier_loss: str
     freeze_backbone: bool
-    seed: int
-    checkpoint_dir: Path
-    run_args: dict
-    max_batches: int | None = None
-    amp: bool = False
-    max_nan_skips: int = 5
-
-
-def dynn_param_groups(model: GFNetDynn, lr: float, transfer_ratio: float) -> list[dict]:
-    """The one optimizer of stages 1-2: exit heads and gates at lr, the backbone (final head included) at
-    lr * transfer_ratio. Which of them train is set by requires_grad: a parameter without a gradient is
-    skipped by the optimizer, weight decay and momentum included."""
-    exit_params = list(model.intermediate_heads.parameters()) + list(model.gates.parameters())
-    exit_ids = {id(p) for p in exit_params}
-    backbone = [p for p in model.parameters() if id(p) not in exit_ids]
-    return [{'params': exit_params, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
 
 
 def set_joint_trainable(model: GFNetDynn, freeze_backbone: bool) -> None:
@@ -65,9 +48,10 @@ def set_joint_trainable(model: GFNetDynn, freeze_backbone: bool) -> None:
 class JointTrainer:
     """One epoch of alternating phases; with the global counter the batch counter survives across epochs."""
 
-    def __init__(self, model: GFNetDynn, optimizer, costs: torch.Tensor, config: JointStageConfig,
+    def __init__(self, model: GFNetDynn, optimizer, costs: torch.Tensor, config: JointConfig, run: RunConfig,
                  device: torch.device, global_step: int = 0):
         self.model, self.optimizer, self.costs, self.config, self.device = model, optimizer, costs, config, device
+        self.run = run
         self.gate_loss = GateLoss(config.tradeoff, config.gate_objective)
         self.classifier_loss = CLASSIFIER_LOSSES[config.classifier_loss]()
         self.global_step = global_step
@@ -115,23 +99,23 @@ class JointTrainer:
 
         gate_sum, gate_batches, cls_sum, cls_batches = train_batches(
             loader, step_loss, self.optimizer, desc=f'joint epoch {epoch}', epoch=epoch, device=self.device,
-            guard=guard, sync=self.model.parameters(), num_stats=4, max_batches=self.config.max_batches,
-            amp=self.config.amp).tolist()
+            guard=guard, sync=self.model.parameters(), num_stats=4, max_batches=self.run.max_batches,
+            amp=self.run.amp).tolist()
         return {'gate_loss': gate_sum / max(gate_batches, 1), 'classifier_loss': cls_sum / max(cls_batches, 1)}
 
 
-def validate_joint(model: GFNetDynn, val_loader, device: torch.device, costs: torch.Tensor, flops_share: list[float],
-                   tradeoff: float, objective: str, *, max_batches: int | None = None, amp: bool = False) -> dict:
+def evaluate(model: GFNetDynn, loader, device: torch.device, costs: torch.Tensor, flops_share: list[float],
+             config: JointConfig, run: RunConfig) -> dict:
     """One pass over the validation set: gated accuracy under the training-time exit rule, its mean compute
     (a share of the full network's true FLOPs), per-exit accuracy, exit shares, the next pos_weight (from the
     gates' cost vector `costs`) and the conformal thresholds."""
-    cache, _ = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp)
+    cache, _ = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
     chosen = conditional_exit_choice(cache.gate_probs)
     point = exit_point(cache, chosen, flops_share)
+    counts = best_exit_counts(cache, costs.cpu(), config.tradeoff, config.gate_objective)
     return {'gated_acc': point['accuracy'], 'mean_cost': point['expected_gflops'],
             'exit_share': point['exit_share'], 'exit_acc': per_exit_accuracy(cache),
-            'pos_weight': updated_pos_weight(best_exit_counts(cache, costs.cpu(), tradeoff, objective)),
-            'conformal': conformal_thresholds(cache, chosen)}
+            'pos_weight': updated_pos_weight(counts), 'conformal': conformal_thresholds(cache, chosen)}
 
 
 def snapshot_name(epoch: int, tradeoff: float, gated_acc: float) -> str:
@@ -140,7 +124,7 @@ def snapshot_name(epoch: int, tradeoff: float, gated_acc: float) -> str:
     return f'ckpt_epoch{epoch}_{tradeoff}_{round(gated_acc, 2)}.pth'
 
 
-def _warn_if_only_gates_train(config: JointStageConfig, batches_per_epoch: int, gates_learn: bool) -> None:
+def _warn_if_only_gates_train(config: JointConfig, batches_per_epoch: int, gates_learn: bool) -> None:
     if config.phase_counter == 'epoch' and gates_learn and batches_per_epoch <= config.bilevel_batch_count:
         _logger.warning('an epoch has %d batches, no more than --bilevel_batch_count %d: with the phase counter '
                         'restarting every epoch (the reference) only the gates train in stage 2; lower '
@@ -149,61 +133,47 @@ def _warn_if_only_gates_train(config: JointStageConfig, batches_per_epoch: int, 
 
 
 def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
-                    costs: torch.Tensor, flops_share: list[float], config: JointStageConfig,
-                    writer: SummaryWriter | None, *, start_epoch: int, stage_start_epoch: int,
-                    pos_weight: torch.Tensor, global_step: int = 0, best_acc: float = 0.0) -> dict:
-    """Epochs start_epoch..num_epochs-1: train, validate, save, rebalance the gates, step the schedule, log.
-    `costs` are the exit costs the gates trade against (normalised), `flops_share` the true ones."""
+                    costs: torch.Tensor, flops_share: list[float], run: RunConfig, config: JointConfig,
+                    writer: SummaryWriter | None, start: StartPoint) -> StageSummary:
+    """Epochs start.epoch..num_epochs-1: train, validate, rebalance the gates, step the schedule, save, log.
+    `costs` are the exit costs the gates trade against (normalised), `flops_share` the true ones. A fresh
+    start (not a resumed joint checkpoint) begins with pos_weight 1 and writes best.pth in its first epoch."""
+    resumed = start.stage == 'joint'
+    stage_start = start.state['stage_start_epoch'] if resumed else start.epoch
+    pos_weight = start.state['pos_weight'] if resumed else torch.ones(len(model.exit_positions))
+    best_acc = start.best_acc if resumed else 0.0
     set_joint_trainable(model, config.freeze_backbone)
-    trainer = JointTrainer(model, optimizer, costs.to(device), config, device, global_step)
-    _warn_if_only_gates_train(config, batches_per_epoch(train_loader, config.max_batches), trainer.gates_learn)
-    guard = NonFiniteGuard(config.max_nan_skips)
-    lam = config.tradeoff
+    trainer = JointTrainer(model, optimizer, costs.to(device), config, run, device,
+                           start.state['global_step'] if resumed else 0)
+    _warn_if_only_gates_train(config, batches_per_epoch(train_loader, run.max_batches), trainer.gates_learn)
+    guard = NonFiniteGuard(run.max_nan_skips)
     last = {'gated_acc': best_acc}
-    if is_main_process() and start_epoch < config.num_epochs:
-        print(f'joint training: epochs {start_epoch}-{config.num_epochs - 1} (counted from 0, warm-up included)')
-    for epoch in range(start_epoch, config.num_epochs):
+    if is_main_process() and start.epoch < run.num_epochs:
+        print(f'joint training: epochs {start.epoch}-{run.num_epochs - 1} (counted from 0, warm-up included)')
+    for epoch in range(start.epoch, run.num_epochs):
         started = time.perf_counter()
-        seed_epoch(config.seed, epoch, train_loader)
+        seed_epoch(run.seed, epoch, train_loader)
         stats = trainer.train_one_epoch(train_loader, epoch, pos_weight.to(device), guard)
-        last = validate_joint(model, val_loader, device, costs, flops_share, lam, config.gate_objective,
-                              max_batches=config.max_batches, amp=config.amp)
+        last = evaluate(model, val_loader, device, costs, flops_share, config, run)
         pos_weight = last['pos_weight']
         lr = optimizer.param_groups[0]['lr']
         scheduler.step()  # the cosine schedule moves only after joint epochs, as in the reference
-        is_best = last['gated_acc'] > best_acc or epoch == stage_start_epoch  # the first always writes best.pth
+        is_best = last['gated_acc'] > best_acc or epoch == stage_start  # the first always writes best.pth
         best_acc = max(best_acc, last['gated_acc'])
+        checkpoint = training_checkpoint(
+            'joint', model, run, epoch=epoch, acc=last['gated_acc'], best_acc=best_acc, optimizer=optimizer,
+            scheduler=scheduler, stage_start_epoch=stage_start, global_step=trainer.global_step,
+            pos_weight=pos_weight)
+        checkpoint.update(conformal=last['conformal'], exit_acc=last['exit_acc'])
+        snapshot = {key: checkpoint[key] for key in ('model', 'acc', 'epoch', 'stage', 'args', 'conformal')}
+        save_epoch(run.checkpoint_dir, checkpoint, best=is_best,
+                   snapshot=(snapshot_name(epoch, config.tradeoff, last['gated_acc']), snapshot))
+        log_epoch(writer, 'joint', epoch, {**stats, 'gated_acc': last['gated_acc'], 'mean_cost': last['mean_cost'],
+                                           'lr': lr, 'exit_acc': last['exit_acc'], 'exit_share': last['exit_share']})
         if is_main_process():
-            payload = {'model': model.state_dict(), 'acc': last['gated_acc'], 'best_acc': best_acc, 'epoch': epoch,
-                       'stage': 'joint', 'args': config.run_args, 'optimizer': optimizer.state_dict(),
-                       'scheduler': scheduler.state_dict(), 'stage_start_epoch': stage_start_epoch,
-                       'global_step': trainer.global_step, 'pos_weight': pos_weight,
-                       'conformal': last['conformal'], 'exit_acc': last['exit_acc']}
-            # last.pth goes last: once it names this epoch, every file of the epoch is complete, so a run
-            # killed at any moment resumes from a consistent set
-            if is_best:
-                save_checkpoint(config.checkpoint_dir / 'best.pth', payload)
-            save_checkpoint(config.checkpoint_dir / snapshot_name(epoch, lam, last['gated_acc']),
-                            {'model': model.state_dict(), 'acc': last['gated_acc'], 'epoch': epoch, 'stage': 'joint',
-                             'args': config.run_args, 'conformal': last['conformal']})
-            save_checkpoint(config.checkpoint_dir / 'last.pth', payload)
-            _log_epoch(writer, epoch, stats, last, lr)
             print(f"joint epoch {epoch} | gate loss {stats['gate_loss']:.4f} | "
                   f"cls loss {stats['classifier_loss']:.4f} | gated acc {last['gated_acc']:.2f} | cost "
                   f"{last['mean_cost']:.3f} | exit acc {' '.join(f'{a:.1f}' for a in last['exit_acc'])} | "
                   f'lr {lr:.2e} | {time.perf_counter() - started:.1f} s', flush=True)
-    return {'acc': last['gated_acc'], 'best_acc': best_acc, 'best_path': config.checkpoint_dir / 'best.pth',
-            'last_path': config.checkpoint_dir / 'last.pth'}
-
-
-def _log_epoch(writer: SummaryWriter | None, epoch: int, stats: dict, metrics: dict, lr: float) -> None:
-    if writer is None:
-        return
-    for name, value in stats.items():
-        writer.add_scalar(f'joint/{name}', value, epoch)
-    writer.add_scalar('joint/gated_acc', metrics['gated_acc'], epoch)
-    writer.add_scalar('joint/mean_cost', metrics['mean_cost'], epoch)
-    writer.add_scalar('joint/lr', lr, epoch)
-    for k, (acc, share) in enumerate(zip(metrics['exit_acc'], metrics['exit_share'])):
-        writer.add_scalar(f'joint/exit{k}_acc', acc, epoch)
-        writer.add_scalar(f'joint/exit{k}_share', share, epoch)
+    return StageSummary(run.num_epochs, last['gated_acc'], best_acc, run.checkpoint_dir / 'best.pth',
+                        run.checkpoint_dir / 'last.pth')

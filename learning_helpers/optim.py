@@ -13,16 +13,19 @@ from learning_helpers.distributed import all_reduce_sum
 _logger = logging.getLogger(__name__)
 
 
-def build_optimizer(param_groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(param_groups: list[dict], name: str, weight_decay: float, *,
+                    lr: float) -> torch.optim.Optimizer:
     """SGD (momentum 0.9, the dynn stages) or AdamW (GFNet's own recipe, the backbone stage)."""
     if name == 'sgd':
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
 
 
-def default_weight_decay(name: str) -> float:
-    """--wd when not given: AdamW's 0.05 (GFNet's recipe), SGD's 5e-4 (the reference's)."""
-    return 0.05 if name == 'adamw' else 5e-4
+def optimizer_choice(name: str | None, weight_decay: float | None, stage_default: str) -> tuple[str, float]:
+    """--opt and --wd as given, else the stage's optimizer (AdamW for the backbone: GFNet's recipe; SGD for the
+    dynn stages: the reference's) with its weight decay (0.05 for AdamW, 5e-4 for SGD)."""
+    name = name or stage_default
+    return name, (0.05 if name == 'adamw' else 5e-4) if weight_decay is None else weight_decay
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, checkpoint: dict, source: str) -> None:

@@ -3,7 +3,6 @@
 The learning rate stays constant here: the one optimizer of stages 1-2 is shared with joint training, whose
 cosine schedule starts when it does (as in the reference)."""
 import copy
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +16,16 @@ from learning_helpers.exit_cache import collect_exit_outputs, per_exit_accuracy
 from learning_helpers.loop import train_batches
 from learning_helpers.losses import WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
+from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
+                                           training_checkpoint)
 from models.gfnet_dynn import GFNetDynn
 
-_logger = logging.getLogger(__name__)
 
-
-@dataclass
-class WarmupStageConfig:
-    max_epochs: int  # --max_warmup_epoch
+@dataclass(frozen=True)
+class WarmupConfig:
+    max_epochs: int  # --max_warmup_epoch (at most --num_epoch)
     patience: int
-    seed: int
-    warmup_dir: Path  # checkpoint_warmup/{dataset}_{arch}_{size}: best weights of each exit head
-    checkpoint_dir: Path
-    run_args: dict
-    max_batches: int | None = None
-    amp: bool = False
-    max_nan_skips: int = 5
+    heads_dir: Path  # checkpoint_warmup/...: a record of each exit head's best weights
 
 
 class ExitPatience:
@@ -76,8 +69,8 @@ class ExitPatience:
         self.frozen, self.best_state = list(state['frozen']), list(state['best_state'])
 
 
-def warmup_train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, epoch: int,
-                           guard: NonFiniteGuard, *, max_batches: int | None = None, amp: bool = False) -> dict:
+def train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, epoch: int, guard: NonFiniteGuard,
+                    run: RunConfig) -> dict:
     """Train the exit heads on features the frozen backbone computes without autograd."""
     model.eval()  # frozen backbone: no drop path, no dropout
     criterion = WarmupLoss()
@@ -88,60 +81,65 @@ def warmup_train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.de
         loss = criterion(model.heads_and_gates(pooled.float()).logits.float(), targets)
         return loss, torch.stack([loss.detach().float(), torch.tensor(1.0, device=device)])
 
-    loss_sum, batches = train_batches(loader, step_loss, optimizer, desc=f'warm-up epoch {epoch}', epoch=epoch,
-                                      device=device, guard=guard, sync=model.intermediate_heads.parameters(),
-                                      num_stats=2, max_batches=max_batches, amp=amp).tolist()
-    return {'loss': loss_sum / max(batches, 1)}
+    loss_sum, steps = train_batches(loader, step_loss, optimizer, desc=f'warm-up epoch {epoch}', epoch=epoch,
+                                    device=device, guard=guard, sync=model.intermediate_heads.parameters(),
+                                    num_stats=2, max_batches=run.max_batches, amp=run.amp).tolist()
+    return {'loss': loss_sum / max(steps, 1)}
 
 
-def _save_head(path: Path, state: dict) -> None:
-    if is_main_process():
-        save_checkpoint(path, {'model': state})
+def evaluate(model: GFNetDynn, loader, device: torch.device, run: RunConfig) -> dict:
+    """Validation accuracy (%) of every exit, first to final."""
+    cache, _ = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
+    return {'exit_acc': per_exit_accuracy(cache)}
 
 
 def run_warmup_stage(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
-                     config: WarmupStageConfig, writer: SummaryWriter | None, patience_state: ExitPatience,
-                     start_epoch: int = 0) -> int:
-    """Warm up until every exit is frozen or max_epochs pass; returns the number of epochs used. Ends with
-    every exit at its best weights and all exits trainable again. `scheduler` is saved, not stepped."""
-    guard = NonFiniteGuard(config.max_nan_skips)
+                     run: RunConfig, warmup: WarmupConfig, writer: SummaryWriter | None,
+                     start: StartPoint) -> StageSummary:
+    """Warm up until every exit is frozen or max_epochs pass; next_epoch is where joint training starts. Ends
+    with every exit at its best weights and all exits trainable again. `scheduler` is saved, not stepped."""
+    patience = ExitPatience(len(model.exit_positions), warmup.patience)
+    if start.stage == 'warmup':
+        patience.load_state_dict(start.state['warmup'])
+    guard = NonFiniteGuard(run.max_nan_skips)
     set_requires_grad(model, False)
     for k, head in enumerate(model.intermediate_heads):
-        set_requires_grad(head, not patience_state.frozen[k])
-    epoch = start_epoch
-    for epoch in range(start_epoch, config.max_epochs):
-        if patience_state.all_frozen:
+        set_requires_grad(head, not patience.frozen[k])
+    epoch, accuracies = start.epoch, [start.best_acc]
+    for epoch in range(start.epoch, warmup.max_epochs):
+        if patience.all_frozen:
             break
         started = time.perf_counter()
-        seed_epoch(config.seed, epoch, train_loader)
-        stats = warmup_train_one_epoch(model, train_loader, optimizer, device, epoch, guard,
-                                       max_batches=config.max_batches, amp=config.amp)
-        cache, _ = collect_exit_outputs(model, val_loader, device, max_batches=config.max_batches, amp=config.amp)
-        accuracies = per_exit_accuracy(cache)
-        improved, froze = patience_state.update(accuracies[:-1], model.intermediate_heads)
-        for k in improved:
-            _save_head(config.warmup_dir / f'{k}.pth', patience_state.best_state[k])
-        for k in froze:  # back to its best weights, then frozen
-            model.intermediate_heads[k].load_state_dict(patience_state.best_state[k])
-            set_requires_grad(model.intermediate_heads[k], False)
+        seed_epoch(run.seed, epoch, train_loader)
+        stats = train_one_epoch(model, train_loader, optimizer, device, epoch, guard, run)
+        accuracies = evaluate(model, val_loader, device, run)['exit_acc']
+        _update_patience(model, patience, accuracies[:-1], warmup.heads_dir)
         lr = optimizer.param_groups[0]['lr']
+        save_epoch(run.checkpoint_dir, training_checkpoint(
+            'warmup', model, run, epoch=epoch, acc=accuracies[-1], best_acc=accuracies[-1], optimizer=optimizer,
+            scheduler=scheduler, warmup=patience.state_dict()), best=False)
+        log_epoch(writer, 'warmup', epoch, {'loss': stats['loss'], 'exit_acc': accuracies})
         if is_main_process():
-            save_checkpoint(config.checkpoint_dir / 'last.pth', {
-                'model': model.state_dict(), 'acc': accuracies[-1], 'epoch': epoch, 'stage': 'warmup',
-                'args': config.run_args, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'warmup': patience_state.state_dict()})
-            if writer is not None:
-                writer.add_scalar('warmup/loss', stats['loss'], epoch)
-                for k, acc in enumerate(accuracies):
-                    writer.add_scalar(f'warmup/exit{k}_acc', acc, epoch)
-            frozen = ''.join('F' if f else '.' for f in patience_state.frozen)
+            frozen = ''.join('F' if f else '.' for f in patience.frozen)
             print(f"warm-up epoch {epoch} | loss {stats['loss']:.4f} | exit acc "
                   f"{' '.join(f'{a:.1f}' for a in accuracies)} | frozen {frozen} | lr {lr:.2e} | "
                   f'{time.perf_counter() - started:.1f} s', flush=True)
     else:
-        epoch = config.max_epochs
+        epoch = warmup.max_epochs
     for k, head in enumerate(model.intermediate_heads):
-        if not patience_state.frozen[k] and patience_state.best_state[k] is not None:
-            head.load_state_dict(patience_state.best_state[k])
+        if not patience.frozen[k] and patience.best_state[k] is not None:
+            head.load_state_dict(patience.best_state[k])
         set_requires_grad(head, True)
-    return epoch
+    return StageSummary(epoch, accuracies[-1], accuracies[-1], None, run.checkpoint_dir / 'last.pth')
+
+
+def _update_patience(model: GFNetDynn, patience: ExitPatience, accuracies: list[float], heads_dir: Path) -> None:
+    """Record the epoch's exit accuracies: an improved head is kept (and written to heads_dir), a head out of
+    patience goes back to its best weights and freezes."""
+    improved, froze = patience.update(accuracies, model.intermediate_heads)
+    if is_main_process():
+        for k in improved:
+            save_checkpoint(heads_dir / f'{k}.pth', {'model': patience.best_state[k]})
+    for k in froze:
+        model.intermediate_heads[k].load_state_dict(patience.best_state[k])
+        set_requires_grad(model.intermediate_heads[k], False)

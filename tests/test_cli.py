@@ -222,7 +222,7 @@ def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_pat
 
 
 def test_export_threshold_is_the_one_eval_chose_else_one_half(tmp_path):
-    from main_dynn import evaluated_threshold
+    from learning_helpers.inference_jobs import evaluated_threshold
     checkpoint = tmp_path / 'best.pth'
     assert evaluated_threshold(str(checkpoint)) == 0.5
     (tmp_path / 'results.json').write_text(json.dumps({'chosen': {'threshold': 0.7}}))

@@ -14,6 +14,7 @@ import torch
 import dataset_config
 import main_dynn
 from conftest import TINY_FLAGS, tiny_entry
+from learning_helpers import dynn_training
 from learning_helpers.exit_cache import collect_exit_outputs, conditional_exit_choice, exit_point
 from learning_helpers.joint_stage import snapshot_name
 from learning_helpers.model_factory import load_dynn_checkpoint
@@ -34,7 +35,7 @@ def reference_path_run(tiny_backbone, tmp_path_factory):
     reference's exit costs), with spies on the optimizer factory and on the costs the joint stage receives."""
     out = tmp_path_factory.mktemp('reference_path')
     built, seen_costs = [], []
-    real_build, real_joint = main_dynn.build_optimizer, main_dynn.run_joint_stage
+    real_build, real_joint = dynn_training.build_optimizer, dynn_training.run_joint_stage
 
     def counting_build(*args, **kwargs):
         built.append(args[1])  # the optimizer's name
@@ -47,8 +48,8 @@ def reference_path_run(tiny_backbone, tmp_path_factory):
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(tiny_backbone.data))
-        patch.setattr(main_dynn, 'build_optimizer', counting_build)
-        patch.setattr(main_dynn, 'run_joint_stage', spying_joint)
+        patch.setattr(dynn_training, 'build_optimizer', counting_build)
+        patch.setattr(dynn_training, 'run_joint_stage', spying_joint)
         rc = main_dynn.main([*TINY_FLAGS, '--checkpoint-path', str(tiny_backbone.checkpoint), '--num_epoch', '3',
                              '--max_warmup_epoch', '1', '--exit-positions', *EXITS, '--bilevel_batch_count', '1',
                              '--lr', str(LR), '--min-lr', str(MIN_LR), '--exit-costs', 'reference',

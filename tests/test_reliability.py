@@ -339,11 +339,12 @@ def _val_accuracy(checkpoint: Path, data: Path) -> float:
     """Top-1 accuracy (%) of a backbone checkpoint over the whole validation folder, in this one process."""
     from data_loader_help import build_datasets
     from learning_helpers.backbone_stage import evaluate
+    from learning_helpers.stage_common import RunConfig
     _, val_set, class_names = build_datasets('DEMO', data, 32)
     model = model_factory.build_backbone('GFNet-ti-dynn', len(class_names), 32, 8, 0.0)
     model.load_state_dict(_load(checkpoint)['model'])
     loader = torch.utils.data.DataLoader(val_set, batch_size=12)
-    return evaluate(model, loader, torch.device('cpu'))['acc']
+    return evaluate(model, loader, torch.device('cpu'), RunConfig(1, 0, checkpoint, {}))['acc']
 
 
 def test_torchrun_two_processes_train_both_stages_like_one(demo_data, reference_backbone, reference_dynn, tmp_path):

@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import TINY_FLAGS
 from learning_helpers import warmup_stage
 from learning_helpers.exit_cache import collect_exit_outputs, conditional_exit_choice
-from learning_helpers.joint_stage import (JointStageConfig, JointTrainer, _warn_if_only_gates_train,
-                                         dynn_param_groups, set_joint_trainable)
+from learning_helpers.dynn_training import dynn_param_groups
+from learning_helpers.joint_stage import JointConfig, JointTrainer, _warn_if_only_gates_train, set_joint_trainable
 from learning_helpers.losses import WarmupLoss
 from learning_helpers.model_factory import build_dynn, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer, build_scheduler
-from learning_helpers.warmup_stage import ExitPatience, WarmupStageConfig, run_warmup_stage
+from learning_helpers.stage_common import FRESH_START, RunConfig
+from learning_helpers.warmup_stage import ExitPatience, WarmupConfig, run_warmup_stage
 from models.flops import exit_gflops
 from models.weights import load_state, read_checkpoint
 
@@ -84,7 +85,7 @@ def test_exit_patience_state_round_trips():
 def run_scripted_warmup(tmp_path, monkeypatch, script: list[list[float]], max_epochs: int, patience: int):
     """run_warmup_stage on random data, with validation accuracies (exit 0, exit 1, final) taken from `script`
     instead of measured. Returns (model, epochs used, each head's weights as each validation saw them,
-    config, patience state)."""
+    the run and warm-up settings, the patience state of its last.pth)."""
     model = tiny_model()
     seen: list[list[dict]] = []
 
@@ -94,14 +95,16 @@ def run_scripted_warmup(tmp_path, monkeypatch, script: list[list[float]], max_ep
 
     monkeypatch.setattr(warmup_stage, 'collect_exit_outputs', lambda *args, **kwargs: (None, []))
     monkeypatch.setattr(warmup_stage, 'per_exit_accuracy', scripted_accuracy)
-    optimizer = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 0.05, 5e-4)
-    config = WarmupStageConfig(max_epochs=max_epochs, patience=patience, seed=0, warmup_dir=tmp_path / 'warmup',
-                               checkpoint_dir=tmp_path / 'ckpt', run_args={'num_epoch': max_epochs})
-    state = ExitPatience(len(EXITS), patience)
+    optimizer = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=0.05)
+    run = RunConfig(num_epochs=max_epochs, seed=0, checkpoint_dir=tmp_path / 'ckpt',
+                    run_args={'num_epoch': max_epochs})
+    warmup = WarmupConfig(max_epochs=max_epochs, patience=patience, heads_dir=tmp_path / 'warmup')
     with contextlib.redirect_stdout(io.StringIO()):
-        used = run_warmup_stage(model, random_loader(), random_loader(1), optimizer,
-                                build_scheduler(optimizer, max_epochs, 0.2), torch.device('cpu'), config, None, state)
-    return model, used, seen, config, state
+        summary = run_warmup_stage(model, random_loader(), random_loader(1), optimizer,
+                                   build_scheduler(optimizer, max_epochs, 0.2), torch.device('cpu'), run, warmup,
+                                   None, FRESH_START)
+    state = torch.load(run.checkpoint_dir / 'last.pth', weights_only=True)['warmup']
+    return model, summary.next_epoch, seen, (run, warmup), state
 
 
 def test_warmup_freezes_each_exit_at_its_best_weights(tmp_path, monkeypatch):
@@ -110,26 +113,26 @@ def test_warmup_freezes_each_exit_at_its_best_weights(tmp_path, monkeypatch):
               [20.0, 15.0, 50.0],  # exit 0 waits 1; exit 1 improves
               [15.0, 12.0, 50.0],  # exit 0 waits 2: frozen at its epoch-1 weights; exit 1 waits 1
               [99.0, 14.0, 50.0]]  # exit 0 is frozen; exit 1 waits 2: frozen at its epoch-2 weights
-    model, used, seen, config, patience = run_scripted_warmup(tmp_path, monkeypatch, script, 10, 2)
+    model, used, seen, (run, warmup), patience = run_scripted_warmup(tmp_path, monkeypatch, script, 10, 2)
     assert used == 5 and len(seen) == 5  # every exit frozen after epoch 4: epoch 5 never starts
-    assert patience.frozen == [True, True]
+    assert patience['frozen'] == [True, True]
     for epoch in range(1, 4):  # both heads trained in epochs 1-3: the weights the script refers to differ
         assert changed_keys(seen[epoch - 1][1], seen[epoch][1])
     assert changed_keys(seen[2][0], seen[3][0])  # exit 0 still trained in epoch 3: not frozen after 1 wait
     best = {0: seen[1][0], 1: seen[2][1]}
     for k, head in enumerate(model.intermediate_heads):
         assert_state_equal(snapshot(head), best[k])
-        assert_state_equal(torch.load(config.warmup_dir / f'{k}.pth', weights_only=True)['model'], best[k])
+        assert_state_equal(torch.load(warmup.heads_dir / f'{k}.pth', weights_only=True)['model'], best[k])
         assert all(param.requires_grad for param in head.parameters())  # unfrozen for the joint stage
     assert_state_equal(seen[4][0], best[0])  # frozen in epoch 3: restored, then untouched by epoch 4
-    last = torch.load(config.checkpoint_dir / 'last.pth', weights_only=True)
+    last = torch.load(run.checkpoint_dir / 'last.pth', weights_only=True)
     assert (last['stage'], last['epoch'], last['warmup']['frozen']) == ('warmup', 4, [True, True])
 
 
 def test_warmup_restores_best_weights_of_unfrozen_exits_at_max_epochs(tmp_path, monkeypatch):
     script = [[30.0, 30.0, 50.0], [40.0, 20.0, 50.0], [35.0, 25.0, 50.0]]
     model, used, seen, _, patience = run_scripted_warmup(tmp_path, monkeypatch, script, 3, 5)
-    assert used == 3 and patience.frozen == [False, False]
+    assert used == 3 and patience['frozen'] == [False, False]
     assert changed_keys(seen[1][0], seen[2][0])  # the last epoch moved the heads away from their best
     assert_state_equal(snapshot(model.intermediate_heads[0]), seen[1][0])  # best at epoch 1
     assert_state_equal(snapshot(model.intermediate_heads[1]), seen[0][1])  # best at epoch 0
@@ -174,13 +177,12 @@ def test_warmup_trains_only_the_exit_heads_and_its_loss_falls(tiny_backbone, tin
     val_loss_before = validation_warmup_loss(model, val_loader)
     # the reference's SGD at --lr 1e-3: the training loss is noise (RandAugment recolours these colour-coded
     # classes, 3 batches an epoch), the validation loss is the learning signal
-    optimizer = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 1e-3, 5e-4)
-    config = WarmupStageConfig(max_epochs=3, patience=10, seed=0, warmup_dir=tmp_path / 'warmup',
-                               checkpoint_dir=tmp_path / 'ckpt', run_args={})
+    optimizer = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
+    run = RunConfig(num_epochs=3, seed=0, checkpoint_dir=tmp_path / 'ckpt', run_args={})
     writer = Scalars()
     with contextlib.redirect_stdout(io.StringIO()):
         run_warmup_stage(model, train_loader, val_loader, optimizer, build_scheduler(optimizer, 3, 0.2),
-                         torch.device('cpu'), config, writer, ExitPatience(len(EXITS), 10))
+                         torch.device('cpu'), run, WarmupConfig(3, 10, tmp_path / 'warmup'), writer, FRESH_START)
     changed = changed_keys(before, snapshot(model))
     assert changed and all(name.startswith('intermediate_heads.') for name in changed), changed
     assert {f'intermediate_heads.{k}.weight' for k in range(len(EXITS))} <= changed
@@ -194,18 +196,20 @@ def test_warmup_trains_only_the_exit_heads_and_its_loss_falls(tiny_backbone, tin
 def joint_trainer(model, freeze_backbone: bool, lr: float = 0.1, ratio: float = 0.01,
                   classifier_loss: str = 'boosted', phase_counter: str = 'global',
                   bilevel_batch_count: int = 1) -> JointTrainer:
-    optimizer = build_optimizer(dynn_param_groups(model, lr, ratio), 'sgd', lr, 5e-4)
+    optimizer = build_optimizer(dynn_param_groups(model, lr, ratio), 'sgd', 5e-4, lr=lr)
     set_joint_trainable(model, freeze_backbone)
     config = joint_config(freeze_backbone, classifier_loss, phase_counter, bilevel_batch_count)
     costs = torch.tensor(exit_gflops(model))
-    return JointTrainer(model, optimizer, costs / costs[-1], config, torch.device('cpu'))
+    return JointTrainer(model, optimizer, costs / costs[-1], config, RUN, torch.device('cpu'))
+
+
+RUN = RunConfig(num_epochs=2, seed=0, checkpoint_dir=Path('unused'), run_args={})
 
 
 def joint_config(freeze_backbone: bool = False, classifier_loss: str = 'boosted', phase_counter: str = 'epoch',
-                 bilevel_batch_count: int = 1) -> JointStageConfig:
-    return JointStageConfig(num_epochs=2, tradeoff=0.75, bilevel_batch_count=bilevel_batch_count,
-                            phase_counter=phase_counter, gate_objective='ce', classifier_loss=classifier_loss,
-                            freeze_backbone=freeze_backbone, seed=0, checkpoint_dir=Path('unused'), run_args={})
+                 bilevel_batch_count: int = 1) -> JointConfig:
+    return JointConfig(tradeoff=0.75, bilevel_batch_count=bilevel_batch_count, phase_counter=phase_counter,
+                       gate_objective='ce', classifier_loss=classifier_loss, freeze_backbone=freeze_backbone)
 
 
 def one_batch_epoch(trainer: JointTrainer, loader, epoch: int) -> str:
@@ -268,7 +272,8 @@ def test_joint_backbone_steps_at_lr_times_transfer_ratio():
 
 
 def test_phase_counter_restarts_every_epoch_by_default_and_opens_with_the_gate_phase():
-    trainer = JointTrainer(tiny_model(), None, torch.ones(3), joint_config(bilevel_batch_count=2), torch.device('cpu'))
+    trainer = JointTrainer(tiny_model(), None, torch.ones(3), joint_config(bilevel_batch_count=2), RUN,
+                           torch.device('cpu'))
     assert [trainer.phase(step) for step in range(6)] == ['gate', 'gate', 'classifier', 'classifier', 'gate', 'gate']
     trainer.global_step = 3  # where the batch counter stands across epochs does not matter
     assert trainer.phase(0) == 'gate'
@@ -276,7 +281,7 @@ def test_phase_counter_restarts_every_epoch_by_default_and_opens_with_the_gate_p
 
 def test_global_phase_counter_runs_across_epochs():
     trainer = JointTrainer(tiny_model(), None, torch.ones(3),
-                           joint_config(phase_counter='global', bilevel_batch_count=2), torch.device('cpu'))
+                           joint_config(phase_counter='global', bilevel_batch_count=2), RUN, torch.device('cpu'))
     trainer.global_step = 3
     assert trainer.phase(0) == 'classifier'
     trainer.global_step = 4
@@ -285,7 +290,7 @@ def test_global_phase_counter_runs_across_epochs():
 
 def test_identity_gates_skip_the_gate_phase():
     model = build_dynn('GFNet-ti-dynn', 3, 32, 8, 0.0, EXITS, 'identity')
-    trainer = JointTrainer(model, None, torch.ones(3), joint_config(bilevel_batch_count=1), torch.device('cpu'))
+    trainer = JointTrainer(model, None, torch.ones(3), joint_config(bilevel_batch_count=1), RUN, torch.device('cpu'))
     assert [trainer.phase(step) for step in range(4)] == ['classifier'] * 4
 
 

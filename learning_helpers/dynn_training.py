@@ -1,0 +1,51 @@
+"""Stages 1-2 in order, as the reference runs them: one optimizer for both, the warm-up until it stops, then
+joint training to --num_epoch; a resumed run picks up in whichever stage it stopped."""
+import logging
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from learning_helpers.joint_stage import JointConfig, run_joint_stage
+from learning_helpers.optim import build_optimizer, build_scheduler
+from learning_helpers.stage_common import RunConfig, StageSummary, StartPoint
+from learning_helpers.warmup_stage import WarmupConfig, run_warmup_stage
+from models.flops import EXIT_COSTS, normalized_exit_costs
+from models.gfnet_dynn import GFNetDynn
+
+_logger = logging.getLogger(__name__)
+
+
+def dynn_param_groups(model: GFNetDynn, lr: float, transfer_ratio: float) -> list[dict]:
+    """Exit heads and gates at lr, the backbone (final head included) at lr * transfer_ratio. Which of them
+    train is set by requires_grad: a parameter without a gradient is skipped by the optimizer, weight decay
+    and momentum included."""
+    exit_params = list(model.intermediate_heads.parameters()) + list(model.gates.parameters())
+    exit_ids = {id(p) for p in exit_params}
+    backbone = [p for p in model.parameters() if id(p) not in exit_ids]
+    return [{'params': exit_params, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
+
+
+def dynn_optimizer(model: GFNetDynn, name: str, weight_decay: float, *, lr: float, transfer_ratio: float,
+                   min_lr: float, num_epochs: int):
+    """The one optimizer of stages 1-2 and its cosine schedule over --num_epoch, stepped after joint epochs
+    only (so the warm-up runs at the constant lr)."""
+    optimizer = build_optimizer(dynn_param_groups(model, lr, transfer_ratio), name, weight_decay, lr=lr)
+    return optimizer, build_scheduler(optimizer, num_epochs, min_lr / lr)
+
+
+def train_dynn(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
+               run: RunConfig, warmup: WarmupConfig, joint: JointConfig, exit_costs: str,
+               writer: SummaryWriter | None, start: StartPoint) -> StageSummary:
+    """The warm-up (unless the resumed checkpoint is past it), then joint training."""
+    if start.stage != 'joint':
+        summary = run_warmup_stage(model, train_loader, val_loader, optimizer, scheduler, device, run, warmup,
+                                   writer, start)
+        if summary.next_epoch >= run.num_epochs:
+            _logger.warning('the warm-up used all %d epochs: the gates were not trained and no best.pth was '
+                            'written; pass a --num_epoch larger than --max_warmup_epoch %d', run.num_epochs,
+                            warmup.max_epochs)
+            return summary
+        start = StartPoint(None, summary.next_epoch, 0.0, {})
+    costs = torch.tensor(EXIT_COSTS[exit_costs](model))
+    return run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs,
+                           normalized_exit_costs(model), run, joint, writer, start)

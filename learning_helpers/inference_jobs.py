@@ -1,0 +1,109 @@
+"""--eval and --export, wired from the command line's arguments: the checkpoint's own model, outputs checked
+before any work, then the report or the ONNX folder."""
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from errors import GFNetDynnError
+from learning_helpers import model_factory
+from learning_helpers.checkpoint import save_json
+from learning_helpers.eval_report import evaluate_early_exit, format_results_table
+from learning_helpers.outputs import check_export_folder, check_output_file, replace_folder
+from learning_helpers.run_setup import build_data, checkpoint_args, resolve_model_shape
+from models.flops import exit_gflops
+
+CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
+
+
+def load_for_inference(args: argparse.Namespace, given: set[str],
+                       names: dict[str, str]) -> tuple[torch.nn.Module, dict, dict]:
+    """The early-exit model of --checkpoint-path, built from the checkpoint's own args; also those args and the
+    checkpoint itself. A model flag that contradicts the checkpoint, or a checkpoint without trained exits, is
+    an error."""
+    checkpoint, source_args = checkpoint_args(args.checkpoint_path)
+    for dest in CHECKPOINT_SHAPE_FLAGS:
+        stored = source_args.get(dest)
+        if dest in given and stored is not None and getattr(args, dest) != stored:
+            raise GFNetDynnError(f'{names[dest]} {getattr(args, dest)} differs from the checkpoint\'s ({stored}): '
+                                 f'the model is built as it was trained; drop {names[dest]}')
+    shape = resolve_model_shape(args, source_args)
+    fallback = {**vars(args), **shape}
+    model, model_args = model_factory.load_dynn_checkpoint(checkpoint, args.checkpoint_path,
+                                                           input_size=shape['input_size'], fallback=fallback)
+    return model, model_args, checkpoint
+
+
+def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], device: torch.device) -> Path:
+    """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
+    from learning_helpers.plots import plot_confusion, plot_tradeoff
+    json_path = results_json_path(args, given)
+    plot_paths = [json_path.with_name(json_path.stem + suffix) for suffix in ('_tradeoff.png', '_confusion.png')]
+    flag = '--output-dir' if 'output_dir' in given else '--results-json'
+    check_output_file(json_path, 'results', flag)  # before the evaluation, not after it
+    for path in plot_paths:
+        check_output_file(path, 'plot', flag)
+    model, model_args, checkpoint = load_for_inference(args, given, names)
+    _, val_loader, class_names, _ = build_data(args, model_args['input_size'], distributed=False)
+    if len(class_names) != model.num_classes:
+        raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
+                             f'{args.data_set} has {len(class_names)}; evaluate it on the dataset it was trained on')
+    model.to(device)
+    results, _ = evaluate_early_exit(
+        model, val_loader, device, thresholds=args.thresholds, exit_threshold=args.exit_threshold,
+        gflops_per_exit=exit_gflops(model), class_names=class_names, conformal=checkpoint.get('conformal'),
+        max_batches=4 if args.barely_train else None, amp=args.amp)
+    results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],
+               'checkpoint': str(args.checkpoint_path), 'device': str(device), **results}
+    save_json(json_path, results)
+    tradeoff_png = plot_tradeoff(results, plot_paths[0])
+    confusion_png = plot_confusion(results, plot_paths[1])
+    print(format_results_table(results))
+    print(f'results: {json_path}\nplots: {tradeoff_png} {confusion_png}')
+    return json_path
+
+
+def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> Path:
+    """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards. The export is
+    written beside --out first and replaces it whole once complete."""
+    from models.onnx_export import export_segments
+    out = check_export_folder(args.out)
+    model, model_args, _ = load_for_inference(args, given, names)
+    threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
+    staged = out.with_name(f'.{out.name}.partial')
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        export_segments(model, staged, threshold=threshold, class_names=model_args['class_names'],
+                        input_size=model_args['input_size'])
+        replace_folder(staged, out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    print(f'exported {len(model.exit_positions) + 1} ONNX segments (exit threshold {threshold:g}) to '
+          f'{out}; run them with:\n  python -m models.onnx_runner {out} IMAGE [IMAGE ...]')
+    return out / 'manifest.json'
+
+
+def results_json_path(args: argparse.Namespace, given: set[str]) -> Path:
+    """--results-json, else results.json in --output-dir when given, else beside the checkpoint."""
+    if args.results_json:
+        return Path(args.results_json)
+    if 'output_dir' in given:
+        return Path(args.output_dir) / 'results.json'
+    return default_results_json(args.checkpoint_path)
+
+
+def default_results_json(checkpoint_path: str) -> Path:
+    """Where --eval writes results.json when --results-json is not given: beside the checkpoint."""
+    return Path(checkpoint_path).parent / 'results.json'
+
+
+def evaluated_threshold(checkpoint_path: str, fallback: float = 0.5) -> float:
+    """The threshold --eval chose for this checkpoint (results.json beside it), else `fallback`."""
+    try:
+        return float(json.loads(default_results_json(checkpoint_path).read_text())['chosen']['threshold'])
+    except (OSError, ValueError, KeyError, TypeError):
+        logging.info('no --exit-threshold and no results.json beside the checkpoint: exporting with %g', fallback)
+        return fallback
