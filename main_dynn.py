@@ -68,7 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument('--min-lr', type=float, default=2e-4, help='cosine schedule floor')
     train.add_argument('--wd', type=float, default=None,
                        help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
-    train.add_argument('--warmup-epochs', type=int, default=0, help='linear lr warm-up epochs (backbone stage)')
+    train.add_argument('--warmup-epochs', type=int, default=0,
+                       help='backbone stage: epochs of linear learning-rate warm-up (not the exit warm-up, see '
+                            '--max_warmup_epoch)')
     train.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (backbone stage)')
     train.add_argument('--amp', action='store_true',
                        help='bf16 mixed precision on CUDA (Ampere or newer; ignored on CPU)')
@@ -92,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     dynn.add_argument('--ce_ic_tradeoff', type=float, default=0.75,
                       help='lambda: accuracy vs inference-cost trade-off; higher exits earlier')
     dynn.add_argument('--patience', type=int, default=2, help='warm-up epochs without improvement before freezing')
-    dynn.add_argument('--max_warmup_epoch', type=int, default=10, help='warm-up epochs at most')
+    dynn.add_argument('--max_warmup_epoch', type=int, default=10,
+                      help='dynn stage: at most this many epochs of exit warm-up (stage 1) before joint training')
     dynn.add_argument('--bilevel_batch_count', type=int, default=60, help='batches per gate/classifier phase')
     dynn.add_argument('--phase-counter', type=str, default='epoch', choices=PHASE_COUNTERS,
                       help='epoch: the phase counter restarts every epoch, gate phase first (the reference); '
@@ -206,7 +209,6 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.num_epoch > 0, f'--num_epoch must be positive, got {args.num_epoch}'),
         (args.lr > 0, f'--lr must be positive, got {args.lr}'),
         (args.min_lr >= 0, f'--min-lr must be >= 0, got {args.min_lr}'),
-        (0 < args.split_ratio < 1, f'--split-ratio must lie strictly between 0 and 1, got {args.split_ratio}'),
         (args.input_size is None or args.input_size > 0, f'--input-size must be positive, got {args.input_size}'),
         (args.patch_size is None or args.patch_size > 0, f'--patch-size must be positive, got {args.patch_size}'),
         (args.patience > 0, f'--patience must be positive, got {args.patience}'),

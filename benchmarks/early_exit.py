@@ -15,8 +15,8 @@ import torch
 from benchmarks.common import json_path, median_latency_ms, throughput, write_json
 from data_loader_help import build_datasets, resolve_data_path
 from errors import GFNetDynnError, exit_code
-from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, cheapest_within, collect_exit_outputs, per_exit_accuracy, sweep_point,
-                                         threshold_sweep)
+from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, cheapest_within, collect_exit_outputs,
+                                         per_exit_accuracy, sweep_point, threshold_sweep)
 from learning_helpers.model_factory import load_dynn_checkpoint
 from models.early_exit import EarlyExitEngine
 from models.flops import exit_gflops

@@ -80,8 +80,9 @@ def load_dynn_checkpoint(checkpoint: dict, source: str, *, input_size: int | Non
         _logger.warning('%s comes from the warm-up: its exits are trained, its gates are not', source)
     num_classes = head.shape[0]
     size = input_size or stored.get('input_size')
-    model = build_dynn(stored.get('arch', DEFAULT_ARCH), num_classes, size, stored.get('patch_size', DEFAULT_PATCH_SIZE),
-                       0.0, stored.get('exit_positions', list(DEFAULT_EXIT_POSITIONS)), stored.get('gate', 'unc'))
+    model = build_dynn(stored.get('arch', DEFAULT_ARCH), num_classes, size,
+                       stored.get('patch_size', DEFAULT_PATCH_SIZE), 0.0,
+                       stored.get('exit_positions', list(DEFAULT_EXIT_POSITIONS)), stored.get('gate', 'unc'))
     report = load_state(model, checkpoint, source=source)
     if any(key.startswith('intermediate_heads.') for key in report.fresh):
         raise GFNetDynnError(f'{source} lacks some exits of its own --exit-positions; pass a checkpoint written by '

@@ -81,8 +81,9 @@ class NonFiniteGuard:
         self.in_a_row = 0
 
     def allows(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
-        """True if the step may proceed (epoch and batch counted from 0, like the epoch lines). One host sync per step, the price of never stepping on NaN. Under torchrun the ranks decide
-        together: a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
+        """True if the step may proceed (epoch and batch counted from 0, like the epoch lines). One host sync
+        per step, the price of never stepping on NaN. Under torchrun the ranks decide together: a rank that
+        skipped alone would leave the others waiting in the gradient all-reduce."""
         non_finite = (~torch.isfinite(loss.detach())).any().float()
         if all_reduce_sum(non_finite).item() == 0:
             self.in_a_row = 0

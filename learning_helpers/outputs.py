@@ -104,8 +104,7 @@ def describe_run(folder: Path) -> str:
     return f"{len(list(folder.glob('*.pth')))} checkpoint files"
 
 
-def check_new_run(run_folders: list[Path], overwrite: bool, sources: dict[str, str | None],
-                  resume_hint: bool = True) -> None:
+def check_new_run(run_folders: list[Path], overwrite: bool, sources: dict[str, str | None]) -> None:
     """Before a new training run writes anything: no source file lies in a folder the run writes, and no run
     folder holds an earlier run's checkpoints unless --overwrite."""
     for flag, source in sources.items():
@@ -119,7 +118,8 @@ def check_new_run(run_folders: list[Path], overwrite: bool, sources: dict[str, s
                                  f'--output-dir')
         if overwrite or not folder.is_dir() or not any(folder.glob('*.pth')):
             continue
-        how = f"continue it with --resume {folder / 'last.pth'}, " if resume_hint and (folder / 'last.pth').exists() else ''
+        last = folder / 'last.pth'
+        how = f'continue it with --resume {last}, ' if last.exists() else ''
         raise GFNetDynnError(f'{folder} already holds a run ({describe_run(folder)}); {how}pass another '
                              f'--output-dir, or --overwrite to replace it')
 

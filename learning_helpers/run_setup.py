@@ -70,8 +70,7 @@ def checkpoint_args(path: str | None) -> tuple[dict, dict]:
 
 
 def build_data(args: argparse.Namespace, input_size: int, distributed: bool):
-    """(train loader, val loader, class names, the data folder). Imported here so --help stays fast."""
-    from data_loader_help import build_datasets, build_loaders, resolve_data_path
+    """(train loader, val loader, class names, the data folder)."""
     if not is_main_process():
         barrier()  # under torchrun rank 0 goes first: it may generate DEMO, which the other ranks then read
     data_path = resolve_data_path(args.data_set, args.data_path)

@@ -172,37 +172,39 @@ def _cfg(**kwargs) -> dict:
             'classifier': 'head', **kwargs}
 
 
-default_cfgs = generate_default_cfgs({
-    'gfnet_ti.untrained': _cfg(),
-    'gfnet_xs.untrained': _cfg(),
-    'gfnet_s.untrained': _cfg(),
-    'gfnet_b.untrained': _cfg(),
-})
+# The four variants of the GFNet paper (patch 16, MLP ratio 4); the early-exit variants share the table.
+VARIANTS = {
+    'gfnet_ti': dict(embed_dim=256, depth=12, patch_size=16),
+    'gfnet_xs': dict(embed_dim=384, depth=12, patch_size=16),
+    'gfnet_s': dict(embed_dim=384, depth=19, patch_size=16),
+    'gfnet_b': dict(embed_dim=512, depth=19, patch_size=16),
+}
+
+default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in VARIANTS})
 
 
-def _create_gfnet(variant: str, pretrained: bool = False, **kwargs) -> GFNet:
-    return build_model_with_cfg(GFNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+def create_variant(model_class: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`variant` ('gfnet_xs', or 'gfnet_xs_dynn' for model_class GFNetDynn) from VARIANTS, kwargs overriding."""
+    model_args = {**VARIANTS[variant.removesuffix('_dynn')], **kwargs}
+    return build_model_with_cfg(model_class, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **model_args)
 
 
 @register_model
 def gfnet_ti(pretrained: bool = False, **kwargs) -> GFNet:
-    model_args = dict(embed_dim=256, depth=12, patch_size=16)
-    return _create_gfnet('gfnet_ti', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNet, 'gfnet_ti', pretrained, **kwargs)
 
 
 @register_model
 def gfnet_xs(pretrained: bool = False, **kwargs) -> GFNet:
-    model_args = dict(embed_dim=384, depth=12, patch_size=16)
-    return _create_gfnet('gfnet_xs', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNet, 'gfnet_xs', pretrained, **kwargs)
 
 
 @register_model
 def gfnet_s(pretrained: bool = False, **kwargs) -> GFNet:
-    model_args = dict(embed_dim=384, depth=19, patch_size=16)
-    return _create_gfnet('gfnet_s', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNet, 'gfnet_s', pretrained, **kwargs)
 
 
 @register_model
 def gfnet_b(pretrained: bool = False, **kwargs) -> GFNet:
-    model_args = dict(embed_dim=512, depth=19, patch_size=16)
-    return _create_gfnet('gfnet_b', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNet, 'gfnet_b', pretrained, **kwargs)

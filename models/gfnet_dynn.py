@@ -3,11 +3,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from errors import GFNetDynnError
 from models.gates import GATES
-from models.gfnet import GFNet, _cfg, checkpoint_filter_fn
+from models.gfnet import VARIANTS, GFNet, _cfg, create_variant
 
 DEFAULT_EXIT_POSITIONS = (3, 5, 7, 9)
 
@@ -104,38 +104,24 @@ class GFNetDynn(GFNet):
         return self.heads_and_gates(self.forward_pooled(x, through_final))
 
 
-default_cfgs = generate_default_cfgs({
-    'gfnet_ti_dynn.untrained': _cfg(),
-    'gfnet_xs_dynn.untrained': _cfg(),
-    'gfnet_s_dynn.untrained': _cfg(),
-    'gfnet_b_dynn.untrained': _cfg(),
-})
-
-
-def _create_gfnet_dynn(variant: str, pretrained: bool = False, **kwargs) -> GFNetDynn:
-    return build_model_with_cfg(GFNetDynn, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+default_cfgs = generate_default_cfgs({f'{name}_dynn.untrained': _cfg() for name in VARIANTS})
 
 
 @register_model
 def gfnet_ti_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
-    model_args = dict(embed_dim=256, depth=12, patch_size=16)
-    return _create_gfnet_dynn('gfnet_ti_dynn', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNetDynn, 'gfnet_ti_dynn', pretrained, **kwargs)
 
 
 @register_model
 def gfnet_xs_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
-    model_args = dict(embed_dim=384, depth=12, patch_size=16)
-    return _create_gfnet_dynn('gfnet_xs_dynn', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNetDynn, 'gfnet_xs_dynn', pretrained, **kwargs)
 
 
 @register_model
 def gfnet_s_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
-    model_args = dict(embed_dim=384, depth=19, patch_size=16)
-    return _create_gfnet_dynn('gfnet_s_dynn', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNetDynn, 'gfnet_s_dynn', pretrained, **kwargs)
 
 
 @register_model
 def gfnet_b_dynn(pretrained: bool = False, **kwargs) -> GFNetDynn:
-    model_args = dict(embed_dim=512, depth=19, patch_size=16)
-    return _create_gfnet_dynn('gfnet_b_dynn', pretrained, **dict(model_args, **kwargs))
+    return create_variant(GFNetDynn, 'gfnet_b_dynn', pretrained, **kwargs)

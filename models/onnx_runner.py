@@ -124,9 +124,9 @@ class OnnxEarlyExit:
 
 
 def preprocess(path: str | Path, input_size: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """The evaluation transform in numpy: RGB (16-bit and float images scaled as in training), bicubic resize of the short side to int(256/224 * size),
-    centre crop, scale to [0, 1], normalise -> (3, size, size) float32. Matches torchvision's Resize,
-    CenterCrop, ToTensor and Normalize on a PIL image."""
+    """The evaluation transform in numpy: RGB (16-bit and float images scaled as in training), bicubic resize
+    of the short side to int(256/224 * size), centre crop, scale to [0, 1], normalise -> (3, size, size)
+    float32. Matches torchvision's Resize, CenterCrop, ToTensor and Normalize on a PIL image."""
     try:
         img = open_rgb(path)
     except BandCountError as err:

@@ -98,3 +98,30 @@ def tiny_data(tiny_backbone, monkeypatch) -> Path:
     import dataset_config
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(tiny_backbone.data))
     return tiny_backbone.data
+
+
+# The smallest CLI runs (16 px, one epoch of a few batches) and the user-mistake contract they are checked with.
+FAST_FLAGS = [*TINY_FLAGS, '--input-size', '16', '--num_epoch', '1', '--barely_train']
+
+
+@pytest.fixture
+def small_data(tmp_path, monkeypatch) -> Path:
+    """A fresh learnable TINY data set per test (3 classes, 4 train + 2 val images each, 16 px): tests may
+    break it."""
+    import dataset_config
+    root = write_learnable_folder(tmp_path / 'data', train_per_class=4, val_per_class=2, size=16)
+    monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(root))
+    return root
+
+
+def one_error(capsys, argv: list[str], entry_point: Callable[[list[str]], int] | None = None) -> str:
+    """entry_point(argv) (main_dynn.main by default) must fail as a user mistake: exit 2 and exactly one
+    `error:` line, no traceback. Returns that line."""
+    if entry_point is None:
+        from main_dynn import main as entry_point
+    rc = entry_point(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'Traceback' not in err, err
+    return errors[0]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import dataset_config
-from conftest import TINY_FLAGS, tiny_entry, write_learnable_folder
+from conftest import FAST_FLAGS, TINY_FLAGS, one_error, tiny_entry, write_learnable_folder
 from data_loader_help import build_datasets, dataset_entry
 from errors import GFNetDynnError
 from image_io import BandCountError, open_rgb
@@ -20,16 +20,6 @@ from learning_helpers.model_factory import build_dynn
 from main_dynn import main
 from models.weights import load_state
 
-FAST = [*TINY_FLAGS, '--input-size', '16', '--num_epoch', '1', '--barely_train']
-
-
-def one_error(capsys, argv: list[str], runner=main) -> str:
-    rc = runner(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    errors = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(errors) == 1 and 'Traceback' not in err, err
-    return errors[0]
 
 
 def write_tiff(path, height: int, width: int, bands: int) -> None:
@@ -79,9 +69,9 @@ def test_a_data_set_of_16_bit_images_trains_and_a_many_band_one_is_one_line(tmp_
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(root))
     for path, grey in originals.items():
         assert np.array_equal(np.asarray(open_rgb(path))[..., 0], grey)  # not saturated at white
-    assert main(['--stage', 'backbone', *FAST, '--output-dir', str(tmp_path / 'out')]) == 0
+    assert main(['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path / 'out')]) == 0
     write_tiff(root / 'train' / 'class0' / 'multispectral.tif', 16, 16, 8)
-    line = one_error(capsys, ['--stage', 'backbone', *FAST, '--output-dir', str(tmp_path / 'out2')])
+    line = one_error(capsys, ['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path / 'out2')])
     assert 'multispectral.tif has 8 bands' in line
 
 
@@ -91,7 +81,8 @@ def test_a_symbolic_link_loop_is_one_line_naming_it(tmp_path, monkeypatch, capsy
     root = write_learnable_folder(tmp_path / 'data', train_per_class=4, val_per_class=2, size=16)
     (root / 'train' / 'class1' / 'again').symlink_to(root / 'train')
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(root))
-    line = one_error(capsys, ['--stage', 'backbone', *FAST, '--skip-bad-images', '--output-dir', str(tmp_path / 'o')])
+    line = one_error(capsys, ['--stage', 'backbone', *FAST_FLAGS, '--skip-bad-images', '--output-dir',
+                              str(tmp_path / 'o')])
     assert line.startswith(f"error: symbolic link loop: {root / 'train' / 'class1' / 'again'}")
     assert 'leads back to' in line and 'remove the link' in line
 
@@ -130,7 +121,7 @@ def test_dataset_config_entries_are_checked_key_by_key(change, fragment, tmp_pat
         else:
             entry[key] = value
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', entry)
-    line = one_error(capsys, [*FAST, '--output-dir', str(tmp_path / 'o')])
+    line = one_error(capsys, [*FAST_FLAGS, '--output-dir', str(tmp_path / 'o')])
     assert "dataset_config.py entry 'TINY'" in line and fragment in line
     assert not (tmp_path / 'o').exists()
 
@@ -141,13 +132,6 @@ def test_every_shipped_entry_passes_the_check():
 
 
 # --- no flag silently ignored ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def data(tmp_path, monkeypatch):
-    root = write_learnable_folder(tmp_path / 'data', train_per_class=4, val_per_class=2, size=16)
-    monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(root))
-    return root
-
 
 @pytest.fixture
 def dynn_checkpoint(tmp_path):
@@ -170,8 +154,8 @@ def dynn_checkpoint(tmp_path):
     (['--exit-threshold', '1.5'], '--exit-threshold must lie in [0, 1], got 1.5'),
     (['--device', 'mps'], '--device mps is not available in this PyTorch'),
 ])
-def test_flags_that_would_be_ignored_or_are_out_of_range_are_one_line(argv, fragment, data, tmp_path, capsys):
-    line = one_error(capsys, [*FAST, *argv, '--output-dir', str(tmp_path / 'o')])
+def test_flags_that_would_be_ignored_or_are_out_of_range_are_one_line(argv, fragment, small_data, tmp_path, capsys):
+    line = one_error(capsys, [*FAST_FLAGS, *argv, '--output-dir', str(tmp_path / 'o')])
     assert fragment in line
     assert not (tmp_path / 'o').exists()
 
@@ -181,7 +165,7 @@ def test_flags_that_would_be_ignored_or_are_out_of_range_are_one_line(argv, frag
     (['--patch-size', '16'], "--patch-size 16 differs from the checkpoint's (8)"),
     (['--lr', '0.1'], '--lr has no effect with --eval'),
 ])
-def test_eval_flags_that_contradict_the_checkpoint_are_one_line(flags, fragment, data, dynn_checkpoint, capsys):
+def test_eval_flags_that_contradict_the_checkpoint_are_one_line(flags, fragment, small_data, dynn_checkpoint, capsys):
     line = one_error(capsys, [*TINY_FLAGS[:2], '--eval', '--checkpoint-path', str(dynn_checkpoint), *flags])
     assert fragment in line
 
@@ -204,8 +188,8 @@ def test_runner_mistakes_are_one_line(dynn_checkpoint, tmp_path, capsys):
 
 # --- checked before any side effect ------------------------------------------------------------------------------
 
-def test_bad_exit_positions_fail_before_any_output_or_data_scan(data, tmp_path, capsys):
-    rc = main([*FAST, '--exit-positions', '3', '5', '20', '--output-dir', str(tmp_path / 'o')])
+def test_bad_exit_positions_fail_before_any_output_or_data_scan(small_data, tmp_path, capsys):
+    rc = main([*FAST_FLAGS, '--exit-positions', '3', '5', '20', '--output-dir', str(tmp_path / 'o')])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().splitlines()[0].startswith('error: --exit-positions')  # no INFO line before
     assert not (tmp_path / 'o').exists()

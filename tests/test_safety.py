@@ -12,8 +12,7 @@ import pytest
 import timm
 import torch
 
-import dataset_config
-from conftest import TINY_FLAGS, tiny_entry, write_learnable_folder
+from conftest import FAST_FLAGS, TINY_FLAGS, one_error, tiny_entry, write_learnable_folder
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.model_factory import build_dynn
 from learning_helpers.outputs import folder_lock
@@ -21,24 +20,6 @@ from main_dynn import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXITS = [3, 7]
-FAST = [*TINY_FLAGS, '--input-size', '16', '--num_epoch', '1', '--barely_train']
-
-
-@pytest.fixture
-def data(tmp_path, monkeypatch) -> Path:
-    root = write_learnable_folder(tmp_path / 'data', train_per_class=4, val_per_class=2, size=16)
-    monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(root))
-    return root
-
-
-def one_error(capsys, argv: list[str]) -> str:
-    """main(argv) must fail as a user mistake: exit 2 and exactly one `error:` line, no traceback."""
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    errors = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(errors) == 1 and 'Traceback' not in err, err
-    return errors[0]
 
 
 def write_dynn_checkpoint(folder: Path, stage: str = 'joint', epoch: int = 0, num_epoch: int = 2,
@@ -55,7 +36,7 @@ def write_dynn_checkpoint(folder: Path, stage: str = 'joint', epoch: int = 0, nu
 
 # --- 1. no output replaces a checkpoint or a foreign file -----------------------------------------------------
 
-def test_results_json_pointing_at_a_checkpoint_is_refused_and_the_checkpoint_kept(data, tmp_path, capsys):
+def test_results_json_pointing_at_a_checkpoint_is_refused_and_the_checkpoint_kept(small_data, tmp_path, capsys):
     best = write_dynn_checkpoint(tmp_path / 'run').with_name('best.pth')
     best.write_bytes((tmp_path / 'run' / 'last.pth').read_bytes())
     before = best.read_bytes()
@@ -64,14 +45,14 @@ def test_results_json_pointing_at_a_checkpoint_is_refused_and_the_checkpoint_kep
     assert best.read_bytes() == before
 
 
-def test_results_json_that_is_a_folder_is_refused_before_the_evaluation(data, tmp_path, capsys):
+def test_results_json_that_is_a_folder_is_refused_before_the_evaluation(small_data, tmp_path, capsys):
     best = write_dynn_checkpoint(tmp_path / 'run')
     line = one_error(capsys, [*TINY_FLAGS, '--eval', '--checkpoint-path', str(best), '--results-json', str(tmp_path)])
     assert f'--results-json {tmp_path} is a folder' in line
     assert 'exits' not in capsys.readouterr().err  # no evaluation pass started
 
 
-def test_a_plot_path_holding_a_foreign_file_is_refused(data, tmp_path, capsys):
+def test_a_plot_path_holding_a_foreign_file_is_refused(small_data, tmp_path, capsys):
     best = write_dynn_checkpoint(tmp_path / 'run')
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'results_tradeoff.png').write_bytes(b'my holiday photo')
@@ -83,41 +64,41 @@ def test_a_plot_path_holding_a_foreign_file_is_refused(data, tmp_path, capsys):
 
 # --- 2. a new run never replaces another run --------------------------------------------------------------------
 
-def test_a_second_run_into_a_folder_holding_a_run_stops_and_says_how_to_go_on(data, tmp_path, capsys):
+def test_a_second_run_into_a_folder_holding_a_run_stops_and_says_how_to_go_on(small_data, tmp_path, capsys):
     folder = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.75_confEE'
     write_dynn_checkpoint(folder, epoch=0, num_epoch=2, acc=16.67)
     before = (folder / 'last.pth').read_bytes()
-    line = one_error(capsys, [*FAST, '--output-dir', str(tmp_path)])
+    line = one_error(capsys, [*FAST_FLAGS, '--output-dir', str(tmp_path)])
     assert f'{folder} already holds a run (stage joint, epoch 0, best val acc 16.67%)' in line
     assert f"--resume {folder / 'last.pth'}" in line and '--output-dir' in line and '--overwrite' in line
     assert (folder / 'last.pth').read_bytes() == before
 
 
-def test_overwrite_replaces_the_earlier_run_whole(data, tmp_path, capsys):
+def test_overwrite_replaces_the_earlier_run_whole(small_data, tmp_path, capsys):
     folder = tmp_path / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn'
     folder.mkdir(parents=True)
     (folder / 'ckpt_stale.pth').write_bytes(b'an earlier run')
     (folder / 'notes.txt').write_text('mine')
-    assert main(['--stage', 'backbone', *FAST, '--output-dir', str(tmp_path), '--overwrite']) == 0
+    assert main(['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path), '--overwrite']) == 0
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith('.')) == ['best.pth', 'last.pth',
                                                                                        'notes.txt']
 
 
-def test_a_run_never_writes_into_the_folder_of_its_checkpoint_path(data, tmp_path, capsys):
+def test_a_run_never_writes_into_the_folder_of_its_checkpoint_path(small_data, tmp_path, capsys):
     folder = tmp_path / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn'
     folder.mkdir(parents=True)
     start = folder / 'best.pth'
     torch.save({'model': timm.create_model('gfnet_ti', num_classes=3, img_size=16, patch_size=8).state_dict()}, start)
     before = start.read_bytes()
-    line = one_error(capsys, ['--stage', 'backbone', *FAST, '--checkpoint-path', str(start), '--output-dir',
+    line = one_error(capsys, ['--stage', 'backbone', *FAST_FLAGS, '--checkpoint-path', str(start), '--output-dir',
                               str(tmp_path), '--overwrite'])
     assert f'--checkpoint-path {start} lies in {folder}, which this run writes' in line
     assert start.read_bytes() == before
 
 
-def test_a_dynn_checkpoint_given_to_the_backbone_stage_is_refused(data, tmp_path, capsys):
+def test_a_dynn_checkpoint_given_to_the_backbone_stage_is_refused(small_data, tmp_path, capsys):
     last = write_dynn_checkpoint(tmp_path / 'elsewhere')
-    line = one_error(capsys, ['--stage', 'backbone', *FAST, '--checkpoint-path', str(last), '--output-dir',
+    line = one_error(capsys, ['--stage', 'backbone', *FAST_FLAGS, '--checkpoint-path', str(last), '--output-dir',
                               str(tmp_path / 'out')])
     assert 'is a dynn-stage checkpoint' in line and '--resume' in line
     assert not (tmp_path / 'out').exists()
@@ -126,10 +107,10 @@ def test_a_dynn_checkpoint_given_to_the_backbone_stage_is_refused(data, tmp_path
 # --- 3. --resume continues the run in its own folder -------------------------------------------------------------
 
 @pytest.fixture
-def interrupted_run(data, tmp_path, capsys) -> Path:
+def interrupted_run(small_data, tmp_path, capsys) -> Path:
     """A backbone run of 3 epochs stopped after its first (a last.pth saying epoch 0 of 3)."""
     run_dir = tmp_path / 'first'
-    assert main(['--stage', 'backbone', *FAST, '--output-dir', str(run_dir)]) == 0
+    assert main(['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(run_dir)]) == 0
     last = run_dir / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn' / 'last.pth'
     checkpoint = torch.load(last, weights_only=True)
     checkpoint['args']['num_epoch'] = 3
@@ -174,10 +155,10 @@ def test_resume_of_a_file_moved_out_of_its_run_folder_is_refused(interrupted_run
 
 # --- 4. one run per folder ---------------------------------------------------------------------------------------
 
-def test_a_second_run_on_a_folder_in_use_names_the_first_ones_pid(data, tmp_path, capsys):
+def test_a_second_run_on_a_folder_in_use_names_the_first_ones_pid(small_data, tmp_path, capsys):
     folder = tmp_path / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn'
     with folder_lock(folder):  # another run holds it
-        line = one_error(capsys, ['--stage', 'backbone', *FAST, '--output-dir', str(tmp_path)])
+        line = one_error(capsys, ['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path)])
     assert f'PID {os.getpid()} is writing {folder}' in line
     assert not list(folder.glob('*.pth'))
 
@@ -220,7 +201,7 @@ def test_benchmarks_write_under_bench_by_default_and_never_over_a_foreign_file(t
 
 
 @pytest.mark.parametrize('job', ['eval', 'export', 'benchmark'])
-def test_a_backbone_checkpoint_is_refused_where_exits_are_needed(job, data, tmp_path, capsys):
+def test_a_backbone_checkpoint_is_refused_where_exits_are_needed(job, small_data, tmp_path, capsys):
     backbone = tmp_path / 'backbone.pth'
     model = timm.create_model('gfnet_ti', num_classes=3, img_size=16, patch_size=8)
     save_checkpoint(backbone, {'model': model.state_dict(), 'stage': 'backbone', 'args': {'patch_size': 8}})

@@ -1,5 +1,5 @@
-"""Evaluation from the exit cache (exit rule, sweep, cheapest point, gate rebalancing), conformal sets, and the
-optimisation helpers (lr schedule, non-finite guard)."""
+"""The exit cache and what is derived from it (exit rules, sweep, cheapest point, gate rebalancing), the
+conformal sets, and the optimisation helpers (lr schedule, non-finite guard)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from errors import GFNetDynnError
-from learning_helpers.conformal import ALPHAS, conformal_quantile, conformal_thresholds, prediction_set_stats
+from learning_helpers.conformal import conformal_quantile, conformal_thresholds, prediction_set_stats
 from learning_helpers.exit_cache import (ExitCache, best_exit_counts, cheapest_within, conditional_exit_choice,
                                          exit_choice, exit_point, gated_predictions, per_exit_accuracy,
                                          threshold_sweep, updated_pos_weight)
@@ -172,10 +172,6 @@ def test_exit_point_counts_shares_and_accuracies_of_the_chosen_exits():
 
 
 # conformal prediction sets
-
-def test_conformal_alphas_are_the_references_nine():
-    assert list(ALPHAS) == pytest.approx([0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05])
-
 
 def test_conformal_quantile_matches_numpys_higher_method_at_the_conformal_level():
     import numpy as np
