@@ -10,6 +10,7 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,8 @@ from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
-from learning_helpers.warmup_stage import warmup_train_one_epoch
+from learning_helpers.stage_common import RunConfig
+from learning_helpers.warmup_stage import train_one_epoch as warmup_train_one_epoch
 from models.flops import exit_gflops
 from models.gfnet import GFNet
 from models.weights import read_checkpoint
@@ -70,15 +72,16 @@ def run(args: argparse.Namespace) -> None:
         model, val_loader, device, thresholds=DEFAULT_THRESHOLDS, exit_threshold=None,
         gflops_per_exit=gflops, class_names=class_names))
 
+    run = RunConfig(num_epochs=1, seed=0, checkpoint_dir=Path('unused'), run_args={})  # no files written
     heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
     warmup_seconds, _ = timed(lambda: warmup_train_one_epoch(model, train_loader, heads, device, 0,
-                                                             NonFiniteGuard(5)))
+                                                             NonFiniteGuard(5), run))
     backbone = build_backbone(model_args['arch'], len(class_names), model_args['input_size'],
                               model_args['patch_size'], 0.0)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
     adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 0.05, lr=1e-3)
     backbone_seconds, _ = timed(lambda: train_one_epoch(backbone, criterion, train_loader, adamw, device, 0,
-                                                        NonFiniteGuard(5)))
+                                                        NonFiniteGuard(5), run))
     chosen = results['chosen']
     report = {
         'threads': torch.get_num_threads(), 'checkpoint': args.checkpoint,

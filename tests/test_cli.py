@@ -291,3 +291,17 @@ def test_backbone_stage_on_demo_images_beats_chance_clearly(tmp_path, capsys):
                       map_location='cpu', weights_only=True)
     assert best['acc'] >= 35.0, f"best val acc {best['acc']:.2f}% (chance 12.5%)"
     assert f"best val acc {best['acc']:.2f}%" in out
+
+
+@pytest.mark.slow
+def test_dynn_costs_benchmark_times_the_pipeline_on_a_trained_checkpoint(dynn_run, tiny_data, tmp_path, capsys):
+    from benchmarks.dynn_costs import main as bench_main
+    out_json = tmp_path / 'costs.json'
+    rc = bench_main(['--checkpoint', str(dynn_run[1] / 'best.pth'), '--data-set', 'TINY', '--num_workers', '0',
+                     '--json', str(out_json)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out_json.read_text())
+    assert report['benchmark'] == 'dynn_costs'
+    assert report['eval_over_plain'] == pytest.approx(report['eval_s'] / report['plain_forward_pass_s'])
+    assert report['warmup_over_backbone'] == pytest.approx(report['warmup_epoch_s'] / report['backbone_epoch_s'])
+    assert 0 <= report['flops_saving'] < 1 and report['warmup_epoch_s'] > 0
