@@ -1,19 +1,21 @@
-"""Datasets and loaders built from `dataset_config.py`, with one-line errors for every data-folder mistake."""
+"""Datasets and loaders built from `dataset_config.py`: the entry checked, the layout found, the split made
+or reused, the transforms applied; one-line errors for every data-folder mistake."""
 import copy
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from timm.data.auto_augment import LEVEL_TO_ARG, RandAugment
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
-from torchvision import transforms
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import dataset_config
+from data_splits import (check_train_ratio, find_layout, read_split_file, reference_random_split, split_from_names,
+                         split_record, stratified_split)
+from data_transforms import build_transform, check_augment
 from demo_data import ensure_demo_dataset
 from errors import GFNetDynnError
 from scene_folder import SceneFolder, real_files
@@ -21,20 +23,30 @@ from scene_folder import SceneFolder, real_files
 logger = logging.getLogger(__name__)
 
 DEMO_DATA_SET = 'DEMO'  # the one data set we can generate instead of asking for a folder
+DEFAULT_TRAIN_RATIO = 0.8  # a one-folder data set's training share when its entry names no protocol
 
-# The keys of a dataset_config.py entry: (accepted types, what a value must satisfy, how to say it)
+
+def _ratios(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value))
+
+
+# The keys of a dataset_config.py entry: (accepted types, what a value must satisfy, how to say it, required)
 ENTRY_KEYS = {
-    'num_classes': ((int,), lambda v: v >= 2, 'an int of at least 2'),
-    'default_input_size': ((int,), lambda v: v > 0, 'a positive int (pixels)'),
-    'train_folder': ((str,), lambda v: True, "a folder name under --data-path ('' for the data path itself)"),
-    'val_folder': ((str,), lambda v: True, "a folder name under --data-path ('' for the data path itself)"),
-    'use_random_split': ((bool,), lambda v: True, 'True or False'),
-    'default_data_path': ((str, type(None)), lambda v: v is None or v != '', 'a path or None'),
+    'num_classes': ((int,), lambda v: v >= 2, 'an int of at least 2', True),
+    'default_input_size': ((int,), lambda v: v > 0, 'a positive int (pixels)', True),
+    'train_folder': ((str,), lambda v: True, "a folder name under --data-path ('' for none)", True),
+    'val_folder': ((str,), lambda v: True, "a folder name under --data-path ('' for none)", True),
+    'use_random_split': ((bool,), lambda v: True, 'True or False', True),
+    'default_data_path': ((str, type(None)), lambda v: v is None or v != '', 'a path or None', True),
+    'protocol_train_ratios': ((list, tuple), _ratios, 'a list of training shares in (0, 1), the first the default',
+                              False),
+    'train_augment': ((dict,), lambda v: True, 'a dict of augmentation settings', False),
 }
 
 
 def _check_entry(name: str, entry) -> dict:
-    """An entry with every key present, of its type (True is not an int here) and in range."""
+    """An entry with every required key present, each key of its type (True is not an int here) and in range."""
     if not isinstance(entry, dict):
         raise GFNetDynnError(f'dataset_config.py entry {name!r} is a {type(entry).__name__}, not a dict of '
                              f'{", ".join(ENTRY_KEYS)}')
@@ -42,13 +54,16 @@ def _check_entry(name: str, entry) -> dict:
     if unknown:
         raise GFNetDynnError(f'dataset_config.py entry {name!r} has unknown key {unknown[0]!r}; the keys are '
                              f'{", ".join(ENTRY_KEYS)}')
-    for key, (types, ok, description) in ENTRY_KEYS.items():
+    for key, (types, ok, description, required) in ENTRY_KEYS.items():
         if key not in entry:
-            raise GFNetDynnError(f'dataset_config.py entry {name!r} lacks {key!r}; add it: {description}')
+            if required:
+                raise GFNetDynnError(f'dataset_config.py entry {name!r} lacks {key!r}; add it: {description}')
+            continue
         value = entry[key]
         right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
         if not right_type or not ok(value):
             raise GFNetDynnError(f'dataset_config.py entry {name!r}: {key} is {value!r}; it must be {description}')
+    check_augment(entry.get('train_augment', {}), f'dataset_config.py entry {name!r}: train_augment')
     return entry
 
 
@@ -59,6 +74,11 @@ def dataset_entry(data_set: str) -> dict:
         raise GFNetDynnError(f'unknown --data-set {data_set!r}; choose one of {", ".join(sorted(config))} '
                              f'or add an entry to dataset_config.py')
     return _check_entry(data_set, config[data_set])
+
+
+def default_train_ratio(data_set: str) -> float:
+    """The entry's first protocol training share, else 0.8."""
+    return float(dataset_entry(data_set).get('protocol_train_ratios', [DEFAULT_TRAIN_RATIO])[0])
 
 
 def resolve_data_path(data_set: str, data_path: str | None) -> Path:
@@ -73,36 +93,6 @@ def resolve_data_path(data_set: str, data_path: str | None) -> Path:
     return path
 
 
-def _posterize_bits_at_least_one(level: float, hparams: dict) -> tuple[int]:
-    """timm's increasing-posterize level floored at 1 bit: timm 1.0.31 asks for 0 bits at magnitude 10,
-    which Pillow 13 rejects with a ValueError that would kill a training run at random."""
-    return max(1, LEVEL_TO_ARG['PosterizeIncreasing'](level, hparams)[0]),
-
-
-def _make_posterize_safe(transform: transforms.Compose) -> transforms.Compose:
-    """Patch the RandAugment posterize op of a timm training pipeline in place (see above)."""
-    for step in transform.transforms:
-        if isinstance(step, RandAugment):
-            for op in step.ops:
-                if op.name == 'PosterizeIncreasing':
-                    op.level_fn = _posterize_bits_at_least_one
-    return transform
-
-
-def build_transform(is_train: bool, input_size: int, reprob: float = 0.0) -> Callable:
-    """Training: timm RandAugment pipeline; evaluation: bicubic resize to 256/224 of the size, centre crop."""
-    if is_train:
-        return _make_posterize_safe(create_transform(
-            input_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4,
-            interpolation='bicubic', re_prob=reprob, re_mode='pixel'))  # DeiT's erase mode
-    return transforms.Compose([
-        transforms.Resize(int(256 / 224 * input_size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
-
-
 def _check_class_count(data_set: str, folder: SceneFolder) -> None:
     """The folder must hold exactly the number of classes dataset_config.py promises."""
     expected = dataset_entry(data_set)['num_classes']
@@ -111,33 +101,18 @@ def _check_class_count(data_set: str, folder: SceneFolder) -> None:
                              f'{len(folder.classes)}; fix the folder or the entry')
 
 
-def _scan(data_set: str, folder: Path, skip_bad_images: bool, layout_hint: str) -> SceneFolder:
+def _scan(data_set: str, folder: Path, skip_bad_images: bool) -> SceneFolder:
     """Scan one class-per-sub-folder directory (no transform yet) and check its class count."""
-    if not folder.is_dir():
-        raise GFNetDynnError(f'no folder {folder}; pass the --data-path that holds {layout_hint}')
     scenes = SceneFolder(folder, skip_bad_images=skip_bad_images)
     _check_class_count(data_set, scenes)
     return scenes
 
 
-def _with_transform(scenes: SceneFolder, transform: Callable) -> SceneFolder:
+def _with_transform(scenes: SceneFolder, transform) -> SceneFolder:
     """A view of the same file list with its own transform (a shallow copy: no rescan)."""
     view = copy.copy(scenes)
     view.transform = transform
     return view
-
-
-def _random_split(scenes: SceneFolder, split_ratio: float, seed: int,
-                  train_tf: Callable, val_tf: Callable) -> tuple[Subset, Subset]:
-    """Split one folder by split_ratio with a seeded generator; each part gets its own transform."""
-    n_train = round(split_ratio * len(scenes))  # counts, not fractions: 1 - 0.8 is 0.19999...
-    train_idx, val_idx = random_split(range(len(scenes)), [n_train, len(scenes) - n_train],
-                                      generator=torch.Generator().manual_seed(seed))
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise GFNetDynnError(f'--split-ratio {split_ratio} leaves an empty part of the {len(scenes)} images in '
-                             f'{scenes.root}; choose a ratio nearer 0.5 or add images')
-    return (Subset(_with_transform(scenes, train_tf), list(train_idx)),
-            Subset(_with_transform(scenes, val_tf), list(val_idx)))
 
 
 def _check_same_classes(train: SceneFolder, val: SceneFolder) -> None:
@@ -149,33 +124,110 @@ def _check_same_classes(train: SceneFolder, val: SceneFolder) -> None:
                              f'make both hold the same class names')
 
 
-def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, split_ratio: float = 0.8,
-                   seed: int = 0, reprob: float = 0.0,
-                   skip_bad_images: bool = False) -> tuple[Dataset, Dataset, list[str]]:
-    """(train, val, class_names) for data_set under data_path, split as its config entry says."""
-    entry = dataset_entry(data_set)
-    if not 0 < split_ratio < 1:
-        raise GFNetDynnError(f'--split-ratio {split_ratio} must be between 0 and 1 (exclusive), e.g. 0.8')
-    root = Path(data_path)
-    train_tf, val_tf = build_transform(True, input_size, reprob), build_transform(False, input_size)
+@dataclass(frozen=True)
+class SplitRequest:
+    """How to split a one-folder layout (ignored for train/val folders), and the split a run recorded, which
+    a later stage or --eval reproduces and checks."""
+    train_ratio: float = DEFAULT_TRAIN_RATIO
+    seed: int = 42
+    file: str | None = None  # --split-file: a published split
+    recorded: dict | None = None  # the 'split' a checkpoint's run args hold
+
+    def __post_init__(self):
+        check_train_ratio(self.train_ratio)
+
+    @classmethod
+    def reusing(cls, recorded: dict | None) -> 'SplitRequest':
+        """The split a checkpoint's run recorded (its ratio and seed), or the defaults when it recorded none."""
+        recorded = recorded or {}
+        return cls(recorded.get('train_ratio') or DEFAULT_TRAIN_RATIO, recorded.get('seed') or 42,
+                   recorded=recorded or None)
+
+
+class DataSets(NamedTuple):
+    train: Dataset | None  # None when only validation was asked for
+    val: Dataset
+    classes: list[str]
+    split: dict  # data_splits.split_record: how the split was made, its hash, both file lists
+
+
+def _one_folder_split(data_set: str, entry: dict, scenes: SceneFolder, relative: list[str],
+                      request: SplitRequest) -> tuple[str, list[int], list[int]]:
+    """(method, training indices, validation indices): a published split file, else the run's recorded split
+    file, else the entry's method (the reference's random split, or stratified) with the ratio and seed."""
+    recorded = request.recorded or {}
+    recorded_file = recorded.get('file')
+    if request.file:
+        return 'file', *split_from_names(relative, *read_split_file(request.file), f'--split-file {request.file}')
+    if recorded_file and Path(recorded_file).is_file():
+        train, val = split_from_names(relative, *read_split_file(recorded_file), f"the run's split {recorded_file}")
+        return recorded.get('method', 'file'), train, val
     if entry['use_random_split']:
-        scenes = _scan(data_set, root / entry['train_folder'], skip_bad_images, 'one sub-folder per class')
-        train_set, val_set = _random_split(scenes, split_ratio, seed, train_tf, val_tf)
-        classes = scenes.classes
+        return 'random', *reference_random_split(len(scenes), request.train_ratio, request.seed)
+    return 'stratified', *stratified_split(scenes.targets, request.train_ratio, request.seed)
+
+
+def _check_recorded(record: dict, request: SplitRequest, root: Path) -> None:
+    """A split recorded by the run must come out again: in a one-folder layout a different split would put
+    training images into validation (an error); with train/ and val/ folders only the contents changed."""
+    recorded = request.recorded
+    if not recorded or not recorded.get('hash'):
+        return
+    key = 'hash' if record['num_train'] else 'val_hash'
+    if record[key] == recorded.get(key):
+        return
+    if record['method'] == 'folders':
+        logger.warning('the images under %s differ from those the run used (split %s, now %s)', root,
+                       recorded.get(key), record[key])
+        return
+    raise GFNetDynnError(f"the images under {root} do not split as the run's did (split {recorded.get(key)}, now "
+                         f"{record[key]}): validation could hold training images; pass the run's --data-path, or "
+                         f'its split file with --split-file')
+
+
+def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, split: SplitRequest = SplitRequest(),
+                   augment: dict | None = None, skip_bad_images: bool = False, need_train: bool = True) -> DataSets:
+    """The training and validation sets of data_set under data_path, split as the layout found and `split`
+    say; with need_train=False only the validation set (a train/ folder need not exist)."""
+    entry = dataset_entry(data_set)
+    root = Path(data_path)
+    layout = find_layout(root, entry, need_train=need_train)
+    val_tf = build_transform(False, input_size)
+    if layout.kind == 'folders':
+        train_scenes = _scan(data_set, layout.train, skip_bad_images) if layout.train else None
+        val_scenes = _scan(data_set, layout.val, skip_bad_images)
+        if train_scenes is not None:
+            _check_same_classes(train_scenes, val_scenes)
+            shared = len(real_files(train_scenes) & real_files(val_scenes))
+            if shared:
+                logger.warning('%d validation images are also training images (the same files, through links); '
+                               'validation accuracy will be optimistic', shared)
+        train_rel = _relative(train_scenes.samples, layout.train) if train_scenes is not None else []
+        record = split_record(data_set, 'folders', None, None, val_scenes.classes, train_rel,
+                              _relative(val_scenes.samples, layout.val))
+        train_set = _with_transform(train_scenes, build_transform(True, input_size, augment)) if need_train else None
+        val_set, classes = _with_transform(val_scenes, val_tf), val_scenes.classes
     else:
-        hint = f"{entry['train_folder']}/ and {entry['val_folder']}/"
-        train_scenes = _scan(data_set, root / entry['train_folder'], skip_bad_images, hint)
-        val_scenes = _scan(data_set, root / entry['val_folder'], skip_bad_images, hint)
-        _check_same_classes(train_scenes, val_scenes)
-        train_set, val_set = _with_transform(train_scenes, train_tf), _with_transform(val_scenes, val_tf)
-        classes = train_scenes.classes
-        shared = len(real_files(train_scenes) & real_files(val_scenes))
-        if shared:
-            logger.warning('%d validation images are also training images (the same files, through links); '
-                           'validation accuracy will be optimistic', shared)
-    logger.info('%s: %d training and %d validation images in %d classes from %s',
-                data_set, len(train_set), len(val_set), len(classes), root)
-    return train_set, val_set, classes
+        scenes = _scan(data_set, layout.train, skip_bad_images)
+        relative = _relative(scenes.samples, layout.train)
+        method, train_idx, val_idx = _one_folder_split(data_set, entry, scenes, relative, split)
+        if not train_idx or not val_idx:
+            raise GFNetDynnError(f'the split leaves no {"training" if not train_idx else "validation"} images of the '
+                                 f'{len(scenes)} in {layout.train}; choose a --train-ratio nearer 0.5 or add images')
+        record = split_record(data_set, method, split.train_ratio if method != 'file' else None,
+                              split.seed if method in ('stratified', 'random') else None, scenes.classes,
+                              [relative[i] for i in train_idx], [relative[i] for i in val_idx])
+        train_set = (Subset(_with_transform(scenes, build_transform(True, input_size, augment)), train_idx)
+                     if need_train else None)
+        val_set, classes = Subset(_with_transform(scenes, val_tf), val_idx), scenes.classes
+    _check_recorded(record, split, root)
+    logger.info('%s: %s training and %d validation images in %d classes from %s', data_set,
+                len(train_set) if train_set is not None else 'no', len(val_set), len(classes), root)
+    return DataSets(train_set, val_set, classes, record)
+
+
+def _relative(samples: list[tuple[str, int]], class_root: Path) -> list[str]:
+    return [Path(path).relative_to(class_root).as_posix() for path, _ in samples]
 
 
 class SeededAugmentation(Dataset):
@@ -220,25 +272,28 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, *,
-                  distributed: bool = False) -> tuple[DataLoader, DataLoader]:
-    """Shuffled, seeded training loader (drop_last) and an ordered validation loader at 1.5x the batch."""
+def build_loaders(train_set: Dataset | None, val_set: Dataset, batch_size: int, num_workers: int, seed: int, *,
+                  distributed: bool = False) -> tuple[DataLoader | None, DataLoader]:
+    """Shuffled, seeded training loader (drop_last; None without a training set) and an ordered validation
+    loader at 1.5x the batch."""
+    common = {'num_workers': num_workers, 'pin_memory': torch.cuda.is_available()}
+    val_kw = ({'sampler': ShardSampler(val_set, dist.get_rank(), dist.get_world_size())} if distributed
+              else {'shuffle': False})
+    val_loader = DataLoader(val_set, batch_size=int(1.5 * batch_size), drop_last=False,
+                            persistent_workers=num_workers > 0, **val_kw, **common)
+    if train_set is None:
+        return None, val_loader
     train_set = SeededAugmentation(train_set, seed)
     if distributed:
         train_kw = {'sampler': DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=True)}
-        val_kw = {'sampler': ShardSampler(val_set, dist.get_rank(), dist.get_world_size())}
         per_rank = len(train_kw['sampler'])
     else:
         train_kw = {'shuffle': True, 'generator': torch.Generator().manual_seed(seed)}
-        val_kw = {'shuffle': False}
         per_rank = len(train_set)
     if per_rank < batch_size:
         raise GFNetDynnError(f'the training set gives {per_rank} images per process, fewer than one batch of '
                              f'{batch_size}; pass a smaller --batch')
-    common = {'num_workers': num_workers, 'pin_memory': torch.cuda.is_available()}
     # training workers start afresh each epoch: persistent ones would keep the dataset copy made before
     # set_epoch, so every epoch would repeat the first one's augmentation
     train_loader = DataLoader(train_set, batch_size=batch_size, drop_last=True, **train_kw, **common)
-    val_loader = DataLoader(val_set, batch_size=int(1.5 * batch_size), drop_last=False,
-                            persistent_workers=num_workers > 0, **val_kw, **common)
     return train_loader, val_loader

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ DOWNLOAD_FOLDERS = (Path('UCMerced_LandUse') / 'Images', Path('NWPU-RESISC45'), 
 class Layout:
     """Where the images are: `folders` (train/ and val/ class folders) or `one folder` of class folders."""
     kind: str  # 'folders' or 'one folder'
-    train: Path  # the class root of the training images (of all images for 'one folder')
+    train: Path | None  # the class root of the training images (all images for 'one folder'; None: val only)
     val: Path | None = None  # the class root of the validation images ('folders' only)
 
     def describe(self, root: Path) -> str:
@@ -49,11 +49,19 @@ def _holds_class_folders(folder: Path) -> bool:
     return any(any(f.is_file() for f in sub.iterdir()) for sub in _class_folders(folder))
 
 
-def find_layout(root: Path, entry: dict) -> Layout:
-    """The layout under `root` for a dataset_config.py entry; one log line says which was found."""
+def find_layout(root: Path, entry: dict, need_train: bool = True) -> Layout:
+    """The layout under `root` for a dataset_config.py entry; one log line says which was found. Without
+    need_train (--eval) a val/ folder alone is enough."""
     train, val = root / entry['train_folder'], root / entry['val_folder']
-    if entry['train_folder'] and entry['val_folder'] and train.is_dir() and val.is_dir():
+    named = entry['train_folder'] and entry['val_folder'] and val.is_dir()
+    if named and train.is_dir():
         layout = Layout('folders', train, val)
+    elif named and not need_train:
+        layout = Layout('folders', None, val)
+    elif entry['train_folder'] and entry['val_folder'] and (train.is_dir() or val.is_dir()):
+        missing = val if train.is_dir() else train
+        raise GFNetDynnError(f"no folder {missing}; pass the --data-path that holds {entry['train_folder']}/ and "
+                             f"{entry['val_folder']}/, or one folder of class folders")
     else:
         candidates = [root, *(root / known for known in DOWNLOAD_FOLDERS)]
         folder = root
@@ -69,25 +77,10 @@ def find_layout(root: Path, entry: dict) -> Layout:
     return layout
 
 
-def _relative(samples: list[tuple[str, int]], class_root: Path) -> list[str]:
-    return [Path(path).relative_to(class_root).as_posix() for path, _ in samples]
-
-
 def split_hash(classes: list[str], train: list[str], val: list[str]) -> str:
     """A short fingerprint of a split: its classes and both file lists (relative paths), order-free."""
     text = json.dumps([classes, sorted(train), sorted(val)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Split:
-    """Which of a one-folder layout's samples train and which validate (indices into its sample list), and
-    how the split was made."""
-    method: str  # 'folders', 'stratified', 'random' (the reference's, for NaSC) or 'file'
-    train_ratio: float | None
-    seed: int | None
-    train_indices: list[int] = field(default_factory=list)
-    val_indices: list[int] = field(default_factory=list)
 
 
 def stratified_split(targets: list[int], train_ratio: float, seed: int) -> tuple[list[int], list[int]]:
@@ -177,11 +170,14 @@ def split_file_name(data_set: str, train_ratio: float | None, seed: int | None, 
     return f"{data_set}_r{train_ratio:g}_s{seed}{'_random' if method == 'random' else ''}.json"
 
 
-def split_record(data_set: str, split: Split, classes: list[str], train: list[str], val: list[str]) -> dict:
-    """The split as a JSON-ready dict: how it was made, its hash and both file lists."""
-    return {'format': SPLIT_FORMAT, 'dataset': data_set, 'method': split.method, 'train_ratio': split.train_ratio,
-            'seed': split.seed, 'classes': classes, 'hash': split_hash(classes, train, val),
-            'num_train': len(train), 'num_val': len(val), 'train': train, 'val': val}
+def split_record(data_set: str, method: str, train_ratio: float | None, seed: int | None, classes: list[str],
+                 train: list[str], val: list[str]) -> dict:
+    """The split as a JSON-ready dict: how it was made ('folders', 'stratified', 'random' or 'file'), its hashes
+    (of both lists, and of the validation list alone for --eval without training images) and both lists."""
+    return {'format': SPLIT_FORMAT, 'dataset': data_set, 'method': method, 'train_ratio': train_ratio,
+            'seed': seed, 'classes': classes, 'hash': split_hash(classes, train, val),
+            'val_hash': split_hash(classes, [], val), 'num_train': len(train), 'num_val': len(val),
+            'train': train, 'val': val}
 
 
 def split_summary(record: dict, file: Path | None) -> dict:

@@ -20,7 +20,8 @@ from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.inference_jobs import run_eval, run_export
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
-from learning_helpers.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device
+from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
+                                        resolve_device)
 from learning_helpers.stage_common import load_resume_checkpoint
 from learning_helpers.train_jobs import run_backbone, run_dynn
 from models.flops import EXIT_COSTS
@@ -38,8 +39,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="dataset root; default: the entry's default_data_path (DEMO is generated there)")
     data.add_argument('--input-size', type=int, default=None,
                       help="image side in pixels; default: the checkpoint's, else the dataset's default")
-    data.add_argument('--split-ratio', type=float, default=0.8, help='training share of a random split')
-    data.add_argument('--reprob', type=float, default=0.0, help='random-erase probability (training)')
+    data.add_argument('--train-ratio', '--split-ratio', '--split_ratio', dest='train_ratio', type=float, default=None,
+                      help="training share when one folder of class folders is split; default: the checkpoint's "
+                           "split, else the entry's first protocol ratio, else 0.8")
+    data.add_argument('--split-seed', type=int, default=None,
+                      help="seed of that split; default: the checkpoint's, else 42 (the reference's)")
+    data.add_argument('--split-file', type=str, default=None,
+                      help='a published split: a splits/*.json this tool wrote, or a torchgeo *-train.txt')
+    augment = parser.add_argument_group('training augmentation (default: the data set entry\'s train_augment, '
+                                        'else the reference\'s recipe)')
+    augment.add_argument('--scale', type=float, nargs=2, default=None, help='RandomResizedCrop area range (0.08 1)')
+    augment.add_argument('--ratio', type=float, nargs=2, default=None,
+                         help='RandomResizedCrop aspect range (0.75 1.33)')
+    augment.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (0.5)')
+    augment.add_argument('--vflip', type=float, default=None, help='vertical flip probability (0)')
+    augment.add_argument('--aa', type=str, default=None, help="auto-augment policy (rand-m9-mstd0.5-inc1) or 'none'")
+    augment.add_argument('--color-jitter', type=float, default=None,
+                         help='colour jitter strength (0.4; timm applies it only without --aa)')
+    augment.add_argument('--train-interpolation', type=str, default=None, help='bicubic, bilinear, nearest or random')
+    augment.add_argument('--no-aug', action='store_true', default=None,
+                         help='no augmentation: resize and centre crop, as for evaluation')
+    augment.add_argument('--reprob', type=float, default=None, help='random-erase probability (0)')
+    data = parser.add_argument_group('data loading')
     data.add_argument('--skip-bad-images', action='store_true',
                       help='drop unreadable images with a warning instead of stopping')
     data.add_argument('--num_workers', type=int, default=2, help='data-loading worker processes')
@@ -141,7 +162,8 @@ DATA_JOBS = frozenset({'backbone', 'dynn', 'eval'})
 # not listed acts in every job. --arch, --patch-size, --exit-positions and --gate also reach --eval and
 # --export, where they must match the checkpoint.
 FLAG_JOBS = {
-    'data_path': DATA_JOBS, 'split_ratio': DATA_JOBS, 'reprob': TRAINING_JOBS, 'skip_bad_images': DATA_JOBS,
+    'data_path': DATA_JOBS, 'train_ratio': DATA_JOBS, 'split_seed': DATA_JOBS, 'split_file': DATA_JOBS,
+    **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS}, 'skip_bad_images': DATA_JOBS,
     'num_workers': DATA_JOBS, 'drop_path': TRAINING_JOBS, 'exit_positions': {'dynn', 'eval', 'export'},
     'gate': {'dynn', 'eval', 'export'}, 'stage': TRAINING_JOBS, 'batch': DATA_JOBS, 'num_epoch': TRAINING_JOBS,
     'opt': TRAINING_JOBS, 'lr': TRAINING_JOBS, 'min_lr': TRAINING_JOBS, 'wd': TRAINING_JOBS,

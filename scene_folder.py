@@ -1,8 +1,9 @@
 """A folder of class folders as a dataset: every image found once, with one-line errors for what is wrong.
 
 Symbolic links are followed, but a link back to a folder above it (a loop) is an error naming it, and a file
-or folder reached twice through links counts once. Hidden files and folders are skipped. Images decode to
-8-bit RGB through `image_io` (16-bit and float images scaled, more than 4 bands refused).
+or folder reached twice through links counts once. What downloads carry besides images (Thumbs.db,
+desktop.ini, .DS_Store, ._* AppleDouble files, hidden folders) is skipped with one warning that counts it.
+Images decode to 8-bit RGB through `image_io` (16-bit and float images scaled, more than 4 bands refused).
 """
 import logging
 import os
@@ -44,9 +45,17 @@ def image_problem(path: str, full_decode: bool) -> str | None:
     return None
 
 
-def _walk_files(folder: Path, above: frozenset, seen_folders: set) -> Iterator[str]:
-    """Paths of the non-hidden files under `folder`, sorted, following links. `above`: the (device, inode)
-    of the folders on the way down, to recognise a loop; `seen_folders`: every folder entered so far."""
+JUNK_NAMES = ('thumbs.db', 'desktop.ini')  # what Windows leaves in image folders
+
+
+def _is_junk(name: str) -> bool:
+    """Hidden entries (.DS_Store, .git, ...), AppleDouble ._* files and Windows' Thumbs.db / desktop.ini."""
+    return name.startswith('.') or name.lower() in JUNK_NAMES
+
+
+def _walk_files(folder: Path, above: frozenset, seen_folders: set, skipped: list[str]) -> Iterator[str]:
+    """Paths of the files under `folder`, sorted, following links. `above`: the (device, inode) of the folders
+    on the way down, to recognise a loop; `seen_folders`: every folder entered so far; `skipped`: junk found."""
     info = folder.stat()
     key = (info.st_dev, info.st_ino)
     if key in above:
@@ -55,13 +64,18 @@ def _walk_files(folder: Path, above: frozenset, seen_folders: set) -> Iterator[s
     if key in seen_folders:  # a second link to a folder already read: its files count once
         return
     seen_folders.add(key)
-    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith('.')), key=lambda e: e.name)
+    entries = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _is_junk(entry.name):
+            skipped.append(entry.path)
+        else:
+            entries.append(entry)
     for entry in entries:
         if entry.is_file():
             yield entry.path
     for entry in entries:
         if entry.is_dir():
-            yield from _walk_files(Path(entry.path), above | {key}, seen_folders)
+            yield from _walk_files(Path(entry.path), above | {key}, seen_folders, skipped)
 
 
 class SceneFolder(ImageFolder):
@@ -79,7 +93,7 @@ class SceneFolder(ImageFolder):
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         """Class names are the non-hidden sub-folders of directory, sorted."""
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _is_junk(e.name))
         if not classes:
             raise GFNetDynnError(f'no class folders in {directory}; it must hold one sub-folder per class')
         return classes, {name: i for i, name in enumerate(classes)}
@@ -87,15 +101,18 @@ class SceneFolder(ImageFolder):
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
         """(path, class index) of every readable image, each real file once."""
-        samples, seen_files, seen_folders = [], set(), set()
+        samples, seen_files, seen_folders, skipped = [], set(), set(), []
         for name in sorted(class_to_idx):
-            for path in _walk_files(Path(directory) / name, frozenset(), seen_folders):
+            for path in _walk_files(Path(directory) / name, frozenset(), seen_folders, skipped):
                 info = os.stat(path)
                 if (info.st_dev, info.st_ino) in seen_files:
                     continue
                 seen_files.add((info.st_dev, info.st_ino))
                 if self._usable(path):
                     samples.append((path, class_to_idx[name]))
+        if skipped:
+            logger.warning('skipped %d entries under %s that are not images (Thumbs.db, desktop.ini, .DS_Store, '
+                           '._* files, hidden folders), e.g. %s', len(skipped), directory, skipped[0])
         return samples
 
     def _usable(self, path: str) -> bool:

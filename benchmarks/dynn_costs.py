@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import json_path, write_json
-from data_loader_help import build_datasets, build_loaders, resolve_data_path
+from data_loader_help import SplitRequest, build_datasets, build_loaders, resolve_data_path
 from errors import exit_code
 from learning_helpers.backbone_stage import train_one_epoch
 from learning_helpers.eval_report import evaluate_early_exit
@@ -23,6 +23,7 @@ from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
+from learning_helpers.run_setup import recorded_split
 from learning_helpers.stage_common import RunConfig
 from learning_helpers.warmup_stage import train_one_epoch as warmup_train_one_epoch
 from models.flops import exit_gflops
@@ -59,8 +60,9 @@ def run(args: argparse.Namespace) -> None:
     path = json_path(args.json, 'dynn_costs.json')
     device = torch.device('cpu')
     model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
-    train_set, val_set, class_names = build_datasets(
-        args.data_set, resolve_data_path(args.data_set, args.data_path), model_args['input_size'])
+    train_set, val_set, class_names, _ = build_datasets(  # the split the checkpoint was trained on
+        args.data_set, resolve_data_path(args.data_set, args.data_path), model_args['input_size'],
+        split=SplitRequest.reusing(recorded_split(model_args, args.data_set)))
     train_loader, val_loader = build_loaders(train_set, val_set, model_args['batch'], args.num_workers, seed=0)
     gflops = exit_gflops(model)
 

@@ -13,11 +13,12 @@ import sys
 import torch
 
 from benchmarks.common import json_path, median_latency_ms, throughput, write_json
-from data_loader_help import build_datasets, resolve_data_path
+from data_loader_help import SplitRequest, build_datasets, resolve_data_path
 from errors import GFNetDynnError, exit_code
 from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, cheapest_within, collect_exit_outputs,
                                          per_exit_accuracy, sweep_point, threshold_sweep)
 from learning_helpers.model_factory import load_dynn_checkpoint
+from learning_helpers.run_setup import recorded_split
 from models.early_exit import EarlyExitEngine
 from models.flops import exit_gflops
 from models.gfnet import GFNet
@@ -42,9 +43,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_validation_images(data_set: str, data_path: str | None, input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All validation images, preprocessed, in memory: timing then measures the model, not the decoder."""
-    _, val_set, _ = build_datasets(data_set, resolve_data_path(data_set, data_path), input_size)
+def load_validation_images(data_set: str, data_path: str | None, input_size: int,
+                           recorded: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All validation images (of the split a checkpoint recorded), preprocessed, in memory: timing then
+    measures the model, not the decoder."""
+    _, val_set, _, _ = build_datasets(data_set, resolve_data_path(data_set, data_path), input_size,
+                                      split=SplitRequest.reusing(recorded), need_train=False)
     images, labels = zip(*(val_set[i] for i in range(len(val_set))))
     return torch.stack(images), torch.tensor(labels)
 
@@ -57,7 +61,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
     model.to(device)
-    images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'])
+    images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'],
+                                            recorded_split(model_args, args.data_set))
     batches = [(images[i:i + args.batch], labels[i:i + args.batch]) for i in range(0, len(images), args.batch)]
     cache, _ = collect_exit_outputs(model, batches, device)
     gflops = exit_gflops(model)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
+from data_splits import split_summary
 from errors import GFNetDynnError
 from learning_helpers import model_factory
 from learning_helpers.checkpoint import save_json
 from learning_helpers.eval_report import evaluate_early_exit, format_results_table
 from learning_helpers.outputs import check_export_folder, check_output_file, replace_folder
-from learning_helpers.run_setup import build_data, checkpoint_args, resolve_model_shape
+from learning_helpers.run_setup import build_data, checkpoint_args, recorded_split, resolve_model_shape
 from models.flops import exit_gflops
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
@@ -47,7 +48,9 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     for path in plot_paths:
         check_output_file(path, 'plot', flag)
     model, model_args, checkpoint = load_for_inference(args, given, names)
-    _, val_loader, class_names, _ = build_data(args, model_args['input_size'], distributed=False)
+    recorded = recorded_split(checkpoint.get('args', {}), args.data_set)
+    data = build_data(args, model_args['input_size'], distributed=False, recorded=recorded, need_train=False)
+    val_loader, class_names = data.val_loader, data.classes
     if len(class_names) != model.num_classes:
         raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
                              f'{args.data_set} has {len(class_names)}; evaluate it on the dataset it was trained on')
@@ -57,7 +60,8 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
         gflops_per_exit=exit_gflops(model), class_names=class_names, conformal=checkpoint.get('conformal'),
         max_batches=4 if args.barely_train else None, amp=args.amp)
     results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],
-               'checkpoint': str(args.checkpoint_path), 'device': str(device), **results}
+               'checkpoint': str(args.checkpoint_path), 'device': str(device),
+               'split': split_summary(data.split, (recorded or {}).get('file')), **results}
     save_json(json_path, results)
     tradeoff_png = plot_tradeoff(results, plot_paths[0])
     confusion_png = plot_confusion(results, plot_paths[1])

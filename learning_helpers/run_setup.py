@@ -1,23 +1,31 @@
 """Turning parsed arguments into what a job needs: the device, the model's shape, the data loaders, the run
 folders, and the claim on them (lock, --overwrite, Ctrl-C)."""
 import argparse
+import json
 import logging
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from data_loader_help import build_datasets, build_loaders, dataset_entry, resolve_data_path
+from data_loader_help import (SplitRequest, build_datasets, build_loaders, dataset_entry, default_train_ratio,
+                              resolve_data_path)
+from data_splits import split_file_name, split_summary
+from data_transforms import AUGMENT_CHECKS, resolve_augment
 from errors import GFNetDynnError, Interrupted
 from learning_helpers import model_factory
 from learning_helpers.distributed import barrier, is_main_process
+from learning_helpers.checkpoint import save_json
 from learning_helpers.loop import TrainingStopped
-from learning_helpers.outputs import folder_lock, remove_previous_run
+from learning_helpers.outputs import folder_lock, remove_previous_run, writable_location
 from models.weights import read_checkpoint
 
-PATH_FLAGS = ('data_path', 'checkpoint_path', 'teacher_path', 'output_dir')  # stored absolute in checkpoints
+PATH_FLAGS = ('data_path', 'checkpoint_path', 'teacher_path', 'output_dir', 'split_file')  # stored absolute
+AUGMENT_FLAGS = tuple(AUGMENT_CHECKS)  # the training-augmentation flags, one per setting
 
 
 def resolve_device(name: str, distributed_device: torch.device | None) -> torch.device:
@@ -69,25 +77,85 @@ def checkpoint_args(path: str | None) -> tuple[dict, dict]:
     return checkpoint, checkpoint.get('args', {}) if isinstance(checkpoint.get('args'), dict) else {}
 
 
-def build_data(args: argparse.Namespace, input_size: int, distributed: bool):
-    """(train loader, val loader, class names, the data folder)."""
+class RunData(NamedTuple):
+    train_loader: DataLoader | None  # None when only validation was asked for (--eval)
+    val_loader: DataLoader
+    classes: list[str]
+    data_path: Path
+    split: dict  # data_splits.split_record: how the images split, with both file lists
+
+
+def recorded_split(source_args: dict, data_set: str) -> dict | None:
+    """The split the run behind a checkpoint trained on, when it was of this data set (not ImageNet weights)."""
+    split = source_args.get('split')
+    return split if isinstance(split, dict) and split.get('dataset') == data_set else None
+
+
+def split_request(args: argparse.Namespace, recorded: dict | None) -> SplitRequest:
+    """The split to make: flags, else the recorded split's ratio and seed, else the entry's defaults. A flag
+    contradicting the recorded split is an error: validation would hold the run's training images."""
+    recorded = recorded or {}
+    for flag, value, before in (('--train-ratio', args.train_ratio, recorded.get('train_ratio')),
+                                ('--split-seed', args.split_seed, recorded.get('seed'))):
+        if value is not None and before is not None and value != before:
+            raise GFNetDynnError(f'{flag} {value} differs from the split the checkpoint was trained on ({flag} '
+                                 f'{before}): its validation images would include training images; drop {flag} '
+                                 f'to reuse that split, or train a new backbone on the new split')
+    ratio = args.train_ratio if args.train_ratio is not None else recorded.get('train_ratio')
+    seed = args.split_seed if args.split_seed is not None else recorded.get('seed')
+    return SplitRequest(default_train_ratio(args.data_set) if ratio is None else ratio, 42 if seed is None else seed,
+                        args.split_file, recorded or None)
+
+
+def build_data(args: argparse.Namespace, input_size: int, distributed: bool, recorded: dict | None = None,
+               need_train: bool = True) -> RunData:
+    """The loaders of the run's data, split as recorded (a later stage, --eval, --resume) or as asked."""
     if not is_main_process():
         barrier()  # under torchrun rank 0 goes first: it may generate DEMO, which the other ranks then read
     data_path = resolve_data_path(args.data_set, args.data_path)
     if is_main_process():
         barrier()
-    train_set, val_set, class_names = build_datasets(
-        args.data_set, data_path, input_size, split_ratio=args.split_ratio, seed=args.seed,
-        reprob=args.reprob, skip_bad_images=args.skip_bad_images)
-    train_loader, val_loader = build_loaders(train_set, val_set, args.batch, args.num_workers, args.seed,
+    augment = resolve_augment(dataset_entry(args.data_set).get('train_augment'),
+                              {flag: getattr(args, flag) for flag in AUGMENT_FLAGS})
+    data = build_datasets(args.data_set, data_path, input_size, split=split_request(args, recorded),
+                          augment=augment, skip_bad_images=args.skip_bad_images, need_train=need_train)
+    given = [flag for flag, value in (('--train-ratio', args.train_ratio), ('--split-seed', args.split_seed),
+                                      ('--split-file', args.split_file)) if value is not None]
+    if data.split['method'] == 'folders' and given:
+        raise GFNetDynnError(f'{given[0]} has no effect: {data_path} holds train/ and val/ folders, which are the '
+                             f'split; drop it')
+    train_loader, val_loader = build_loaders(data.train, data.val, args.batch, args.num_workers, args.seed,
                                              distributed=distributed)
-    return train_loader, val_loader, class_names, data_path
+    return RunData(train_loader, val_loader, data.classes, data_path, data.split)
 
 
-def run_args_dict(args: argparse.Namespace, shape: dict, class_names: list[str], data_path: Path) -> dict:
-    """Plain-data copy of the run's arguments with the resolved shape, paths made absolute so that --resume
-    works from any directory: checkpoints stay weights_only."""
-    run_args = {**vars(args), **shape, 'class_names': list(class_names), 'data_path': str(Path(data_path).resolve())}
+def check_split_file(output_dir: str | Path, split: dict) -> Path:
+    """Where the run's split is written (splits/ under --output-dir): a new file, or one holding this very split."""
+    path = Path(output_dir) / 'splits' / split_file_name(split['dataset'], split['train_ratio'], split['seed'],
+                                                         split['method'])
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text()).get('hash')
+        except (OSError, ValueError, AttributeError):
+            existing = None
+        if existing != split['hash']:
+            raise GFNetDynnError(f'{path} holds another split of {split["dataset"]} (hash {existing}, this one '
+                                 f"{split['hash']}): the data changed since it was written; pass another --output-dir")
+    writable_location(path.parent, '--output-dir')
+    return path
+
+
+def save_split(path: Path, split: dict) -> None:
+    """Write the split's file lists (once: an existing file already holds this split)."""
+    if is_main_process() and not path.exists():
+        save_json(path, split)
+
+
+def run_args_dict(args: argparse.Namespace, shape: dict, data: RunData, split_path: Path) -> dict:
+    """Plain-data copy of the run's arguments with the resolved shape, class names and split, paths made
+    absolute so that --resume works from any directory: checkpoints stay weights_only."""
+    run_args = {**vars(args), **shape, 'class_names': list(data.classes), 'data_path': str(data.data_path.resolve()),
+                'split': split_summary(data.split, split_path)}
     for dest in PATH_FLAGS:
         if run_args.get(dest):
             run_args[dest] = str(Path(run_args[dest]).resolve())

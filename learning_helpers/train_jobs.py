@@ -15,9 +15,10 @@ from learning_helpers.joint_stage import JointConfig
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
 from learning_helpers.optim import build_optimizer, build_scheduler, optimizer_choice
 from learning_helpers.outputs import check_new_run, writable_location
-from learning_helpers.run_setup import (backbone_run_folder, build_data, checkpoint_args, claim_run,
-                                        dataset_num_classes, dynn_run_folder, make_writer, resolve_model_shape,
-                                        run_args_dict, warmup_folder)
+from learning_helpers.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args,
+                                        claim_run, dataset_num_classes, dynn_run_folder, make_writer,
+                                        recorded_split, resolve_model_shape, run_args_dict, save_split,
+                                        warmup_folder)
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
 from models.weights import load_state
@@ -49,45 +50,48 @@ def run_config(args: argparse.Namespace, run_folder: Path, run_args: dict) -> Ru
                      max_batches=4 if args.barely_train else None, amp=args.amp, max_nan_skips=args.max_nan_skips)
 
 
-def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> tuple[torch.nn.Module, dict]:
+def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> tuple[torch.nn.Module, dict, dict]:
     """The model of a new run (from --checkpoint-path when given) or of a resumed one (weights come later),
-    and its shape: architecture, patch and input size."""
+    its shape (architecture, patch and input size) and the split its source checkpoint was trained on."""
     start, source_args = checkpoint_args(None if resume else args.checkpoint_path)
     if stage == 'backbone' and start.get('stage') in DYNN_STAGES:
         raise GFNetDynnError(f'--checkpoint-path {args.checkpoint_path} is a dynn-stage checkpoint (exits and gates); '
                              f'--stage backbone starts from a backbone checkpoint or official GFNet weights: pass '
                              f'the backbone_*/best.pth it was trained from, or continue its run with --resume')
-    shape = resolve_model_shape(args, resume.get('args', source_args))
+    source_args = resume.get('args', source_args)
+    shape = resolve_model_shape(args, source_args)
     model = build(shape, dataset_num_classes(args.data_set))
     if start:
         load_state(model, start, source=args.checkpoint_path)
-    return model, shape
+    return model, shape, recorded_split(source_args, args.data_set)
 
 
 def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
     """Stage 0: plain GFNet, optionally distilled."""
-    model, shape = _start_model(args, lambda s, classes: model_factory.build_backbone(
+    model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_backbone(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path), resume, 'backbone')
     run_folder = backbone_run_folder(args.output_dir, args.data_set, shape['arch'])
     if not resume:
         check_new_run([run_folder], args.overwrite, {'--checkpoint-path': args.checkpoint_path,
                                                      '--teacher-path': args.teacher_path})
     writable_location(Path(args.output_dir), '--output-dir')
-    train_loader, val_loader, class_names, data_path = build_data(args, shape['input_size'], distributed)
+    data = build_data(args, shape['input_size'], distributed, recorded)
+    split_path = check_split_file(args.output_dir, data.split)
     model.to(device)
-    criterion = build_criterion(args, model, len(class_names), shape, device)
+    criterion = build_criterion(args, model, len(data.classes), shape, device)
     optimizer = build_optimizer([{'params': list(model.parameters()) + list(criterion.parameters())}],
                                 *optimizer_choice(args.opt, args.wd, 'adamw'), lr=args.lr)
     scheduler = build_scheduler(optimizer, args.num_epoch, args.min_lr / args.lr, warmup_epochs=args.warmup_epochs)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
     if resume:
         criterion.load_learned_state_dict(start.state['criterion'])
-    run = run_config(args, run_folder, run_args_dict(args, shape, class_names, data_path))
+    run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     with claim_run([run_folder], args.overwrite and not resume):
+        save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f"backbone_{args.data_set}_{shape['arch']}")
-        summary = run_backbone_stage(train_model, criterion, train_loader, val_loader, optimizer, scheduler, device,
-                                     run, writer, start)
+        summary = run_backbone_stage(train_model, criterion, data.train_loader, data.val_loader, optimizer,
+                                     scheduler, device, run, writer, start)
     if is_main_process():
         print(f'backbone stage done: best val acc {summary.best_acc:.2f}%; checkpoint: {summary.best_path}')
     return summary.best_path
@@ -95,7 +99,7 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
 
 def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
     """Stages 1-2: warm-up of the exits, then joint training with the cost trade-off."""
-    model, shape = _start_model(args, lambda s, classes: model_factory.build_dynn(
+    model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
         'dynn')
     if not resume and not args.checkpoint_path:
@@ -107,20 +111,22 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     if not resume:
         check_new_run([run_folder, heads_dir], args.overwrite, {'--checkpoint-path': args.checkpoint_path})
     writable_location(Path(args.output_dir), '--output-dir')
-    train_loader, val_loader, class_names, data_path = build_data(args, shape['input_size'], distributed)
+    data = build_data(args, shape['input_size'], distributed, recorded)
+    split_path = check_split_file(args.output_dir, data.split)
     model.to(device)
     optimizer, scheduler = dynn_optimizer(model, *optimizer_choice(args.opt, args.wd, 'sgd'), lr=args.lr,
                                           transfer_ratio=args.transfer_ratio, min_lr=args.min_lr,
                                           num_epochs=args.num_epoch)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
-    run = run_config(args, run_folder, run_args_dict(args, shape, class_names, data_path))
+    run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
                         args.classifier_loss, args.freeze_backbone)
     with claim_run([run_folder, heads_dir], args.overwrite and not resume):
+        save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
-        summary = train_dynn(model, train_loader, val_loader, optimizer, scheduler, device, run, warmup, joint,
-                             args.exit_costs, writer, start)
+        summary = train_dynn(model, data.train_loader, data.val_loader, optimizer, scheduler, device, run, warmup,
+                             joint, args.exit_costs, writer, start)
     if is_main_process():
         if summary.best_path is None:
             print(f'dynn stages done: warm-up only; checkpoint: {summary.last_path}')

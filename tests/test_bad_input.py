@@ -107,9 +107,9 @@ def test_unknown_flag_is_one_line(capsys):
 @pytest.mark.parametrize('flags, pattern', [
     (['--batch', '0'], r'--batch must be positive, got 0'),
     (['--lr', '-0.1'], r'--lr must be positive, got -0\.1'),
-    (['--split-ratio', '0'], r'--split-ratio 0\.0 must be between 0 and 1 \(exclusive\), e\.g\. 0\.8'),
-    (['--split-ratio', '1'], r'--split-ratio 1\.0 must be between 0 and 1'),
-    (['--split-ratio', '1.5'], r'--split-ratio 1\.5 must be between 0 and 1'),
+    (['--split-ratio', '0'], r'--train-ratio 0\.0 must be between 0 and 1 \(exclusive\), e\.g\. 0\.8'),
+    (['--split-ratio', '1'], r'--train-ratio 1\.0 must be between 0 and 1'),
+    (['--split-ratio', '1.5'], r'--train-ratio 1\.5 must be between 0 and 1'),
     (['--eval'], r'--eval needs --checkpoint-path'),
 ])
 def test_impossible_flag_values_are_named(flags, pattern, data, capsys, out):

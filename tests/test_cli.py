@@ -48,11 +48,14 @@ def test_help_runs_from_another_directory_and_shows_groups_and_defaults(tmp_path
     assert done.returncode == 0, done.stderr
     text = ' '.join(done.stdout.split())  # help wraps lines; compare with single spaces
     text = text[text.index('options:'):]  # past the usage block
-    for group in ('data:', 'model:', 'training:', 'distillation (backbone stage):', 'early exits (dynn stage):',
-                  'evaluation and export:', 'runtime:'):
+    for group in ('data:', 'data loading:', 'model:', 'training:', 'distillation (backbone stage):',
+                  'early exits (dynn stage):', 'evaluation and export:', 'runtime:'):
         assert group in text
     defaults = {'--batch BATCH': '64', '--num_epoch NUM_EPOCH': '100', '--ce_ic_tradeoff CE_IC_TRADEOFF': '0.75',
-                '--split-ratio SPLIT_RATIO': '0.8', '--lr LR': '0.001'}
+                '--lr LR': '0.001'}
+    # the seed README's --split-ratio: an alias of --train-ratio, 0.8 unless a checkpoint or the entry says otherwise
+    ratio_help = text[text.index('--train-ratio TRAIN_RATIO'):].split(' --split-seed')[0]
+    assert '--split-ratio TRAIN_RATIO' in ratio_help and 'else 0.8' in ratio_help
     for flag, value in defaults.items():
         help_line = text[text.index(flag + ' '):].split(' --')[0]  # up to the next flag
         match = re.search(r'\(default: ([^)]*)\)', help_line)

@@ -125,7 +125,7 @@ def demo_cache(tmp_path_factory):
     from learning_helpers.exit_cache import collect_exit_outputs
 
     root = ensure_demo_dataset(tmp_path_factory.mktemp('demo') / 'DEMO', train_per_class=2, val_per_class=8)
-    _, val_set, _ = build_datasets('DEMO', root, 64)
+    _, val_set, _, _ = build_datasets('DEMO', root, 64)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])  # (64, 3, 64, 64)
     labels = torch.tensor([val_set[i][1] for i in range(len(val_set))])
     torch.manual_seed(0)

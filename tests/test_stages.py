@@ -143,7 +143,7 @@ def test_warmup_restores_best_weights_of_unfrozen_exits_at_max_epochs(tmp_path, 
 @pytest.fixture
 def tiny_loaders(tiny_data):
     from data_loader_help import build_datasets, build_loaders
-    train_set, val_set, _ = build_datasets('TINY', tiny_data, 32, split_ratio=0.8, seed=0)
+    train_set, val_set, _, _ = build_datasets('TINY', tiny_data, 32)
     return build_loaders(train_set, val_set, 8, 0, seed=0)
 
 
