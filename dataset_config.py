@@ -1,12 +1,17 @@
 """Dataset registry: one entry per dataset. Adding a dataset is adding an entry here.
 
 Keys of each entry:
-  num_classes         class count the folders must hold
-  default_input_size  used when --input-size is not given
-  train_folder        sub-folder of --data-path with the training classes (fixed split)
-  val_folder          sub-folder with the validation classes (fixed split)
-  use_random_split    True: one folder of class sub-folders, split by --split-ratio and --seed
-  default_data_path   used when --data-path is not given (relative to the working directory)
+  num_classes            class count the folders must hold
+  default_input_size     used when --input-size is not given
+  train_folder           sub-folder of --data-path with the training classes, when the data comes split
+  val_folder             sub-folder with the validation classes
+  use_random_split       True: one folder split at random over all images, as the reference splits NaSC;
+                         False: train/val folders if present, else one folder split per class (stratified)
+  default_data_path      used when --data-path is not given (relative to the working directory)
+Optional:
+  protocol_train_ratios  the training shares papers report for a one-folder download, the first the default
+  train_augment          training augmentation settings (scale, ratio, hflip, vflip, aa, color_jitter,
+                         train_interpolation, no_aug, reprob) replacing the reference's recipe; flags win
 """
 
 DATASET_CONFIG = {
@@ -17,6 +22,7 @@ DATASET_CONFIG = {
         'val_folder': 'val',
         'use_random_split': False,
         'default_data_path': './data/UCM',
+        'protocol_train_ratios': [0.8, 0.5],
     },
     'AID': {
         'num_classes': 30,
@@ -25,6 +31,7 @@ DATASET_CONFIG = {
         'val_folder': 'val',
         'use_random_split': False,
         'default_data_path': './data/AID',
+        'protocol_train_ratios': [0.2, 0.5],
     },
     'NWPU': {
         'num_classes': 45,
@@ -33,6 +40,7 @@ DATASET_CONFIG = {
         'val_folder': 'val',
         'use_random_split': False,
         'default_data_path': './data/NWPU',
+        'protocol_train_ratios': [0.1, 0.2],
     },
     'PatternNet': {
         'num_classes': 38,
@@ -41,6 +49,7 @@ DATASET_CONFIG = {
         'val_folder': 'val',
         'use_random_split': False,
         'default_data_path': './data/PatternNet',
+        'protocol_train_ratios': [0.8, 0.5],
     },
     'NaSC': {
         'num_classes': 10,
@@ -49,6 +58,7 @@ DATASET_CONFIG = {
         'val_folder': '',
         'use_random_split': True,
         'default_data_path': './data/NaSC',
+        'protocol_train_ratios': [0.8],
     },
     # Built-in synthetic scenes (demo_data.py writes them on first use); no download needed.
     'DEMO': {

@@ -65,8 +65,13 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
 
 def save_json(path: str | Path, data: dict) -> Path:
     """Write JSON atomically."""
+    return save_text(path, json.dumps(data, indent=2))
+
+
+def save_text(path: str | Path, text: str) -> Path:
+    """Write text atomically."""
     path = Path(path)
-    _atomic_write(path, lambda stream: stream.write(json.dumps(data, indent=2).encode()))
+    _atomic_write(path, lambda stream: stream.write(text.encode()))
     return path
 
 
