@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import dataset_config
-from data_splits import (check_train_ratio, find_layout, read_split_file, reference_random_split, split_from_names,
-                         split_record, stratified_split)
+from data_splits import (calib_record, check_train_ratio, find_layout, read_split_file, reference_random_split,
+                         split_from_names, split_record, stratified_split)
 from data_transforms import build_transform, check_augment
 from demo_data import ensure_demo_dataset
 from errors import GFNetDynnError
@@ -132,16 +132,19 @@ class SplitRequest:
     seed: int = 42
     file: str | None = None  # --split-file: a published split
     recorded: dict | None = None  # the 'split' a checkpoint's run args hold
+    calib_ratio: float = 0.0  # --calib-ratio: the share of the training images held out to choose thresholds
 
     def __post_init__(self):
         check_train_ratio(self.train_ratio)
+        if self.calib_ratio:
+            check_train_ratio(self.calib_ratio, '--calib-ratio')
 
     @classmethod
     def reusing(cls, recorded: dict | None) -> 'SplitRequest':
-        """The split a checkpoint's run recorded (its ratio and seed), or the defaults when it recorded none."""
+        """The split a checkpoint's run recorded (its ratio, seed and calibration share), or the defaults."""
         recorded = recorded or {}
         return cls(recorded.get('train_ratio') or DEFAULT_TRAIN_RATIO, recorded.get('seed') or 42,
-                   recorded=recorded or None)
+                   recorded=recorded or None, calib_ratio=recorded.get('calib_ratio') or 0.0)
 
 
 class DataSets(NamedTuple):
@@ -149,6 +152,17 @@ class DataSets(NamedTuple):
     val: Dataset
     classes: list[str]
     split: dict  # data_splits.split_record: how the split was made, its hash, both file lists
+    calib: Dataset | None = None  # the held-out calibration images (--calib-ratio), validation transform
+
+
+def _hold_out_calibration(scenes: SceneFolder, pool: list[int], request: SplitRequest) -> tuple[list[int], list[int]]:
+    """(training, calibration) indices: a stratified calib_ratio share of the training pool, drawn with the
+    split's seed, so every stage and --eval hold out the same images."""
+    if not request.calib_ratio:
+        return pool, []
+    targets = [scenes.targets[i] for i in pool]
+    keep, held = stratified_split(targets, 1 - request.calib_ratio, request.seed)
+    return [pool[i] for i in keep], [pool[i] for i in held]
 
 
 def _one_folder_split(data_set: str, entry: dict, scenes: SceneFolder, relative: list[str],
@@ -187,43 +201,64 @@ def _check_recorded(record: dict, request: SplitRequest, root: Path) -> None:
 
 def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, split: SplitRequest = SplitRequest(),
                    augment: dict | None = None, skip_bad_images: bool = False, need_train: bool = True) -> DataSets:
-    """The training and validation sets of data_set under data_path, split as the layout found and `split`
-    say; with need_train=False only the validation set (a train/ folder need not exist)."""
+    """The training, validation and (with split.calib_ratio) calibration sets of data_set under data_path, split
+    as the layout found and `split` say; with need_train=False no training set (a train/ folder need not exist
+    unless calibration images are recorded)."""
     entry = dataset_entry(data_set)
     root = Path(data_path)
-    layout = find_layout(root, entry, need_train=need_train)
-    val_tf = build_transform(False, input_size)
+    layout = find_layout(root, entry, need_train=need_train or bool(split.calib_ratio))
     if layout.kind == 'folders':
-        train_scenes = _scan(data_set, layout.train, skip_bad_images) if layout.train else None
-        val_scenes = _scan(data_set, layout.val, skip_bad_images)
-        if train_scenes is not None:
-            _check_same_classes(train_scenes, val_scenes)
-            shared = len(real_files(train_scenes) & real_files(val_scenes))
-            if shared:
-                logger.warning('%d validation images are also training images (the same files, through links); '
-                               'validation accuracy will be optimistic', shared)
-        train_rel = _relative(train_scenes.samples, layout.train) if train_scenes is not None else []
-        record = split_record(data_set, 'folders', None, None, val_scenes.classes, train_rel,
-                              _relative(val_scenes.samples, layout.val))
-        train_set = _with_transform(train_scenes, build_transform(True, input_size, augment)) if need_train else None
-        val_set, classes = _with_transform(val_scenes, val_tf), val_scenes.classes
+        train_scenes, val_scenes = _scan_folders(data_set, layout, skip_bad_images)
+        method, pool = 'folders', list(range(len(train_scenes))) if train_scenes is not None else []
+        val_idx, ratio, seed = None, None, None
     else:
-        scenes = _scan(data_set, layout.train, skip_bad_images)
-        relative = _relative(scenes.samples, layout.train)
-        method, train_idx, val_idx = _one_folder_split(data_set, entry, scenes, relative, split)
-        if not train_idx or not val_idx:
-            raise GFNetDynnError(f'the split leaves no {"training" if not train_idx else "validation"} images of the '
-                                 f'{len(scenes)} in {layout.train}; choose a --train-ratio nearer 0.5 or add images')
-        record = split_record(data_set, method, split.train_ratio if method != 'file' else None,
-                              split.seed if method in ('stratified', 'random') else None, scenes.classes,
-                              [relative[i] for i in train_idx], [relative[i] for i in val_idx])
-        train_set = (Subset(_with_transform(scenes, build_transform(True, input_size, augment)), train_idx)
-                     if need_train else None)
-        val_set, classes = Subset(_with_transform(scenes, val_tf), val_idx), scenes.classes
+        train_scenes = val_scenes = _scan(data_set, layout.train, skip_bad_images)
+        method, pool, val_idx = _one_folder_split(data_set, entry, train_scenes, _relative(train_scenes.samples,
+                                                                                            layout.train), split)
+        if not pool or not val_idx:
+            raise GFNetDynnError(f'the split leaves no {"training" if not pool else "validation"} images of the '
+                                 f'{len(train_scenes)} in {layout.train}; choose a --train-ratio nearer 0.5 or add '
+                                 f'images')
+        ratio = split.train_ratio if method != 'file' else None
+        seed = split.seed if method in ('stratified', 'random') else None
+    train_idx, calib_idx = _hold_out_calibration(train_scenes, pool, split) if pool else ([], [])
+    train_rel = _relative(train_scenes.samples, layout.train) if train_scenes is not None else []
+    val_rel = _relative(val_scenes.samples, layout.val or layout.train)
+    record = split_record(data_set, method, ratio, seed, val_scenes.classes, [train_rel[i] for i in pool],
+                          val_rel if val_idx is None else [val_rel[i] for i in val_idx])
+    if split.calib_ratio:
+        record.update(calib_record(split.calib_ratio, val_scenes.classes, [train_rel[i] for i in calib_idx]))
     _check_recorded(record, split, root)
-    logger.info('%s: %s training and %d validation images in %d classes from %s', data_set,
-                len(train_set) if train_set is not None else 'no', len(val_set), len(classes), root)
-    return DataSets(train_set, val_set, classes, record)
+    whole_pool = method == 'folders' and not calib_idx
+    train_set = (_view(train_scenes, build_transform(True, input_size, augment), None if whole_pool else train_idx)
+                 if need_train else None)
+    val_tf = build_transform(False, input_size)
+    val_set = _view(val_scenes, val_tf, val_idx)
+    calib_set = _view(train_scenes, val_tf, calib_idx) if calib_idx else None
+    logger.info('%s: %s training, %d validation%s images in %d classes from %s', data_set,
+                len(train_set) if train_set is not None else 'no', len(val_set),
+                f' and {len(calib_set)} calibration' if calib_set is not None else '', len(val_scenes.classes), root)
+    return DataSets(train_set, val_set, val_scenes.classes, record, calib_set)
+
+
+def _scan_folders(data_set: str, layout, skip_bad_images: bool) -> tuple[SceneFolder | None, SceneFolder]:
+    """Scan a train/ + val/ layout (train/ may be absent for validation only): same classes in both, and a
+    warning when the same files (through links) sit in both."""
+    train_scenes = _scan(data_set, layout.train, skip_bad_images) if layout.train else None
+    val_scenes = _scan(data_set, layout.val, skip_bad_images)
+    if train_scenes is not None:
+        _check_same_classes(train_scenes, val_scenes)
+        shared = len(real_files(train_scenes) & real_files(val_scenes))
+        if shared:
+            logger.warning('%d validation images are also training images (the same files, through links); '
+                           'validation accuracy will be optimistic', shared)
+    return train_scenes, val_scenes
+
+
+def _view(scenes: SceneFolder, transform, indices: list[int] | None) -> Dataset:
+    """The scanned images (all, or those at `indices`) with their own transform."""
+    view = _with_transform(scenes, transform)
+    return view if indices is None else Subset(view, indices)
 
 
 def _relative(samples: list[tuple[str, int]], class_root: Path) -> list[str]:

@@ -161,13 +161,16 @@ def split_from_names(relative_paths: list[str], train_names: list[str], val_name
     return train, val
 
 
-def split_file_name(data_set: str, train_ratio: float | None, seed: int | None, method: str) -> str:
-    """splits/{dataset}_r{ratio}_s{seed}.json (the folders of a train/val layout need no ratio or seed)."""
+def split_file_name(data_set: str, train_ratio: float | None, seed: int | None, method: str,
+                    calib_ratio: float = 0.0) -> str:
+    """splits/{dataset}_r{ratio}_s{seed}[_c{calib}].json (the folders of a train/val layout need no ratio or
+    seed)."""
+    calib = f'_c{calib_ratio:g}' if calib_ratio else ''
     if method == 'folders':
-        return f'{data_set}_folders.json'
+        return f'{data_set}_folders{calib}.json'
     if method == 'file':
-        return f'{data_set}_file.json'
-    return f"{data_set}_r{train_ratio:g}_s{seed}{'_random' if method == 'random' else ''}.json"
+        return f'{data_set}_file{calib}.json'
+    return f"{data_set}_r{train_ratio:g}_s{seed}{'_random' if method == 'random' else ''}{calib}.json"
 
 
 def split_record(data_set: str, method: str, train_ratio: float | None, seed: int | None, classes: list[str],
@@ -180,9 +183,16 @@ def split_record(data_set: str, method: str, train_ratio: float | None, seed: in
             'train': train, 'val': val}
 
 
+def calib_record(calib_ratio: float, classes: list[str], calib: list[str]) -> dict:
+    """What a split record adds for held-out calibration images: their share of the training images, their
+    list (drawn from 'train', which stays the whole training pool) and its hash."""
+    return {'calib_ratio': calib_ratio, 'num_calib': len(calib), 'calib_hash': split_hash(classes, calib, []),
+            'calib': calib}
+
+
 def split_summary(record: dict, file: Path | None) -> dict:
     """What a checkpoint stores of its run's split: everything but the file lists, and where they are."""
-    summary = {k: v for k, v in record.items() if k not in ('train', 'val', 'classes', 'format')}
+    summary = {k: v for k, v in record.items() if k not in ('train', 'val', 'calib', 'classes', 'format')}
     return {**summary, 'file': str(Path(file).resolve()) if file else None}
 
 

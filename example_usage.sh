@@ -30,14 +30,16 @@ stage() {  # stage RUN_FOLDER FLAGS...
 
 demo() {
     local backbone="$OUT/checkpoint/backbone_DEMO_GFNet-ti-dynn" dynn="$OUT/checkpoint/checkpoint_DEMO_${LAMBDA}_confEE"
-    # Stage 0: a GFNet-Ti at 64 px with 8-px patches (8x8 tokens), trained from scratch.
+    # Stage 0: a GFNet-Ti at 64 px with 8-px patches (8x8 tokens), trained from scratch; a tenth of the
+    # training images is held out of every stage for --eval to choose its threshold on.
     stage "$backbone" --stage backbone --data-set DEMO --arch GFNet-ti-dynn --patch-size 8 \
-        --batch 64 --num_epoch 6 --lr 2e-3 --min-lr 1e-5 --warmup-epochs 1 --output-dir "$OUT"
+        --batch 64 --num_epoch 6 --lr 2e-3 --min-lr 1e-5 --warmup-epochs 1 --calib-ratio 0.1 --output-dir "$OUT"
     # Stages 1-2: exits after blocks 3 5 7 9; warm-up with patience, then gates and exits jointly.
     stage "$dynn" --data-set DEMO --checkpoint-path "$backbone/best.pth" \
         --batch 64 --num_epoch 8 --max_warmup_epoch 4 --bilevel_batch_count 5 --lr 0.01 --min-lr 1e-3 \
         --ce_ic_tradeoff "$LAMBDA" --output-dir "$OUT"
-    # Evaluation: per-exit accuracy, the threshold sweep, real early exit, results.json and two plots.
+    # Evaluation: the threshold chosen on the held-out images, every operating point and the baselines,
+    # real early exit at batch 1, results.json and two plots.
     "$PYTHON" main_dynn.py --eval --data-set DEMO --checkpoint-path "$dynn/best.pth"
 }
 

@@ -16,10 +16,10 @@ from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, OneLineParser, exit_code
 from learning_helpers import model_factory
 from learning_helpers.distributed import barrier, init_distributed
-from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.inference_jobs import run_eval, run_export
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
+from learning_helpers.operating_points import DEFAULT_BUDGET, parse_budget
 from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
                                         resolve_device)
 from learning_helpers.stage_common import load_resume_checkpoint
@@ -27,6 +27,15 @@ from learning_helpers.train_jobs import run_backbone, run_dynn
 from models.flops import EXIT_COSTS
 from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
+
+
+def budget_arg(text: str) -> str:
+    """--budget's type: checked by parse_budget (its message is argparse's one-line error), kept as the text,
+    since run args are stored in checkpoints as plain data."""
+    try:
+        return str(parse_budget(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,6 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "split, else the entry's first protocol ratio, else 0.8")
     data.add_argument('--split-seed', type=int, default=None,
                       help="seed of that split; default: the checkpoint's, else 42 (the reference's)")
+    data.add_argument('--calib-ratio', type=float, default=None,
+                      help="share of the training images held out of every stage for --eval to choose its threshold "
+                           "on (stratified, e.g. 0.1); default: the checkpoint's, else 0 (none: --eval chooses on the "
+                           "validation images it reports)")
     data.add_argument('--split-file', type=str, default=None,
                       help='a published split: a splits/*.json this tool wrote, or a torchgeo *-train.txt')
     augment = parser.add_argument_group('training augmentation (default: the data set entry\'s train_augment, '
@@ -134,11 +147,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     evaluation = parser.add_argument_group('evaluation and export')
     evaluation.add_argument('--eval', action='store_true', help='evaluate --checkpoint-path: sweep, table, plots')
-    evaluation.add_argument('--thresholds', type=float, nargs='+', default=DEFAULT_THRESHOLDS,
-                            help='gate thresholds of the sweep')
+    evaluation.add_argument('--thresholds', type=float, nargs='+', default=None,
+                            help='gate thresholds of the printed sweep table (results.json always holds the whole '
+                                 'front); default: about 12 points of the front')
+    evaluation.add_argument('--budget', type=budget_arg, default=DEFAULT_BUDGET,
+                            help='how --eval picks its threshold: acc-drop=P (cheapest point within P points of the '
+                                 'full network), gflops=X (most accurate point with expected GFLOPs <= X) or '
+                                 'latency-ms=X (most accurate point with expected batch-1 latency <= X ms here)')
     evaluation.add_argument('--exit-threshold', type=float, default=None,
-                            help='threshold of real early exit (--eval) and of the export; default: cheapest within '
-                                 "1 point of full accuracy (--export: the one --eval chose, else 0.5)")
+                            help='threshold of real early exit (--eval) and of the export, instead of --budget\'s; '
+                                 "--export's default: the one --eval chose, else 0.5")
     evaluation.add_argument('--results-json', type=str, default=None,
                             help='default: results.json in --output-dir if given, else beside the checkpoint')
     evaluation.add_argument('--export', type=str, default=None, choices=['onnx'],
@@ -163,6 +181,7 @@ DATA_JOBS = frozenset({'backbone', 'dynn', 'eval'})
 # --export, where they must match the checkpoint.
 FLAG_JOBS = {
     'data_path': DATA_JOBS, 'train_ratio': DATA_JOBS, 'split_seed': DATA_JOBS, 'split_file': DATA_JOBS,
+    'calib_ratio': DATA_JOBS, 'budget': {'eval'},
     **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS}, 'skip_bad_images': DATA_JOBS,
     'num_workers': DATA_JOBS, 'drop_path': TRAINING_JOBS, 'exit_positions': {'dynn', 'eval', 'export'},
     'gate': {'dynn', 'eval', 'export'}, 'stage': TRAINING_JOBS, 'batch': DATA_JOBS, 'num_epoch': TRAINING_JOBS,
@@ -220,6 +239,8 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
         if extra:
             raise GFNetDynnError(f"{', '.join(extra)} given without distillation (--distillation-type none): pass "
                                  f'--distillation-type soft, hard or freq, or drop them')
+    if job == 'eval' and {'budget', 'exit_threshold'} <= given:
+        raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
     if job == 'eval' and {'output_dir', 'results_json'} <= given:
         raise GFNetDynnError('--output-dir has no effect when --results-json names the file; drop one of them')
 
@@ -238,7 +259,9 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.num_workers >= 0, f'--num_workers must be >= 0, got {args.num_workers}'),
         (0 <= args.distillation_alpha <= 1, f'--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}'),
         (args.distillation_tau > 0, f'--distillation-tau must be positive, got {args.distillation_tau}'),
-        (all(0 <= t <= 1 for t in args.thresholds), f'--thresholds must lie in [0, 1], got {args.thresholds}'),
+        (all(0 <= t <= 1 for t in args.thresholds or []), f'--thresholds must lie in [0, 1], got {args.thresholds}'),
+        (args.calib_ratio is None or 0 <= args.calib_ratio < 1,
+         f'--calib-ratio must lie in [0, 1), e.g. 0.1, got {args.calib_ratio}'),
         (args.exit_threshold is None or 0 <= args.exit_threshold <= 1,
          f'--exit-threshold must lie in [0, 1], got {args.exit_threshold}'),
         (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),

@@ -1,7 +1,8 @@
 """The early-exit pipeline's own costs on DEMO, against the project's targets:
 
-  1. --eval (one cached pass + one real-early-exit pass) vs one plain forward pass over the validation set
-     (target <= 1.3x; the reference runs the full network once per threshold, nine times);
+  1. --eval (one cached pass, the latency table, real early exit at batch 1 on a spread of images) vs one plain
+     forward pass over the validation and calibration images (target <= 1.5x; the reference runs the full
+     network once per threshold, nine times);
   2. one warm-up epoch (frozen backbone, no autograd) vs one backbone training epoch (target <= 0.5x);
   3. FLOPs saved at the cheapest threshold within 1 point of full accuracy (target >= 30%).
 
@@ -19,7 +20,6 @@ from data_loader_help import SplitRequest, build_datasets, build_loaders, resolv
 from errors import exit_code
 from learning_helpers.backbone_stage import train_one_epoch
 from learning_helpers.eval_report import evaluate_early_exit
-from learning_helpers.exit_cache import DEFAULT_THRESHOLDS
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
@@ -60,19 +60,22 @@ def run(args: argparse.Namespace) -> None:
     path = json_path(args.json, 'dynn_costs.json')
     device = torch.device('cpu')
     model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
-    train_set, val_set, class_names, _ = build_datasets(  # the split the checkpoint was trained on
+    data = build_datasets(  # the split the checkpoint was trained on, its calibration images included
         args.data_set, resolve_data_path(args.data_set, args.data_path), model_args['input_size'],
         split=SplitRequest.reusing(recorded_split(model_args, args.data_set)))
-    train_loader, val_loader = build_loaders(train_set, val_set, model_args['batch'], args.num_workers, seed=0)
+    train_loader, val_loader = build_loaders(data.train, data.val, model_args['batch'], args.num_workers, seed=0)
+    calib_loader = build_loaders(None, data.calib, model_args['batch'], args.num_workers, seed=0)[1] \
+        if data.calib is not None else None
+    class_names = data.classes
     gflops = exit_gflops(model)
 
     # One-time imports are not passes over the data: load scikit-learn (about 3 s) before the clock starts.
     import sklearn.metrics  # noqa: F401
     plain_forward_pass(model, val_loader)  # warm-up: first-call allocations, loader start-up code paths
-    plain_seconds, _ = timed(lambda: plain_forward_pass(model, val_loader))
+    plain_seconds, _ = timed(lambda: [plain_forward_pass(model, loader) for loader in (val_loader, calib_loader)
+                                      if loader is not None])
     eval_seconds, (results, _) = timed(lambda: evaluate_early_exit(
-        model, val_loader, device, thresholds=DEFAULT_THRESHOLDS, exit_threshold=None,
-        gflops_per_exit=gflops, class_names=class_names))
+        model, val_loader, device, gflops_per_exit=gflops, class_names=class_names, calib_loader=calib_loader))
 
     run = RunConfig(num_epochs=1, seed=0, checkpoint_dir=Path('unused'), run_args={})  # no files written
     heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
@@ -89,17 +92,17 @@ def run(args: argparse.Namespace) -> None:
         'threads': torch.get_num_threads(), 'checkpoint': args.checkpoint,
         'plain_forward_pass_s': plain_seconds, 'eval_s': eval_seconds, 'eval_over_plain': eval_seconds / plain_seconds,
         'eval_cached_pass_s': results['timing']['cached_pass_seconds'],
-        'eval_real_early_exit_s': results['real_early_exit']['seconds'],
-        # the floor of one cached pass + one real early-exit pass at the chosen point's compute share
-        'eval_over_plain_floor': 1 + results['chosen']['expected_gflops'] / results['full_gflops'],
+        'eval_selection_set': results['selection']['set'],
+        'eval_batch1_images': results['real_early_exit']['images'],
+        'eval_batch1_mean_ms': results['real_early_exit']['mean_ms'],
+        'eval_batch1_predicted_ms': results['real_early_exit']['predicted_mean_ms'],
         'warmup_epoch_s': warmup_seconds, 'backbone_epoch_s': backbone_seconds,
         'warmup_over_backbone': warmup_seconds / backbone_seconds,
         'full_accuracy': results['full_accuracy'], 'chosen_threshold': chosen['threshold'],
         'chosen_accuracy': chosen['accuracy'], 'flops_saving': chosen['flops_saving'],
     }
-    print(f"--eval {eval_seconds:.1f} s vs plain forward pass {plain_seconds:.1f} s: "
-          f"{report['eval_over_plain']:.2f}x (target <= 1.3x; floor 1 + chosen compute share = "
-          f"{report['eval_over_plain_floor']:.2f}x)")
+    print(f"--eval {eval_seconds:.1f} s vs plain forward pass {plain_seconds:.1f} s over validation + calibration "
+          f"images: {report['eval_over_plain']:.2f}x (target <= 1.5x)")
     print(f"warm-up epoch {warmup_seconds:.1f} s vs backbone epoch {backbone_seconds:.1f} s: "
           f"{report['warmup_over_backbone']:.2f}x (target <= 0.5x)")
     print(f"threshold {chosen['threshold']:.2f}: {chosen['accuracy']:.2f}% vs full {results['full_accuracy']:.2f}%, "

@@ -12,11 +12,13 @@ import sys
 
 import torch
 
-from benchmarks.common import json_path, median_latency_ms, throughput, write_json
+from benchmarks.common import json_path, latency_ms, throughput, write_json
 from data_loader_help import SplitRequest, build_datasets, resolve_data_path
 from errors import GFNetDynnError, exit_code
-from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, cheapest_within, collect_exit_outputs,
-                                         per_exit_accuracy, sweep_point, threshold_sweep)
+from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
+                                         threshold_sweep)
+from learning_helpers.latency import spread_indices
+from learning_helpers.operating_points import DEFAULT_BUDGET, choose, parse_budget
 from learning_helpers.model_factory import load_dynn_checkpoint
 from learning_helpers.run_setup import recorded_split
 from models.early_exit import EarlyExitEngine
@@ -36,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
     parser.add_argument('--thresholds', type=float, nargs='+', default=DEFAULT_THRESHOLDS)
-    parser.add_argument('--latency-images', type=int, default=120, help='images timed at batch 1 (>= 100)')
+    parser.add_argument('--latency-images', type=int, default=120,
+                        help='images timed at batch 1, spread over the validation set')
     parser.add_argument('--batch', type=int, default=64, help='batch size of the throughput runs')
     parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds; the best is kept')
     parser.add_argument('--json', default=None, help='default: bench/early_exit_{device}.json')
@@ -47,7 +50,7 @@ def load_validation_images(data_set: str, data_path: str | None, input_size: int
                            recorded: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All validation images (of the split a checkpoint recorded), preprocessed, in memory: timing then
     measures the model, not the decoder."""
-    _, val_set, _, _ = build_datasets(data_set, resolve_data_path(data_set, data_path), input_size,
+    _, val_set, _, _, _ = build_datasets(data_set, resolve_data_path(data_set, data_path), input_size,
                                       split=SplitRequest.reusing(recorded), need_train=False)
     images, labels = zip(*(val_set[i] for i in range(len(val_set))))
     return torch.stack(images), torch.tensor(labels)
@@ -64,9 +67,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'],
                                             recorded_split(model_args, args.data_set))
     batches = [(images[i:i + args.batch], labels[i:i + args.batch]) for i in range(0, len(images), args.batch)]
-    cache, _ = collect_exit_outputs(model, batches, device)
+    cache = collect_exit_outputs(model, batches, device)
     gflops = exit_gflops(model)
-    singles = [images[i % len(images)].unsqueeze(0).to(device) for i in range(max(args.latency_images, 100))]
+    singles = [images[i].unsqueeze(0).to(device) for i in spread_indices(len(images), args.latency_images)]
     big_batches = [x.to(device) for x, _ in batches]
 
     def full_network(x: torch.Tensor) -> torch.Tensor:
@@ -75,30 +78,34 @@ def benchmark(args: argparse.Namespace) -> dict:
     runners = {'full': full_network}
     runners.update({threshold: EarlyExitEngine(model, threshold) for threshold in list(args.thresholds) + [NO_EXIT]})
     latency = {name: float('inf') for name in runners}
+    median = dict(latency)
     rate = {name: 0.0 for name in runners}
     with torch.inference_mode():
         # Interleaved rounds, best of each: no configuration gains from running first or last on a CPU whose
         # clock and caches drift (timeit's reasoning: the minimum is the measurement least disturbed).
         for _ in range(args.rounds):
             for name, run in runners.items():
-                latency[name] = min(latency[name], median_latency_ms(run, singles, device))
+                measured = latency_ms(run, singles, device)
+                latency[name] = min(latency[name], measured['mean'])
+                median[name] = min(median[name], measured['median'])
                 rate[name] = max(rate[name], throughput(run, big_batches, device))
-    full = {'accuracy': per_exit_accuracy(cache)[-1], 'gflops': gflops[-1],
-            'latency_ms_bs1': latency['full'], 'throughput_bs64': rate['full']}
+    full = {'accuracy': per_exit_accuracy(cache)[-1], 'gflops': gflops[-1], 'latency_ms_bs1': latency['full'],
+            'median_ms_bs1': median['full'], 'throughput_bs64': rate['full']}
     points = []
     for threshold in list(args.thresholds) + [NO_EXIT]:
         point = sweep_point(cache, threshold, gflops)
         points.append({'threshold': threshold, 'accuracy': point['accuracy'],
                        'gflops': point['expected_gflops'], 'exit_share': point['exit_share'],
-                       'latency_ms_bs1': latency[threshold], 'throughput_bs64': rate[threshold],
-                       'speedup_bs1': full['latency_ms_bs1'] / latency[threshold],
+                       'latency_ms_bs1': latency[threshold], 'median_ms_bs1': median[threshold],
+                       'throughput_bs64': rate[threshold], 'speedup_bs1': full['latency_ms_bs1'] / latency[threshold],
+                       'median_speedup_bs1': full['median_ms_bs1'] / median[threshold],
                        'speedup_bs64': rate[threshold] / full['throughput_bs64'],
                        'flop_bound': gflops[-1] / point['expected_gflops']})
     return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
             'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(), 'checkpoint': args.checkpoint,
             'rounds': args.rounds,
-            'chosen_threshold': cheapest_within(threshold_sweep(cache, args.thresholds, gflops),
-                                                full['accuracy'])['threshold'],
+            'chosen_threshold': choose(threshold_sweep(cache, args.thresholds, gflops), parse_budget(DEFAULT_BUDGET),
+                                       full['accuracy'])['threshold'],
             'num_images': len(images), 'full': full, 'points': [p for p in points if p['threshold'] != NO_EXIT],
             'no_exit_overhead': 1 - points[-1]['throughput_bs64'] / full['throughput_bs64'],
             'no_exit_overhead_bs1': points[-1]['latency_ms_bs1'] / full['latency_ms_bs1'] - 1}
@@ -107,13 +114,15 @@ def benchmark(args: argparse.Namespace) -> dict:
 def format_table(result: dict) -> str:
     full = result['full']
     lines = [f"device {result['device']}, {result['threads']} threads, {result['num_images']} images",
-             f"{'threshold':>9} {'acc %':>7} {'GFLOPs':>7} {'ms bs1':>7} {'img/s bs64':>10} {'x bs1':>6} "
+             'batch-1 latency is the mean per image (median in brackets: it flatters early exit)',
+             f"{'threshold':>9} {'acc %':>7} {'GFLOPs':>7} {'ms bs1':>15} {'img/s bs64':>10} {'x bs1':>6} "
              f"{'x bs64':>6} {'FLOP bound':>10} {'% of bound':>10}",
              f"{'full':>9} {full['accuracy']:7.2f} {full['gflops']:7.3f} {full['latency_ms_bs1']:7.2f} "
-             f"{full['throughput_bs64']:10.1f} {1:6.2f} {1:6.2f} {1:10.2f}"]
+             f"({full['median_ms_bs1']:5.2f}) {full['throughput_bs64']:10.1f} {1:6.2f} {1:6.2f} {1:10.2f}"]
     for p in result['points']:
         lines.append(f"{p['threshold']:9.2f} {p['accuracy']:7.2f} {p['gflops']:7.3f} {p['latency_ms_bs1']:7.2f} "
-                     f"{p['throughput_bs64']:10.1f} {p['speedup_bs1']:6.2f} {p['speedup_bs64']:6.2f} "
+                     f"({p['median_ms_bs1']:5.2f}) {p['throughput_bs64']:10.1f} {p['speedup_bs1']:6.2f} "
+                     f"{p['speedup_bs64']:6.2f} "
                      f"{p['flop_bound']:10.2f} {100 * p['speedup_bs1'] / p['flop_bound']:9.0f}%")
     lines.append(f"cheapest threshold within 1 point of full accuracy: {result['chosen_threshold']:.2f}")
     lines.append(f"engine overhead with no exit firing: {100 * result['no_exit_overhead']:.1f}% at batch "

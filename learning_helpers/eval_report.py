@@ -1,34 +1,20 @@
-"""--eval: the early-exit report. One cached pass gives per-exit accuracy and the whole threshold sweep;
-real early exit then runs once at the chosen threshold and must agree with the cache."""
+"""--eval: the early-exit report. One cached pass over the validation (and calibration) images gives per-exit
+accuracy and every operating point; a budget picks the threshold on the calibration images; real early exit
+then runs at that threshold, batch 1, and must agree with the cache."""
 import time
 
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.distributed import synchronize
 from learning_helpers.conformal import prediction_set_stats
-from learning_helpers.exit_cache import (ExitCache, cheapest_within, collect_exit_outputs, conditional_exit_choice,
-                                         exit_point, gated_predictions, per_exit_accuracy, threshold_sweep)
-from models.early_exit import EarlyExitEngine
+from learning_helpers.exit_cache import (ExitCache, collect_exit_outputs, conditional_exit_choice, exit_point,
+                                         gated_predictions, per_exit_accuracy, threshold_sweep)
+from learning_helpers.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
+from learning_helpers.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose,
+                                               choose_single_exit, exit_scores, parse_budget, pareto_front,
+                                               point_table, single_exit_points)
 from models.gfnet_dynn import GFNetDynn
 
-KEEP_INPUTS_BYTES = 2 * 1024**3  # keep decoded validation batches up to this size for the real-exit pass
-
-
-def run_real_early_exit(model: GFNetDynn, batches, device: torch.device, threshold: float) -> dict:
-    """Real early exit over `batches`: predictions, exit indices and the seconds spent in the model."""
-    engine = EarlyExitEngine(model, threshold)
-    predictions, exits, seconds = [], [], 0.0
-    for images, _ in batches:
-        images = images.to(device, non_blocking=True)
-        synchronize(device)
-        started = time.perf_counter()
-        result = engine(images)
-        synchronize(device)
-        seconds += time.perf_counter() - started
-        predictions.append(result.predictions.cpu())
-        exits.append(result.exit_index.cpu())
-    return {'predictions': torch.cat(predictions), 'exit_index': torch.cat(exits), 'seconds': seconds}
 
 
 def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
@@ -55,65 +41,168 @@ def conformal_report(cache: ExitCache, thresholds: dict | None) -> dict | None:
             **prediction_set_stats(cache, chosen, thresholds)}
 
 
-def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, thresholds: list[float],
-                        exit_threshold: float | None, gflops_per_exit: list[float], class_names: list[str],
-                        conformal: dict | None = None, max_batches: int | None = None,
+LATENCY_IMAGES = 64  # validation images real early exit runs at batch 1 to measure its mean latency
+TABLE_ROWS = 12  # rows of the printed sweep when --thresholds is not given
+
+
+def pick_threshold(selecting: ExitCache, rule: str, budget: Budget, gflops: list[float],
+                   latency_ms: list[float]) -> dict:
+    """The point `budget` picks among every distinct threshold of `rule` on the selecting images."""
+    return choose(all_points(selecting, rule, gflops, latency_ms), budget, per_exit_accuracy(selecting)[-1])
+
+
+def point_at(cache: ExitCache, rule: str, threshold: float, gflops: list[float], latency_ms: list[float]) -> dict:
+    """The operating point of `rule` at one threshold."""
+    return point_table(cache, exit_scores(cache, rule), torch.tensor([threshold], dtype=torch.float64), gflops,
+                       latency_ms)[0]
+
+
+def baselines_report(val: ExitCache, selecting: ExitCache, budget: Budget, gflops: list[float],
+                     latency_ms: list[float]) -> dict:
+    """Early exit without learned gates, from the same cache: thresholds on max softmax probability and on
+    entropy (their validation fronts and the point the budget picks), and each exit alone."""
+    report = {}
+    for rule in BASELINE_RULES:
+        threshold = pick_threshold(selecting, rule, budget, gflops, latency_ms)['threshold']
+        report[rule] = {'front': pareto_front(all_points(val, rule, gflops, latency_ms)),
+                        'at_budget': point_at(val, rule, threshold, gflops, latency_ms)}
+    picked = choose_single_exit(single_exit_points(selecting, gflops, latency_ms), budget,
+                                per_exit_accuracy(selecting)[-1])
+    points = single_exit_points(val, gflops, latency_ms)
+    report['single_exit'] = {'points': points, 'at_budget': points[picked['exit']] if picked else None}
+    return report
+
+
+def versus_baselines(learned: dict, baselines: dict, budget: Budget) -> dict:
+    """Learned gates against the best baseline at the budget, on the validation images: under an accuracy-drop
+    budget the cheaper wins (both kept within the drop), under a cost budget the more accurate."""
+    def score(point):
+        if budget.kind == 'acc-drop':
+            return -point['expected_gflops'], point['accuracy']
+        return point['accuracy'], -point['expected_gflops']
+    name, best = max(((n, b['at_budget']) for n, b in baselines.items() if b['at_budget']),
+                     key=lambda item: score(item[1]))
+    winner = 'learned gates' if score(learned) >= score(best) else name
+    return {'best_baseline': name, 'baseline_accuracy': best['accuracy'],
+            'baseline_gflops': best['expected_gflops'], 'gates_accuracy': learned['accuracy'],
+            'gates_gflops': learned['expected_gflops'], 'winner': winner}
+
+
+def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, gflops_per_exit: list[float],
+                        class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
+                        exit_threshold: float | None = None, thresholds: list[float] | None = None,
+                        calib_loader=None, conformal: dict | None = None, max_batches: int | None = None,
                         amp: bool = False) -> tuple[dict, ExitCache]:
-    """Everything --eval reports: the results dict documented in the README, plus extra keys."""
+    """Everything --eval reports (the results dict documented in the README): the threshold picked on the
+    calibration images (the validation images without them), every number reported on the validation images."""
     started = time.perf_counter()
-    cache, batches = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp,
-                                          keep_inputs=KEEP_INPUTS_BYTES)
-    cached_pass_seconds = time.perf_counter() - started
+    cache = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp)
     if cache.targets.numel() == 0:
         raise GFNetDynnError('the validation set is empty; put images in the val folder')
+    selecting = (collect_exit_outputs(model, calib_loader, device, max_batches=max_batches, amp=amp)
+                 if calib_loader is not None else cache)
+    cached_pass_seconds = time.perf_counter() - started
+    images = [image.unsqueeze(0) for image, _ in
+              map(val_loader.dataset.__getitem__, spread_indices(int(cache.targets.numel()), LATENCY_IMAGES))]
+    segment_ms = segment_latency_ms(model, images[0], device, seconds=0.1 * cached_pass_seconds)
+    latency = cumulative_ms(segment_ms)
+    picked = (pick_threshold(selecting, 'gate', budget, gflops_per_exit, latency) if exit_threshold is None
+              else point_at(selecting, 'gate', exit_threshold, gflops_per_exit, latency))
+    chosen = point_at(cache, 'gate', picked['threshold'], gflops_per_exit, latency)
+    real = real_early_exit_report(model, images, device, cache, chosen, latency, 0.25 * cached_pass_seconds)
+    baselines = baselines_report(cache, selecting, budget, gflops_per_exit, latency)
+    points = all_points(cache, 'gate', gflops_per_exit, latency)
+    selection = {'set': 'val' if calib_loader is None else 'calibration', 'num_images': int(selecting.targets.numel()),
+                 'budget': str(budget) if exit_threshold is None else f'--exit-threshold {exit_threshold:g}',
+                 'threshold': chosen['threshold'], 'accuracy': chosen['accuracy'],
+                 'expected_gflops': chosen['expected_gflops'], 'expected_latency_ms': chosen['expected_latency_ms'],
+                 'measured_latency_ms': real['mean_ms'],
+                 'on_selection_set': {key: picked[key] for key in ('accuracy', 'expected_gflops',
+                                                                    'expected_latency_ms')}}
     accuracies = per_exit_accuracy(cache)
-    sweep = threshold_sweep(cache, thresholds, gflops_per_exit)
-    chosen = cheapest_within(sweep, accuracies[-1]) if exit_threshold is None else \
-        threshold_sweep(cache, [exit_threshold], gflops_per_exit)[0]
-    if not batches:  # the validation set was too large to keep: read it again
-        batches = [batch for step, batch in enumerate(val_loader) if max_batches is None or step < max_batches]
-    real = run_real_early_exit(model, batches, device, chosen['threshold'])
-    cached_predictions, cached_exits = gated_predictions(cache, chosen['threshold'])
-    mismatches = int((real['predictions'] != cached_predictions).sum() + (real['exit_index'] != cached_exits).sum())
+    predictions, _ = gated_predictions(cache, chosen['threshold'])
     results = {
         'num_classes': len(class_names), 'class_names': class_names, 'num_val': int(cache.targets.numel()),
         'exit_positions': list(model.exit_positions), 'gflops_per_exit': gflops_per_exit,
         'full_gflops': gflops_per_exit[-1], 'per_exit_accuracy': accuracies, 'full_accuracy': accuracies[-1],
-        'sweep': sweep,
-        'chosen': {**chosen, 'rule': 'given by --exit-threshold' if exit_threshold is not None
-                   else 'cheapest threshold within 1 point of the full accuracy',
+        'latency_table_ms': {'segment': segment_ms, 'cumulative': latency, 'batch': 1, 'device': str(device)},
+        'selection': selection, 'front': pareto_front(points), 'num_operating_points': len(points),
+        'sweep': (threshold_sweep(cache, thresholds, gflops_per_exit) if thresholds
+                  else table_rows(pareto_front(points), chosen, TABLE_ROWS)),
+        'chosen': {**chosen, 'rule': selection['budget'],
                    'flops_saving': 1 - chosen['expected_gflops'] / gflops_per_exit[-1]},
-        'real_early_exit': {'threshold': chosen['threshold'], 'seconds': real['seconds'],
-                            'images_per_second': len(real['predictions']) / max(real['seconds'], 1e-9),
-                            'mismatches_with_cache': mismatches},
+        'baselines': baselines, 'versus_baselines': versus_baselines(chosen, baselines, budget),
+        'real_early_exit': real,
         'training_rule': exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops_per_exit),
         'conformal': conformal_report(cache, conformal),
-        'timing': {'cached_pass_seconds': cached_pass_seconds},
+        'timing': {'cached_pass_seconds': cached_pass_seconds, 'total_seconds': time.perf_counter() - started},
         'full_network': class_report(cache.targets, cache.logits[-1].argmax(-1), class_names),
-        'at_chosen_threshold': class_report(cache.targets, cached_predictions, class_names),
+        'at_chosen_threshold': class_report(cache.targets, predictions, class_names),
     }
     return results, cache
 
 
+def real_early_exit_report(model: GFNetDynn, images: list[torch.Tensor], device: torch.device, cache: ExitCache,
+                           chosen: dict, latency: list[float], seconds: float) -> dict:
+    """Real early exit at the chosen threshold, batch 1, over `images` (the validation images at
+    spread_indices, for about `seconds`): mean and median ms beside what the latency table predicts for the
+    same images, and agreement with the cache's predictions and exits for them."""
+    indices = spread_indices(int(cache.targets.numel()), LATENCY_IMAGES)
+    single = measured_early_exit_ms(model, images, device, chosen['threshold'], seconds)
+    ran = indices[:single['images']]
+    cached_predictions, cached_exits = gated_predictions(cache, chosen['threshold'])
+    mismatches = sum(int(cached_predictions[i]) != p or int(cached_exits[i]) != e
+                     for i, p, e in zip(ran, single['predictions'], single['exit_index']))
+    predicted = sum(latency[k] for k in single['exit_index']) / max(len(ran), 1)
+    return {'threshold': chosen['threshold'], 'batch': 1, 'images': single['images'],
+            'mean_ms': single['mean_ms'], 'median_ms': single['median_ms'], 'predicted_mean_ms': predicted,
+            'mismatches_with_cache': mismatches}
+
+
+def table_rows(front: list[dict], chosen: dict, rows: int) -> list[dict]:
+    """About `rows` points of the front, evenly spread by position, most accurate first, with the chosen one."""
+    if len(front) > rows:
+        picks = {round(i * (len(front) - 1) / (rows - 1)) for i in range(rows)}
+        front = [p for i, p in enumerate(front) if i in picks or p['threshold'] == chosen['threshold']]
+    if all(p['threshold'] != chosen['threshold'] for p in front):
+        front = front + [chosen]  # a threshold given by --exit-threshold need not be on the front
+    return sorted(front, key=lambda p: -p['threshold'])
+
+
 def format_results_table(results: dict) -> str:
-    """The terminal report: per-exit accuracy, then one row per threshold."""
+    """The terminal report: per-exit accuracy and batch-1 latency, the sweep rows, the chosen point (which set
+    chose it, predicted and measured latency) and the baselines at the same budget."""
     exits = len(results['per_exit_accuracy'])
     lines = [f"{results.get('dataset', '')} {results.get('arch', '')} {results.get('input_size', '')}px, "
              f"{results['num_val']} validation images, exits after blocks {results['exit_positions']} + final",
              'exit          ' + ' '.join(f'{k:>7d}' for k in range(exits)),
              'GFLOPs        ' + ' '.join(f'{g:7.3f}' for g in results['gflops_per_exit']),
+             'ms (batch 1)  ' + ' '.join(f'{m:7.2f}' for m in results['latency_table_ms']['cumulative']),
              'accuracy (%)  ' + ' '.join(f'{a:7.2f}' for a in results['per_exit_accuracy']),
-             '',
-             f"{'threshold':>9} {'acc %':>7} {'GFLOPs':>8} {'saving':>7}  exit shares (%)"]
+             '', f"{results['num_operating_points']} distinct thresholds, {len(results['front'])} on the "
+                 f"accuracy/GFLOPs front; {len(results['sweep'])} shown",
+             f"{'threshold':>9} {'acc %':>7} {'GFLOPs':>8} {'saving':>7} {'ms':>7}  exit shares (%)"]
     for point in results['sweep']:
         saving = 1 - point['expected_gflops'] / results['full_gflops']
-        lines.append(f"{point['threshold']:9.2f} {point['accuracy']:7.2f} {point['expected_gflops']:8.3f} "
-                     f"{100 * saving:6.1f}%  " + ' '.join(f'{100 * s:5.1f}' for s in point['exit_share']))
-    chosen, real = results['chosen'], results['real_early_exit']
-    lines += ['', f"chosen threshold {chosen['threshold']:.2f} ({chosen['rule']}): accuracy {chosen['accuracy']:.2f}% "
-              f"vs full {results['full_accuracy']:.2f}%, {100 * chosen['flops_saving']:.1f}% fewer FLOPs",
-              f"real early exit: {real['images_per_second']:.1f} images/s, predictions differing from the cache: "
-              f"{real['mismatches_with_cache']}"]
+        ms = f"{point['expected_latency_ms']:7.2f}" if 'expected_latency_ms' in point else f"{'':>7}"
+        lines.append(f"{point['threshold']:9.4f} {point['accuracy']:7.2f} {point['expected_gflops']:8.3f} "
+                     f"{100 * saving:6.1f}% {ms}  " + ' '.join(f'{100 * s:5.1f}' for s in point['exit_share']))
+    chosen, real, selection = results['chosen'], results['real_early_exit'], results['selection']
+    lines += ['', f"chosen threshold {chosen['threshold']:.4f} ({selection['budget']}, chosen on the "
+                  f"{selection['num_images']} {selection['set']} images): accuracy {chosen['accuracy']:.2f}% vs full "
+                  f"{results['full_accuracy']:.2f}%, {100 * chosen['flops_saving']:.1f}% fewer FLOPs"]
+    if selection['set'] == 'val':
+        lines.append('  (chosen on the validation images it is reported on, so optimistic: train with '
+                     '--calib-ratio 0.1 to choose on held-out images)')
+    lines += [f"batch-1 latency: predicted {selection['expected_latency_ms']:.2f} ms per image, measured "
+              f"{real['mean_ms']:.2f} ms mean over {real['images']} images (predicted for them "
+              f"{real['predicted_mean_ms']:.2f}); full network {results['latency_table_ms']['cumulative'][-1]:.2f} ms; "
+              f"exits differing from the cache: {real['mismatches_with_cache']}"]
+    versus = results['versus_baselines']
+    lines.append(f"learned gates vs {versus['best_baseline']} at the same budget: {versus['gates_accuracy']:.2f}% at "
+                 f"{versus['gates_gflops']:.3f} GFLOPs vs {versus['baseline_accuracy']:.2f}% at "
+                 f"{versus['baseline_gflops']:.3f} GFLOPs: {versus['winner']} win"
+                 f"{'s' if versus['winner'] != 'learned gates' else ''}")
     conformal = results.get('conformal')
     if conformal:
         lines += ['', f"conformal prediction sets (qhats calibrated on {conformal['calibrated_on']}; exits by "

@@ -22,26 +22,19 @@ class ExitCache(NamedTuple):
 
 @torch.no_grad()
 def collect_exit_outputs(model: torch.nn.Module, loader, device: torch.device, *, max_batches: int | None = None,
-                         amp: bool = False, keep_inputs: int = 0) -> tuple[ExitCache, list]:
-    """Run the validation set once through every exit. With keep_inputs > 0 bytes, also return the input
-    batches while they fit (so a later real-early-exit pass need not decode the images again)."""
+                         amp: bool = False) -> ExitCache:
+    """Run the loader's images once through every exit."""
     model.eval()
-    logits, gates, targets, inputs = [], [], [], []
-    keeping, kept_bytes = keep_inputs > 0, 0
+    logits, gates, targets = [], [], []
     for images, labels in batches(loader, 'exits', max_batches):
-        if keeping:
-            kept_bytes += images.nbytes
-            keeping = kept_bytes <= keep_inputs
-            inputs = inputs + [(images, labels)] if keeping else []  # only a complete copy is useful
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))
         logits.append(out.logits.float())
         gates.append(torch.sigmoid(out.gate_logits.float()))
         targets.append(labels.to(device))
-    cache = ExitCache(all_gather_cat(torch.cat(logits, dim=1), dim=1).cpu(),
-                      all_gather_cat(torch.cat(gates, dim=1), dim=1).cpu(),
-                      all_gather_cat(torch.cat(targets)).cpu())
-    return cache, inputs
+    return ExitCache(all_gather_cat(torch.cat(logits, dim=1), dim=1).cpu(),
+                     all_gather_cat(torch.cat(gates, dim=1), dim=1).cpu(),
+                     all_gather_cat(torch.cat(targets)).cpu())
 
 
 def exit_choice(gate_probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -101,15 +94,6 @@ def sweep_point(cache: ExitCache, threshold: float, gflops_per_exit: Sequence[fl
 
 def threshold_sweep(cache: ExitCache, thresholds: Sequence[float], gflops_per_exit: Sequence[float]) -> list[dict]:
     return [sweep_point(cache, t, gflops_per_exit) for t in thresholds]
-
-
-def cheapest_within(sweep: list[dict], full_accuracy: float, tolerance: float = 1.0) -> dict:
-    """The sweep point with the fewest expected GFLOPs whose accuracy is within `tolerance` points of the
-    full network; the most accurate point when none is."""
-    eligible = [p for p in sweep if p['accuracy'] >= full_accuracy - tolerance]
-    if not eligible:
-        return max(sweep, key=lambda p: p['accuracy'])
-    return min(eligible, key=lambda p: (p['expected_gflops'], -p['accuracy']))
 
 
 def best_exit_counts(cache: ExitCache, costs: torch.Tensor, tradeoff: float, objective: str = 'ce') -> torch.Tensor:

@@ -109,7 +109,7 @@ def evaluate(model: GFNetDynn, loader, device: torch.device, costs: torch.Tensor
     """One pass over the validation set: gated accuracy under the training-time exit rule, its mean compute
     (a share of the full network's true FLOPs), per-exit accuracy, exit shares, the next pos_weight (from the
     gates' cost vector `costs`) and the conformal thresholds."""
-    cache, _ = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
+    cache = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
     chosen = conditional_exit_choice(cache.gate_probs)
     point = exit_point(cache, chosen, flops_share)
     counts = best_exit_counts(cache, costs.cpu(), config.tradeoff, config.gate_objective)

@@ -1,4 +1,4 @@
-"""PNG figures for --eval (matplotlib, headless): the accuracy / GFLOPs trade-off and confusion matrices."""
+"""PNG figures for --eval (matplotlib, headless): the accuracy / GFLOPs fronts and confusion matrices."""
 from pathlib import Path
 
 import matplotlib
@@ -7,31 +7,31 @@ matplotlib.use('Agg')  # no display on servers and boards
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _thresholds_by_point(sweep: list[dict]) -> dict:
-    """{(GFLOPs, accuracy): [thresholds]}: thresholds that land on the same point share one label."""
-    points = {}
-    for point in sweep:
-        points.setdefault((point['expected_gflops'], point['accuracy']), []).append(point['threshold'])
-    return points
+BASELINE_STYLES = {'max_prob': ('max softmax probability', 'tab:orange'), 'entropy': ('entropy', 'tab:green')}
 
 
 def plot_tradeoff(results: dict, path: str | Path) -> Path:
-    """Accuracy vs expected GFLOPs per image: the threshold sweep, each exit alone, the chosen point."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    sweep = results['sweep']
-    ax.plot([p['expected_gflops'] for p in sweep], [p['accuracy'] for p in sweep], 'o-', label='gated early exit')
-    for (gflops, accuracy), thresholds in _thresholds_by_point(sweep).items():
-        label = f'{thresholds[0]:g}' if len(thresholds) == 1 else f'{thresholds[0]:g}-{thresholds[-1]:g}'
-        ax.annotate(label, (gflops, accuracy), textcoords='offset points', xytext=(4, -10), fontsize=7)
-    ax.plot(results['gflops_per_exit'], results['per_exit_accuracy'], 's--', color='grey', label='single exit')
+    """Accuracy vs expected GFLOPs per image: the learned gates' front, the confidence baselines' fronts, each
+    exit alone, and the chosen point."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    front = results['front']
+    ax.step([p['expected_gflops'] for p in front], [p['accuracy'] for p in front], 'o-', where='post',
+            markersize=3, label='learned gates (front)', color='tab:blue')
+    for rule, baseline in results.get('baselines', {}).items():
+        if rule in BASELINE_STYLES:
+            label, colour = BASELINE_STYLES[rule]
+            points = baseline['front']
+            ax.step([p['expected_gflops'] for p in points], [p['accuracy'] for p in points], '.--', where='post',
+                    markersize=3, color=colour, alpha=0.8, label=f'{label} threshold (front)')
+    ax.plot(results['gflops_per_exit'], results['per_exit_accuracy'], 's:', color='grey', label='single exit')
     chosen = results['chosen']
     ax.plot([chosen['expected_gflops']], [chosen['accuracy']], '*', markersize=14, color='tab:red',
-            label=f"chosen (t={chosen['threshold']:.2f})")
-    ax.set_xlabel('GFLOPs per image')
+            label=f"chosen (t={chosen['threshold']:.3f}, {results.get('selection', {}).get('budget', '')})")
+    ax.set_xlabel('expected GFLOPs per image')
     ax.set_ylabel('validation accuracy (%)')
     ax.set_title(f"{results.get('dataset', '')} {results.get('arch', '')}: accuracy vs compute")
     ax.grid(alpha=0.3)
-    ax.legend(loc='lower right')
+    ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -83,6 +83,7 @@ class RunData(NamedTuple):
     classes: list[str]
     data_path: Path
     split: dict  # data_splits.split_record: how the images split, with both file lists
+    calib_loader: DataLoader | None = None  # the held-out calibration images (--calib-ratio), in order
 
 
 def recorded_split(source_args: dict, data_set: str) -> dict | None:
@@ -101,10 +102,17 @@ def split_request(args: argparse.Namespace, recorded: dict | None) -> SplitReque
             raise GFNetDynnError(f'{flag} {value} differs from the split the checkpoint was trained on ({flag} '
                                  f'{before}): its validation images would include training images; drop {flag} '
                                  f'to reuse that split, or train a new backbone on the new split')
+    calib = getattr(args, 'calib_ratio', None)
+    before = (recorded or {}).get('calib_ratio') or 0
+    if recorded and calib is not None and calib != before:
+        raise GFNetDynnError(f"--calib-ratio {calib:g} differs from the checkpoint's ({before:g}):"
+                             f' its calibration images must be ones no stage trained on; drop --calib-ratio, or pass '
+                             f'it from the backbone stage on')
     ratio = args.train_ratio if args.train_ratio is not None else recorded.get('train_ratio')
     seed = args.split_seed if args.split_seed is not None else recorded.get('seed')
     return SplitRequest(default_train_ratio(args.data_set) if ratio is None else ratio, 42 if seed is None else seed,
-                        args.split_file, recorded or None)
+                        args.split_file, recorded or None,
+                        calib_ratio=calib if calib is not None else recorded.get('calib_ratio') or 0.0)
 
 
 def build_data(args: argparse.Namespace, input_size: int, distributed: bool, recorded: dict | None = None,
@@ -126,13 +134,14 @@ def build_data(args: argparse.Namespace, input_size: int, distributed: bool, rec
                              f'split; drop it')
     train_loader, val_loader = build_loaders(data.train, data.val, args.batch, args.num_workers, args.seed,
                                              distributed=distributed)
-    return RunData(train_loader, val_loader, data.classes, data_path, data.split)
+    calib_loader = build_loaders(None, data.calib, args.batch, args.num_workers, args.seed)[1] if data.calib else None
+    return RunData(train_loader, val_loader, data.classes, data_path, data.split, calib_loader)
 
 
 def check_split_file(output_dir: str | Path, split: dict) -> Path:
     """Where the run's split is written (splits/ under --output-dir): a new file, or one holding this very split."""
     path = Path(output_dir) / 'splits' / split_file_name(split['dataset'], split['train_ratio'], split['seed'],
-                                                         split['method'])
+                                                         split['method'], split.get('calib_ratio') or 0.0)
     if path.exists():
         try:
             existing = json.loads(path.read_text()).get('hash')

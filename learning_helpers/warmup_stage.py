@@ -89,7 +89,7 @@ def train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, e
 
 def evaluate(model: GFNetDynn, loader, device: torch.device, run: RunConfig) -> dict:
     """Validation accuracy (%) of every exit, first to final."""
-    cache, _ = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
+    cache = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
     return {'exit_acc': per_exit_accuracy(cache)}
 
 

@@ -80,35 +80,35 @@ def test_demo_is_generated_when_its_folder_is_missing(tmp_path, monkeypatch):
 # fixed and random splits
 
 def test_fixed_split_sizes_and_classes(tiny):
-    train, val, classes, _ = build_datasets('TINY', tiny, 32)
+    train, val, classes, _, _ = build_datasets('TINY', tiny, 32)
     assert (len(train), len(val), classes) == (12, 12, CLASSES)
     assert train[0][0].shape == (3, 32, 32)
 
 
 def test_fixed_split_uses_training_and_evaluation_transforms(tiny):
-    train, val, _, _ = build_datasets('TINY', tiny, 32)
+    train, val, _, _, _ = build_datasets('TINY', tiny, 32)
     assert any(isinstance(t, RandAugment) for t in train.transform.transforms)
     assert [type(t) for t in val.transform.transforms] == [
         transforms.Resize, transforms.CenterCrop, transforms.ToTensor, transforms.Normalize]
 
 
 def test_random_split_sizes_are_disjoint_and_cover_the_folder(tiny_flat):
-    train, val, classes, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(0.8))
+    train, val, classes, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(0.8))
     assert (len(train), len(val), classes) == (24, 6, CLASSES)
     assert not _paths(train) & _paths(val)
     assert len(_paths(train) | _paths(val)) == 30
 
 
 def test_random_split_is_deterministic_by_seed(tiny_flat):
-    first, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(seed=3))
-    again, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(seed=3))
-    other, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(seed=4))
+    first, _, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(seed=3))
+    again, _, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(seed=3))
+    other, _, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32, split=SplitRequest(seed=4))
     assert first.indices == again.indices
     assert first.indices != other.indices
 
 
 def test_random_split_parts_get_their_own_transforms(tiny_flat):
-    train, val, _, _ = build_datasets('TINYFLAT', tiny_flat, 32)
+    train, val, _, _, _ = build_datasets('TINYFLAT', tiny_flat, 32)
     assert train.dataset.samples is val.dataset.samples  # one scan, two views
     assert any(isinstance(t, RandAugment) for t in train.dataset.transform.transforms)
     assert isinstance(val.dataset.transform.transforms[0], transforms.Resize)
@@ -164,7 +164,7 @@ def _truncate(path: Path) -> None:
 def test_truncated_image_fails_at_load_naming_the_file(tiny):
     bad = tiny / 'train' / 'cat_a' / '000.png'
     _truncate(bad)
-    train, _, _, _ = build_datasets('TINY', tiny, 32)
+    train, _, _, _, _ = build_datasets('TINY', tiny, 32)
     with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
         train[0]
 
@@ -173,7 +173,7 @@ def test_skip_bad_images_drops_a_truncated_file_with_a_warning(tiny, caplog):
     bad = tiny / 'train' / 'cat_a' / '000.png'
     _truncate(bad)
     with caplog.at_level(logging.WARNING):
-        train, val, _, _ = build_datasets('TINY', tiny, 32, skip_bad_images=True)
+        train, val, _, _, _ = build_datasets('TINY', tiny, 32, skip_bad_images=True)
     assert (len(train), len(val)) == (11, 12)
     assert str(bad) not in {path for path, _ in train.samples}
     assert str(bad) in caplog.text
@@ -195,7 +195,7 @@ def test_messy_folder_loads_as_rgb_tensors(tmp_path, monkeypatch):
                 Image.fromarray(pixels).convert(mode).save(folder / name)
     (tmp_path / '.complete').write_text('{}')
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'MESSY', _entry(tmp_path, num_classes=2))
-    train, val, classes, _ = build_datasets('MESSY', tmp_path, 24)
+    train, val, classes, _, _ = build_datasets('MESSY', tmp_path, 24)
     assert classes == ['forêt dense', 'plage']
     assert len(train) == len(val) == 12
     for i in range(len(val)):

@@ -63,7 +63,7 @@ def test_a_download_root_is_found_whatever_its_wrapper_folders(wrapper, tmp_path
     (root / 'UCMerced_LandUse.zip').write_bytes(b'the archive torchgeo leaves beside its folder')
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'RAW', raw_entry(root))
     with caplog.at_level(logging.INFO):
-        train, val, classes, split = build_datasets('RAW', root, 32)
+        train, val, classes, split, _ = build_datasets('RAW', root, 32)
     assert classes == ['class0', 'class1', 'class2'] and len(train) + len(val) == 30
     assert split['method'] == 'stratified' and 'data layout: one folder of class folders' in caplog.text
 
@@ -74,7 +74,7 @@ def test_train_and_val_folders_are_used_as_they_are(tmp_path, monkeypatch, caplo
     write_class_folders(root / 'val', per_class=2, seed=1)
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'RAW', raw_entry(root))
     with caplog.at_level(logging.INFO):
-        train, val, _, split = build_datasets('RAW', root, 32)
+        train, val, _, split, _ = build_datasets('RAW', root, 32)
     assert (len(train), len(val), split['method']) == (18, 6, 'folders')
     assert 'data layout: train/val folders' in caplog.text
 
@@ -104,7 +104,7 @@ def test_a_split_file_of_torchgeo_names_the_images(raw, tmp_path):
     assert len(set(names)) < len(names)  # 000.png in every class: bare names are not unique here
     (tmp_path / 'raw-train.txt').write_text('\n'.join(f'class{c}/{i:03d}.png' for c in range(3) for i in range(7)))
     (tmp_path / 'raw-test.txt').write_text('\n'.join(f'class{c}/{i:03d}.png' for c in range(3) for i in range(7, 10)))
-    train, val, _, split = build_datasets('RAW', raw, 32, split=SplitRequest(file=str(tmp_path / 'raw-train.txt')))
+    train, val, _, split, _ = build_datasets('RAW', raw, 32, split=SplitRequest(file=str(tmp_path / 'raw-train.txt')))
     assert (len(train), len(val), split['method']) == (21, 9, 'file')
     assert 'class1/008.png' in _names(val)
 

@@ -125,7 +125,7 @@ def demo_cache(tmp_path_factory):
     from learning_helpers.exit_cache import collect_exit_outputs
 
     root = ensure_demo_dataset(tmp_path_factory.mktemp('demo') / 'DEMO', train_per_class=2, val_per_class=8)
-    _, val_set, _, _ = build_datasets('DEMO', root, 64)
+    _, val_set, _, _, _ = build_datasets('DEMO', root, 64)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])  # (64, 3, 64, 64)
     labels = torch.tensor([val_set[i][1] for i in range(len(val_set))])
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def demo_cache(tmp_path_factory):
     with torch.no_grad():
         for head in model.intermediate_heads:
             head.weight.normal_(std=0.5)
-        cache, _ = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
+        cache = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
         for k, gate in enumerate(model.gates):  # gate k fires for the more confident part at exit k
             max_prob = cache.logits[k].softmax(dim=-1).amax(dim=-1)
             slope = 4.0 / max_prob.std()  # gate logits spread over about -8..8
@@ -144,7 +144,7 @@ def demo_cache(tmp_path_factory):
             i = 16 + int((ordered[17:49] - ordered[16:48]).argmax())
             gate.linear.weight.copy_(torch.tensor([[slope, 0.0, 0.0, 0.0]]))
             gate.linear.bias.fill_(-slope * (ordered[i] + ordered[i + 1]) / 2)
-        cache, _ = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
+        cache = collect_exit_outputs(model, [(images, labels)], torch.device('cpu'))
     return model, images, cache
 
 

@@ -8,10 +8,11 @@ from torch.testing import assert_close
 
 from errors import GFNetDynnError
 from learning_helpers.conformal import conformal_quantile, conformal_thresholds, prediction_set_stats
-from learning_helpers.exit_cache import (ExitCache, best_exit_counts, cheapest_within, conditional_exit_choice,
+from learning_helpers.exit_cache import (ExitCache, best_exit_counts, conditional_exit_choice,
                                          exit_choice, exit_point, gated_predictions, per_exit_accuracy,
                                          threshold_sweep, updated_pos_weight)
 from learning_helpers.losses import best_exit, per_exit_cross_entropy
+from learning_helpers.operating_points import Budget, choose
 from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
 
 THRESHOLDS = [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
@@ -93,19 +94,19 @@ def test_sweep_spends_fewer_gflops_as_the_threshold_rises_to_the_final_head():
 
 # choosing a threshold
 
-def test_cheapest_within_picks_the_cheapest_point_within_one_point_of_full_accuracy():
+def test_acc_drop_budget_picks_the_cheapest_point_within_one_point_of_full_accuracy():
     sweep = [{'threshold': 0.2, 'accuracy': 80.0, 'expected_gflops': 0.1},
              {'threshold': 0.4, 'accuracy': 89.2, 'expected_gflops': 0.3},  # within 1 of 90 and cheapest
              {'threshold': 0.6, 'accuracy': 90.5, 'expected_gflops': 0.4},
              {'threshold': 0.8, 'accuracy': 88.9, 'expected_gflops': 0.2}]  # 1.1 below: out
-    assert cheapest_within(sweep, full_accuracy=90.0)['threshold'] == 0.4
-    assert cheapest_within(sweep, full_accuracy=90.0, tolerance=1.2)['threshold'] == 0.8
+    assert choose(sweep, Budget('acc-drop', 1.0), 90.0)['threshold'] == 0.4
+    assert choose(sweep, Budget('acc-drop', 1.2), 90.0)['threshold'] == 0.8
 
 
-def test_cheapest_within_falls_back_to_the_most_accurate_point():
+def test_acc_drop_budget_falls_back_to_the_most_accurate_point():
     sweep = [{'threshold': 0.2, 'accuracy': 50.0, 'expected_gflops': 0.1},
              {'threshold': 0.5, 'accuracy': 70.0, 'expected_gflops': 0.3}]
-    assert cheapest_within(sweep, full_accuracy=95.0)['threshold'] == 0.5
+    assert choose(sweep, Budget('acc-drop', 1.0), 95.0)['threshold'] == 0.5
 
 
 # rebalancing the gates

@@ -90,7 +90,7 @@ def test_snapshots_and_best_follow_the_conditional_exit_rule(reference_path_run,
     model, _ = load_dynn_checkpoint(last, 'last.pth')
     from data_loader_help import build_datasets, build_loaders
     _, val_loader = build_loaders(*build_datasets('TINY', reference_path_run['data'], 32)[:2], 8, 0, seed=0)
-    cache, _ = collect_exit_outputs(model, val_loader, torch.device('cpu'))
+    cache = collect_exit_outputs(model, val_loader, torch.device('cpu'))
     gflops = exit_gflops(model)
     accuracy = exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops)['accuracy']
     assert last['acc'] == pytest.approx(accuracy)

@@ -98,7 +98,7 @@ def test_linked_folders_are_followed_and_each_real_file_counts_once(tmp_path, mo
     (root / 'train' / 'class0' / 'same_again').symlink_to(elsewhere)  # a second link to the same folder
     (root / 'val' / 'class2' / 'leak.png').symlink_to(root / 'train' / 'class2' / '000.png')
     with caplog.at_level(logging.WARNING):
-        train, val, _, _ = build_datasets('TINY', root, 16)
+        train, val, _, _, _ = build_datasets('TINY', root, 16)
     assert len(train) == 12 + 3 and len(val) == 6 + 1
     assert '1 validation images are also training images' in caplog.text
 

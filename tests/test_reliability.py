@@ -340,7 +340,7 @@ def _val_accuracy(checkpoint: Path, data: Path) -> float:
     from data_loader_help import build_datasets
     from learning_helpers.backbone_stage import evaluate
     from learning_helpers.stage_common import RunConfig
-    _, val_set, class_names, _ = build_datasets('DEMO', data, 32)
+    _, val_set, class_names, _, _ = build_datasets('DEMO', data, 32)
     model = model_factory.build_backbone('GFNet-ti-dynn', len(class_names), 32, 8, 0.0)
     model.load_state_dict(_load(checkpoint)['model'])
     loader = torch.utils.data.DataLoader(val_set, batch_size=12)

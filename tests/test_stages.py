@@ -143,7 +143,7 @@ def test_warmup_restores_best_weights_of_unfrozen_exits_at_max_epochs(tmp_path, 
 @pytest.fixture
 def tiny_loaders(tiny_data):
     from data_loader_help import build_datasets, build_loaders
-    train_set, val_set, _, _ = build_datasets('TINY', tiny_data, 32)
+    train_set, val_set, _, _, _ = build_datasets('TINY', tiny_data, 32)
     return build_loaders(train_set, val_set, 8, 0, seed=0)
 
 
@@ -164,7 +164,7 @@ class Scalars:
 
 
 def validation_warmup_loss(model, loader) -> float:
-    cache, _ = collect_exit_outputs(model, loader, torch.device('cpu'))
+    cache = collect_exit_outputs(model, loader, torch.device('cpu'))
     return WarmupLoss()(cache.logits, cache.targets).item()
 
 
@@ -311,7 +311,7 @@ def first_gate_probability_and_cost(checkpoint_path: Path, val_loader) -> tuple[
     on validation."""
     model, _ = load_dynn_checkpoint(read_checkpoint(checkpoint_path), str(checkpoint_path))
     costs = torch.tensor(exit_gflops(model))
-    cache, _ = collect_exit_outputs(model, val_loader, torch.device('cpu'))
+    cache = collect_exit_outputs(model, val_loader, torch.device('cpu'))
     chosen = conditional_exit_choice(cache.gate_probs)
     return cache.gate_probs[0].double().mean().item(), (costs / costs[-1])[chosen].double().mean().item()
 
