@@ -92,7 +92,7 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     shutil.rmtree(staged, ignore_errors=True)
     try:
         export_segments(model, staged, threshold=threshold, class_names=model_args['class_names'],
-                        input_size=model_args['input_size'])
+                        input_size=model_args['input_size'], checkpoint=str(args.checkpoint_path))
         if calibration is not None:
             quantize_segments(staged, calibration)
         replace_folder(staged, out)

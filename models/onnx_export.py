@@ -135,11 +135,13 @@ def segment_file_name(k: int) -> str:
 
 
 def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, class_names: list[str],
-                    input_size: int, opset: int = OPSET, batch: int | None = None) -> Path:
+                    input_size: int, opset: int = OPSET, batch: int | None = None,
+                    checkpoint: str | None = None) -> Path:
     """Write segment_{k}.onnx for every exit and manifest.json to out_dir; return the manifest's path.
 
     batch None: a dynamic batch axis; an int: graphs fixed to that batch (static shapes throughout, which some
-    runtimes and compilers need). The model itself is left untouched: a float32 CPU copy in eval mode is exported.
+    runtimes and compilers need). checkpoint: the file the model came from, recorded for benchmarks. The model
+    itself is left untouched: a float32 CPU copy in eval mode is exported.
     """
     if opset not in OPSETS:
         raise GFNetDynnError(f'opset {opset} is not one this export writes; choose one of {OPSETS}')
@@ -185,6 +187,7 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
         'segments': file_names,
         'opset': opset,
         'batch': batch,  # None: any batch size
+        'checkpoint': checkpoint,
     }
     path = out_dir / MANIFEST_NAME
     _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + '\n'))
