@@ -287,10 +287,11 @@ def run(args: argparse.Namespace) -> None:
         raise GFNetDynnError(f'--threads {args.threads} must be >= 0 (0: one per core)')
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise GFNetDynnError(f'--threshold {args.threshold} must lie in [0, 1]')
+    jsonl = check_jsonl_path(Path(args.jsonl)) if args.jsonl not in (None, '-') else None
+    read_manifest(args.directory)  # the export folder first: it is the first argument
     for argument in args.images:
         if not os.path.exists(argument):
             raise GFNetDynnError(f'{argument} does not exist; pass image files or folders of images')
-    jsonl = check_jsonl_path(Path(args.jsonl)) if args.jsonl not in (None, '-') else None
     paths = list(image_files(args.images))
     if not paths:
         raise GFNetDynnError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(args.images)}')
