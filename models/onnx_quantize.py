@@ -10,6 +10,7 @@ norm and softmax (QDQ around them costs more than it saves on a CPU).
 Needs no torch: numpy, onnx and onnxruntime only.
 """
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -53,6 +54,15 @@ def float_nodes(model: onnx.ModelProto, keep_float: tuple[str, ...]) -> list[str
             if node.op_type in QUANTIZED_OPS and any(test(node.input) for test in tests)]
 
 
+class _NoPreprocessingAdvice(logging.Filter):
+    """onnxruntime's quantiser advises pre-processing twice per graph on the root logger; its shape inference
+    and graph optimisation are what onnxruntime does anyway when it loads the graph."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'pre-processing before quantization' not in record.getMessage() and \
+            'run pre-processing' not in record.getMessage()
+
+
 def quantize_segments(directory: str | Path, images: np.ndarray, *, keep_float: tuple[str, ...] = KEEP_FLOAT,
                       per_channel: bool = True) -> dict:
     """Write segment_{k}.int8.onnx beside each float segment of the export in `directory` and name them in its
@@ -73,6 +83,8 @@ def quantize_segments(directory: str | Path, images: np.ndarray, *, keep_float: 
         model = onnx.load(directory / name)
         names.append(int8_file_name(name))
         target, tmp = directory / names[-1], directory / (names[-1] + '.tmp')
+        advice = _NoPreprocessingAdvice()
+        logging.getLogger().addFilter(advice)
         try:
             quantize_static(model, tmp, _Inputs(runner.input_names[k], batches), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
@@ -80,6 +92,7 @@ def quantize_segments(directory: str | Path, images: np.ndarray, *, keep_float: 
                             nodes_to_exclude=float_nodes(model, keep_float), calibrate_method=CalibrationMethod.MinMax)
             os.replace(tmp, target)
         finally:
+            logging.getLogger().removeFilter(advice)
             tmp.unlink(missing_ok=True)
         if k < runner.num_exits - 1:
             batches = [runner.run_segment(k, x)[0] for x in batches]  # the float tokens that reach segment k+1

@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2."""
-    return exit_code(lambda: run(get_args_parser().parse_args(argv)))
+    return exit_code(lambda: run(get_args_parser().parse_intermixed_args(argv)))
 
 
 if __name__ == '__main__':

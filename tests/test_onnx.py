@@ -22,7 +22,7 @@ from models.early_exit import EarlyExitEngine
 from models.gfnet import GlobalFilter
 from conftest import FAST_FLAGS, one_error
 from models.onnx_export import OPSETS, MatmulGlobalFilter, SegmentGraph, export_segments, segment_file_name
-from models.onnx_quantize import quantize_segments
+from models.onnx_quantize import DFT_TABLES, quantize_segments
 from models.onnx_runner import OnnxEarlyExit, image_files, main, preprocess
 from models.weights import load_state, read_checkpoint
 
@@ -297,7 +297,7 @@ def test_int8_segments_keep_the_accuracy_of_float(tiny_backbone, tmp_path, capsy
     assert json.loads((tmp_path / 'manifest.json').read_text())['int8']['kept_float'] == ['dft', 'gate']
     nodes = onnx.load(tmp_path / 'segment_0.int8.onnx').graph.node
     dequantized = {name for node in nodes if node.op_type == 'DequantizeLinear' for name in node.output}
-    dft = [node for node in nodes if node.op_type == 'MatMul' and any(n.endswith('.cos_a') for n in node.input)]
+    dft = [node for node in nodes if node.op_type == 'MatMul' and any(n.endswith(DFT_TABLES) for n in node.input)]
     mlp = [node for node in nodes if node.op_type == 'MatMul' and node not in dft]
     assert dft and not any(set(node.input) & dequantized for node in dft)  # the DFT products stay float
     assert mlp and all(set(node.input) & dequantized for node in mlp)  # the MLP's are int8
