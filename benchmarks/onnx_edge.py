@@ -40,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data-set', default='DEMO', help='dataset_config.py entry for the validation images')
     parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
     parser.add_argument('--checkpoint', default=None, help="the PyTorch model to compare; default: the manifest's")
+    parser.add_argument('--threshold', type=float, default=None,
+                        help="exit threshold of the early-exit rows (default: the manifest's)")
     parser.add_argument('--threads', type=int, default=1,
                         help='threads of onnxruntime and torch alike (1: a small board, and steady timings)')
     parser.add_argument('--latency-images', type=int, default=200, help='validation images timed at batch 1')
@@ -87,7 +89,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'],
                                             recorded_split(model_args, args.data_set))
     images_np, labels_np = images.numpy(), labels.numpy()
-    threshold = manifest['threshold']
+    threshold = manifest['threshold'] if args.threshold is None else args.threshold
+    if not 0 <= threshold <= 1:
+        raise GFNetDynnError(f'--threshold {threshold} must lie in [0, 1]')
     runners = {p: OnnxEarlyExit(args.export, num_threads=args.threads, precision=p) for p in ('float', 'int8')}
     engine = EarlyExitEngine(model, threshold)
 
