@@ -232,8 +232,7 @@ def test_cli_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
 # ---- Graphs any runtime accepts -------------------------------------------------------------------------------
 
 # The ops every segment may use: all in the ONNX standard domain, none of them control flow (If, Loop, Scan),
-# sequences or spectral ops (DFT, STFT); each is in the operator tables of TensorRT's, OpenVINO's, TFLite
-# converters' and onnxruntime's parsers.
+# sequences or spectral ops (DFT, STFT); each is in TensorRT's ONNX parser operator table (8.6 and later).
 PORTABLE_OPS = frozenset({
     'Add', 'Concat', 'Conv', 'Div', 'Equal', 'Erf', 'Gather', 'Gemm', 'Greater', 'IsNaN', 'LayerNormalization', 'Log',
     'MatMul', 'Mul', 'Neg', 'Pow', 'ReduceMean', 'ReduceSum', 'Reshape', 'Sigmoid', 'Softmax', 'Squeeze', 'Sub',
