@@ -162,6 +162,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     evaluation.add_argument('--export', type=str, default=None, choices=['onnx'],
                             help='export --checkpoint-path for edge runtimes')
     evaluation.add_argument('--out', type=str, default=None, help='folder for --export')
+    evaluation.add_argument('--quantize', type=str, default=None, choices=['int8'],
+                            help='--export onnx: also write statically quantised int8 segments (QDQ), calibrated on '
+                                 'training images of --data-set')
+    evaluation.add_argument('--calib-images', type=int, default=256,
+                            help='--quantize: training images the int8 calibration reads')
 
     runtime = parser.add_argument_group('runtime')
     runtime.add_argument('--output-dir', type=str, default='.',
@@ -179,10 +184,11 @@ DATA_JOBS = frozenset({'backbone', 'dynn', 'eval'})
 # Flags that act in some jobs only: given to another job they would be ignored, so they are an error. A flag
 # not listed acts in every job. --arch, --patch-size, --exit-positions and --gate also reach --eval and
 # --export, where they must match the checkpoint.
+# The data flags --export reads with --quantize (calibration images), and only then.
+CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images')
 FLAG_JOBS = {
-    'data_path': DATA_JOBS, 'train_ratio': DATA_JOBS, 'split_seed': DATA_JOBS, 'split_file': DATA_JOBS,
-    'calib_ratio': DATA_JOBS, 'budget': {'eval'},
-    **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS}, 'skip_bad_images': DATA_JOBS,
+    **{dest: DATA_JOBS | {'export'} for dest in CALIBRATION_FLAGS}, 'calib_ratio': DATA_JOBS, 'budget': {'eval'},
+    **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS},
     'num_workers': DATA_JOBS, 'drop_path': TRAINING_JOBS, 'exit_positions': {'dynn', 'eval', 'export'},
     'gate': {'dynn', 'eval', 'export'}, 'stage': TRAINING_JOBS, 'batch': DATA_JOBS, 'num_epoch': TRAINING_JOBS,
     'opt': TRAINING_JOBS, 'lr': TRAINING_JOBS, 'min_lr': TRAINING_JOBS, 'wd': TRAINING_JOBS,
@@ -194,7 +200,8 @@ FLAG_JOBS = {
                                    'phase_counter', 'gate_objective', 'classifier_loss', 'exit_costs',
                                    'transfer_ratio', 'freeze_backbone')},
     'eval': {'eval'}, 'thresholds': {'eval'}, 'results_json': {'eval'}, 'exit_threshold': {'eval', 'export'},
-    'export': {'export'}, 'out': {'export'}, 'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
+    'export': {'export'}, 'out': {'export'}, 'quantize': {'export'}, 'calib_images': {'export'},
+    'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
     'seed': DATA_JOBS, 'overwrite': TRAINING_JOBS,
 }
 RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path'})  # how a run runs, not what it is
@@ -241,6 +248,11 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
                                  f'--distillation-type soft, hard or freq, or drop them')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
+    if job == 'export' and not args.quantize:
+        extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'})
+        if extra:
+            raise GFNetDynnError(f"{', '.join(extra)} given with --export but without --quantize int8, the only export "
+                                 f'that reads images (for calibration): add --quantize int8, or drop them')
     if job == 'eval' and {'output_dir', 'results_json'} <= given:
         raise GFNetDynnError('--output-dir has no effect when --results-json names the file; drop one of them')
 
@@ -267,6 +279,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),
         (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
         (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),
+        (args.calib_images > 0, f'--calib-images must be positive, got {args.calib_images}'),
         (args.distillation_type == 'none' or args.teacher_model,
          f'--distillation-type {args.distillation_type} needs --teacher-model (and --teacher-path)'),
     ]

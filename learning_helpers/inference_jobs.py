@@ -6,8 +6,12 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Subset
 
+from data_loader_help import build_datasets, resolve_data_path
 from data_splits import split_summary
 from errors import GFNetDynnError
 from learning_helpers import model_factory
@@ -15,7 +19,8 @@ from learning_helpers.checkpoint import save_json
 from learning_helpers.eval_report import evaluate_early_exit, format_results_table
 from learning_helpers.operating_points import parse_budget
 from learning_helpers.outputs import check_export_folder, check_output_file, replace_folder
-from learning_helpers.run_setup import build_data, checkpoint_args, recorded_split, resolve_model_shape
+from learning_helpers.run_setup import (build_data, checkpoint_args, recorded_split, resolve_model_shape,
+                                        split_request)
 from models.flops import exit_gflops
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
@@ -73,23 +78,50 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
 
 
 def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> Path:
-    """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards. The export is
-    written beside --out first and replaces it whole once complete."""
+    """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards; with --quantize int8
+    also statically quantised twins, calibrated on training images. The export is written beside --out first
+    and replaces it whole once complete."""
     from models.onnx_export import export_segments
+    from models.onnx_quantize import quantize_segments
     out = check_export_folder(args.out)
-    model, model_args, _ = load_for_inference(args, given, names)
+    model, model_args, checkpoint = load_for_inference(args, given, names)
+    calibration = None
+    if args.quantize:  # read the images before the export: a data problem stops the job before the long part
+        calibration = calibration_images(args, model_args['input_size'],
+                                         recorded_split(checkpoint.get('args', {}), args.data_set), args.calib_images)
     threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
     staged = out.with_name(f'.{out.name}.partial')
     shutil.rmtree(staged, ignore_errors=True)
     try:
         export_segments(model, staged, threshold=threshold, class_names=model_args['class_names'],
-                        input_size=model_args['input_size'])
+                        input_size=model_args['input_size'], checkpoint=str(args.checkpoint_path))
+        if calibration is not None:
+            quantize_segments(staged, calibration)
         replace_folder(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    print(f'exported {len(model.exit_positions) + 1} ONNX segments (exit threshold {threshold:g}) to '
-          f'{out}; run them with:\n  python -m models.onnx_runner {out} IMAGE [IMAGE ...]')
+    kinds = 'float and int8' if args.quantize else 'float'
+    precision = ' --precision int8' if args.quantize else ''
+    print(f'exported {len(model.exit_positions) + 1} {kinds} ONNX segments (exit threshold {threshold:g}) to '
+          f'{out}; run them with:\n  python -m models.onnx_runner{precision} {out} IMAGE_OR_FOLDER [...]')
     return out / 'manifest.json'
+
+
+def calibration_images(args: argparse.Namespace, input_size: int, recorded: dict | None, count: int) -> np.ndarray:
+    """`count` training images (of the split the checkpoint trained on), spread evenly over the sorted file list
+    so that every class is present, preprocessed as the ONNX runner does: (count, 3, size, size) float32."""
+    from models.onnx_runner import preprocess
+    train_set = build_datasets(args.data_set, resolve_data_path(args.data_set, args.data_path), input_size,
+                               split=split_request(args, recorded), skip_bad_images=args.skip_bad_images).train
+    if isinstance(train_set, Subset):
+        paths = [train_set.dataset.samples[i][0] for i in train_set.indices]
+    else:
+        paths = [path for path, _ in train_set.samples]
+    if count > len(paths):
+        raise GFNetDynnError(f'--calib-images {count}: the training set of {args.data_set} holds {len(paths)} images; '
+                             f'pass --calib-images {len(paths)} or fewer')
+    chosen = np.linspace(0, len(paths) - 1, count).round().astype(int)
+    return np.stack([preprocess(paths[i], input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) for i in chosen])
 
 
 def results_json_path(args: argparse.Namespace, given: set[str]) -> Path:

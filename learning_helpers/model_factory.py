@@ -4,7 +4,7 @@ import logging
 import timm
 import torch.nn as nn
 
-import models  # noqa: F401  (registers the GFNet variants with timm)
+import models.registry  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
 from models.gfnet import GFNet
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS

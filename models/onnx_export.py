@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import onnx
+from onnx import helper, numpy_helper
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -24,8 +26,12 @@ from models.gfnet import GlobalFilter
 from models.gfnet_dynn import GFNetDynn
 from models.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
 
-# The exporter's lowest implemented opset: the graphs load in the oldest runtimes a board may have.
+# The exporter writes opset 18; 17 (the newest opset of TensorRT 8.5, JetPack 5) is made from it by moving the
+# axes of each Reduce* node from an input back to an attribute, the only change between them these graphs use.
 OPSET = 18
+OPSETS = (17, 18)
+REDUCE_OPS = ('ReduceMean', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceL1', 'ReduceL2', 'ReduceLogSum',
+              'ReduceLogSumExp', 'ReduceSumSquare')  # axes became an input in opset 18 (ReduceSum: in 13)
 
 
 class MatmulGlobalFilter(nn.Module):
@@ -129,11 +135,18 @@ def segment_file_name(k: int) -> str:
 
 
 def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, class_names: list[str],
-                    input_size: int) -> Path:
+                    input_size: int, opset: int = OPSET, batch: int | None = None,
+                    checkpoint: str | None = None) -> Path:
     """Write segment_{k}.onnx for every exit and manifest.json to out_dir; return the manifest's path.
 
-    The model itself is left untouched: a float32 CPU copy in eval mode is exported.
+    batch None: a dynamic batch axis; an int: graphs fixed to that batch (static shapes throughout, which some
+    runtimes and compilers need). checkpoint: the file the model came from, recorded for benchmarks. The model
+    itself is left untouched: a float32 CPU copy in eval mode is exported.
     """
+    if opset not in OPSETS:
+        raise GFNetDynnError(f'opset {opset} is not one this export writes; choose one of {OPSETS}')
+    if batch is not None and batch < 1:
+        raise GFNetDynnError(f'batch {batch} must be at least 1 (or None for a dynamic batch axis)')
     if model.patch_embed.img_size != (input_size, input_size):
         raise GFNetDynnError(f'the model was built for {model.patch_embed.img_size[0]} px images, not '
                              f'{input_size}; export with --input-size {model.patch_embed.img_size[0]}')
@@ -146,9 +159,9 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
     model = copy.deepcopy(model).to(device='cpu', dtype=torch.float32).eval().requires_grad_(False)
     for block in model.blocks:
         block.filter = MatmulGlobalFilter(block.filter)
-    batch = torch.export.Dim('batch', min=1)
-    # Batch 2 in the example: export specialises a dimension whose example size is 1.
-    x = torch.randn(2, 3, input_size, input_size)
+    # A dynamic batch is exported from an example of 2: export specialises a dimension whose example size is 1.
+    x = torch.randn(2 if batch is None else batch, 3, input_size, input_size)
+    dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if batch is None else None
     file_names = []
     for k in range(model.num_exits):
         graph = SegmentGraph(model, k).eval()
@@ -156,9 +169,10 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
         with _quiet_exporter():
             program = torch.onnx.export(graph, (x,), dynamo=True, opset_version=OPSET, verbose=False,
                                         input_names=['images' if k == 0 else 'tokens'], output_names=output_names,
-                                        dynamic_shapes=({0: batch},))
+                                        dynamic_shapes=dynamic_shapes)
         file_names.append(segment_file_name(k))
-        _replace_atomically(out_dir / file_names[-1], functools.partial(program.save, external_data=False))
+        graph_proto = program.model_proto if opset == OPSET else to_opset_17(program.model_proto)
+        _replace_atomically(out_dir / file_names[-1], functools.partial(onnx.save, graph_proto))
         if not graph.is_final:
             with torch.no_grad():
                 x = graph(x)[0]  # this segment's tokens are the next one's example input
@@ -171,10 +185,44 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
         'exit_positions': list(model.exit_positions),
         'class_names': list(class_names),
         'segments': file_names,
+        'opset': opset,
+        'batch': batch,  # None: any batch size
+        'checkpoint': checkpoint,
     }
     path = out_dir / MANIFEST_NAME
     _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + '\n'))
     return path
+
+
+def to_opset_17(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An opset-18 graph as opset 17: each Reduce* node's constant axes input becomes its axes attribute.
+
+    onnx's own version converter fails on these graphs (it looks for the axes among Constant nodes only) and
+    leaves opset-18 attributes behind; the result is checked against the opset-17 schemas.
+    """
+    model = copy.deepcopy(model)
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in REDUCE_OPS:
+            continue
+        attributes = {a.name: a for a in node.attribute}
+        if 'noop_with_empty_axes' in attributes:
+            if attributes['noop_with_empty_axes'].i:
+                raise ValueError(f'{node.name}: noop_with_empty_axes=1 has no opset-17 equivalent')
+            node.attribute.remove(attributes['noop_with_empty_axes'])
+        if len(node.input) > 1 and node.input[1]:
+            axes = numpy_helper.to_array(constants[node.input[1]])  # KeyError: axes computed at run time
+            node.attribute.append(helper.make_attribute('axes', [int(a) for a in axes.reshape(-1)]))
+            del node.input[1:]
+    for entry in model.opset_import:
+        if entry.domain in ('', 'ai.onnx'):
+            entry.version = 17
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [init for init in model.graph.initializer if init.name not in used]
+    for init in unused:  # the axes tensors now held as attributes
+        model.graph.initializer.remove(init)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -1,13 +1,15 @@
 """Real early exit on an edge runtime: chain the ONNX segments written by `models/onnx_export.py`.
 
-Needs only onnxruntime, numpy and Pillow (no torch), so on a board it runs as a script from the repository
-root: `PYTHONPATH=. python models/onnx_runner.py DIR IMAGE ...` (`python -m models.onnx_runner` imports the
-`models` package, and with it torch).
+Needs only onnxruntime, numpy and Pillow: `python -m models.onnx_runner DIR IMAGE_OR_FOLDER ...` imports no
+torch and no training code (importing the `models` package registers nothing until a model is asked for).
 """
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Iterator, TextIO
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +21,11 @@ from image_io import DECODE_ERRORS, BandCountError, open_rgb
 MANIFEST_NAME = 'manifest.json'
 MANIFEST_FORMAT = 1
 MANIFEST_KEYS = ('input_size', 'mean', 'std', 'threshold', 'exit_positions', 'class_names', 'segments')
+PRECISIONS = {'float': 'segments', 'int8': 'int8_segments'}  # --precision -> the manifest's list of graphs
+# What a folder argument contributes: the image types Pillow reads (torchvision's list, without torch).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+JUNK_NAMES = ('thumbs.db', 'desktop.ini')
+JSONL_KEYS = ('file', 'class', 'exit', 'latency_ms')
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -58,9 +65,8 @@ def _check_manifest_values(manifest: dict, path: Path) -> None:
         'exit_positions': isinstance(positions, list) and all(isinstance(p, int) for p in positions),
         'class_names': isinstance(manifest['class_names'], list) and len(manifest['class_names']) > 0
                        and all(isinstance(c, str) for c in manifest['class_names']),
-        'segments': isinstance(manifest['segments'], list) and isinstance(positions, list)
-                    and len(manifest['segments']) == len(positions) + 1
-                    and all(isinstance(name, str) and '/' not in name for name in manifest['segments']),
+        **{key: _segment_list(manifest.get(key), positions) for key in PRECISIONS.values() if key in manifest},
+        'batch': manifest.get('batch') is None or (isinstance(manifest['batch'], int) and manifest['batch'] > 0),
     }
     for key, ok in checks.items():
         if not ok:
@@ -68,19 +74,31 @@ def _check_manifest_values(manifest: dict, path: Path) -> None:
                                  f'model again')
 
 
+def _segment_list(names, positions) -> bool:
+    return (isinstance(names, list) and isinstance(positions, list) and len(names) == len(positions) + 1
+            and all(isinstance(name, str) and '/' not in name for name in names))
+
+
 class OnnxEarlyExit:
     """`EarlyExitEngine` on onnxruntime: a sample leaves at the first exit whose gate probability is
     >= threshold, else at the final head; each segment runs only for the samples still inside."""
 
-    def __init__(self, directory: str | Path, threshold: float | None = None, num_threads: int = 0):
+    def __init__(self, directory: str | Path, threshold: float | None = None, num_threads: int = 0,
+                 precision: str = 'float'):
         self.manifest = read_manifest(directory)
         self.threshold = self.manifest['threshold'] if threshold is None else threshold
         self.input_size = int(self.manifest['input_size'])
         self.class_names = list(self.manifest['class_names'])
+        self.batch = self.manifest.get('batch')  # None: the graphs take any batch size
+        if precision not in PRECISIONS:
+            raise GFNetDynnError(f'precision {precision!r}: choose one of {", ".join(PRECISIONS)}')
+        if PRECISIONS[precision] not in self.manifest:
+            raise GFNetDynnError(f'{directory} holds no {precision} segments; export with --quantize {precision}')
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads  # 0: onnxruntime's default (one per core)
+        options.inter_op_num_threads = 1  # the graphs are chains: no parallel branches to run
         self.sessions = []
-        for name in self.manifest['segments']:
+        for name in self.manifest[PRECISIONS[precision]]:
             path = Path(directory) / name
             if not path.is_file():
                 raise GFNetDynnError(f'{path} is missing; copy the whole export folder or export again')
@@ -90,26 +108,38 @@ class OnnxEarlyExit:
                 reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
                 raise GFNetDynnError(f'{path} is not a usable ONNX graph ({reason}); copy the export folder '
                                      f'again or export again') from None
+        self.input_names = [session.get_inputs()[0].name for session in self.sessions]
 
     @property
     def num_exits(self) -> int:
         return len(self.sessions)
+
+    def run_segment(self, k: int, x: np.ndarray) -> list[np.ndarray]:
+        """Segment k on x (images for k = 0, else the tokens segment k-1 returned): [tokens, logits, gate
+        probability] for an intermediate exit, [logits] for the final head."""
+        return self.sessions[k].run(None, {self.input_names[k]: x})
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, H, W) float32, normalised -> predicted class (B,) and exit index (B,), 0..E-1."""
         size = self.input_size
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
             raise GFNetDynnError(f'images of shape {images.shape}; the model takes (B, 3, {size}, {size})')
+        if self.batch is not None and images.shape[0] != self.batch:
+            if self.batch != 1:
+                raise GFNetDynnError(f'these graphs take batches of exactly {self.batch}, not {images.shape[0]}')
+            # Graphs fixed to batch 1: one image at a time.
+            results = [self.predict(images[i:i + 1]) for i in range(images.shape[0])]
+            return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
         batch = images.shape[0]
         predictions = np.zeros(batch, dtype=np.int64)
         exit_index = np.zeros(batch, dtype=np.int64)
         remaining = np.arange(batch)  # original indices of the samples still inside
         x = np.ascontiguousarray(images, dtype=np.float32)
         final = self.num_exits - 1
-        for k, session in enumerate(self.sessions):
+        for k in range(self.num_exits):
             if remaining.size == 0:
                 break
-            outputs = session.run(None, {session.get_inputs()[0].name: x})
+            outputs = self.run_segment(k, x)
             if k == final:
                 logits, leaving = outputs[0], np.ones(remaining.size, dtype=bool)
             else:
@@ -150,40 +180,141 @@ def preprocess(path: str | Path, input_size: int, mean: list[float], std: list[f
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def _is_junk(name: str) -> bool:
+    """Hidden entries (.DS_Store, ._*), Windows' Thumbs.db and desktop.ini."""
+    return name.startswith('.') or name.lower() in JUNK_NAMES
+
+
+def image_files(arguments: list[str]) -> Iterator[str]:
+    """The images to classify: each file argument as given, and the image files under each folder argument
+    (recursively, sorted; hidden entries and other file types skipped)."""
+    for argument in arguments:
+        if not os.path.isdir(argument):
+            yield argument  # a missing or unreadable file is reported when it is read
+            continue
+        for root, folders, files in os.walk(argument, followlinks=False):
+            folders[:] = sorted(f for f in folders if not _is_junk(f))
+            for name in sorted(files):
+                if not _is_junk(name) and name.lower().endswith(IMAGE_EXTENSIONS):
+                    yield os.path.join(root, name)
+
+
+def _is_our_jsonl(path: Path) -> bool:
+    """True when every line of path is a JSON object with the runner's keys: an earlier --jsonl output."""
+    try:
+        lines = path.read_text().splitlines()
+        return all(isinstance(row := json.loads(line), dict) and set(JSONL_KEYS) <= set(row) for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def check_jsonl_path(path: Path) -> Path:
+    """--jsonl may name a new file or an earlier --jsonl output, under a writable folder; nothing else is replaced."""
+    if path.is_dir():
+        raise GFNetDynnError(f'--jsonl {path} is a folder; pass a file path, e.g. {path / "predictions.jsonl"}')
+    if path.exists() and not _is_our_jsonl(path):
+        raise GFNetDynnError(f'--jsonl {path} exists and is not an earlier --jsonl output; refusing to replace it: '
+                             f'pass another path')
+    parent = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise GFNetDynnError(f'--jsonl {path}: cannot write under {parent}; pass a path in a writable folder')
+    return path
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         'python -m models.onnx_runner',
-        description='Classify images with an exported GFNet-Dynn, leaving at the first confident exit. '
-                    'Prints: path, class name, exit k (of E), k counted from 1, E = the final head.')
+        description='Classify images with an exported GFNet-Dynn, leaving at the first confident exit. Prints '
+                    'one line per image: path, class name, exit k of 0..E-1 (counted from 0; E-1 is the final '
+                    'head), or with --jsonl one JSON object per image.')
     parser.add_argument('directory', type=str, help='folder written by the export (holds manifest.json)')
-    parser.add_argument('images', type=str, nargs='*', help='image files to classify')
+    parser.add_argument('images', type=str, nargs='*',
+                        help='image files, or folders searched recursively for image files')
     parser.add_argument('--threshold', type=float, default=None,
                         help="gate probability at which a sample leaves (default: the manifest's)")
+    parser.add_argument('--precision', type=str, default='float', choices=sorted(PRECISIONS),
+                        help='which graphs to run: float, or int8 (exported with --quantize int8)')
     parser.add_argument('--threads', type=int, default=0, help='onnxruntime intra-op threads (0: one per core)')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per onnxruntime call')
+    parser.add_argument('--batch-size', type=int, default=1,
+                        help='images per onnxruntime call (latency_ms is the call time divided by its images)')
+    parser.add_argument('--jsonl', type=str, default=None,
+                        help="write JSON lines (file, class, exit, latency_ms) to this file; '-': to stdout")
     return parser
+
+
+def _write_rows(rows: Iterator[dict], out: TextIO, as_json: bool, num_exits: int) -> int:
+    count = 0
+    for row in rows:
+        if as_json:
+            out.write(json.dumps(row) + '\n')
+        else:
+            out.write(f"{row['file']}\t{row['class']}\texit {row['exit']} of 0..{num_exits - 1}\n")
+        out.flush()
+        count += 1
+    return count
+
+
+def classify(runner: OnnxEarlyExit, paths: Iterator[str], batch_size: int) -> Iterator[dict]:
+    """One row per image: file, class name, exit index (from 0) and the model's ms per image (decoding and
+    preprocessing excluded)."""
+    manifest = runner.manifest
+    pending: list[str] = []
+
+    def flush() -> Iterator[dict]:
+        images = np.stack([preprocess(p, runner.input_size, manifest['mean'], manifest['std']) for p in pending])
+        started = time.perf_counter()
+        predictions, exit_index = runner.predict(images)
+        latency_ms = (time.perf_counter() - started) * 1e3 / len(pending)
+        for path, label, k in zip(pending, predictions, exit_index):
+            yield {'file': path, 'class': runner.class_names[label], 'exit': int(k),
+                   'latency_ms': round(latency_ms, 3)}
+        pending.clear()
+
+    for path in paths:
+        pending.append(path)
+        if len(pending) == batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
 
 
 def run(args: argparse.Namespace) -> None:
     if not args.images:
-        raise GFNetDynnError('no images given: pass the export folder, then one or more image files')
+        raise GFNetDynnError('no images given: pass the export folder, then image files or folders')
     if args.batch_size < 1:
         raise GFNetDynnError(f'--batch-size {args.batch_size} must be at least 1')
+    if args.threads < 0:
+        raise GFNetDynnError(f'--threads {args.threads} must be >= 0 (0: one per core)')
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise GFNetDynnError(f'--threshold {args.threshold} must lie in [0, 1]')
-    runner = OnnxEarlyExit(args.directory, threshold=args.threshold, num_threads=args.threads)
-    manifest = runner.manifest
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
-        images = np.stack([preprocess(p, runner.input_size, manifest['mean'], manifest['std']) for p in paths])
-        predictions, exit_index = runner.predict(images)
-        for path, label, k in zip(paths, predictions, exit_index):
-            print(f'{path}\t{runner.class_names[label]}\texit {k + 1} (of {runner.num_exits})', flush=True)
+    jsonl = check_jsonl_path(Path(args.jsonl)) if args.jsonl not in (None, '-') else None
+    read_manifest(args.directory)  # the export folder first: it is the first argument
+    for argument in args.images:
+        if not os.path.exists(argument):
+            raise GFNetDynnError(f'{argument} does not exist; pass image files or folders of images')
+    paths = list(image_files(args.images))
+    if not paths:
+        raise GFNetDynnError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(args.images)}')
+    runner = OnnxEarlyExit(args.directory, threshold=args.threshold, num_threads=args.threads,
+                           precision=args.precision)
+    rows = classify(runner, iter(paths), args.batch_size)
+    if jsonl is None:
+        _write_rows(rows, sys.stdout, args.jsonl == '-', runner.num_exits)
+    else:
+        tmp = jsonl.with_name(jsonl.name + '.tmp')
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, 'w') as out:
+                count = _write_rows(rows, out, True, runner.num_exits)
+            os.replace(tmp, jsonl)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f'{count} images classified: {jsonl}', file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2."""
-    return exit_code(lambda: run(get_args_parser().parse_args(argv)))
+    return exit_code(lambda: run(get_args_parser().parse_intermixed_args(argv)))
 
 
 if __name__ == '__main__':

@@ -15,13 +15,16 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-import models  # noqa: F401  (registers the variants with timm)
+import models.registry  # noqa: F401  (registers the variants with timm)
 from data_loader_help import build_transform
 from errors import GFNetDynnError
 from models.early_exit import EarlyExitEngine
 from models.gfnet import GlobalFilter
-from models.onnx_export import MatmulGlobalFilter, SegmentGraph, export_segments
-from models.onnx_runner import OnnxEarlyExit, main, preprocess
+from conftest import FAST_FLAGS, one_error
+from models.onnx_export import OPSETS, MatmulGlobalFilter, SegmentGraph, export_segments, segment_file_name
+from models.onnx_quantize import DFT_TABLES, quantize_segments
+from models.onnx_runner import OnnxEarlyExit, image_files, main, preprocess
+from models.weights import load_state, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -150,7 +153,7 @@ def test_runner_threshold_override(exported, model_and_images):
 
 
 @pytest.mark.slow
-def test_cli_prints_one_line_per_image(exported, tmp_path, capsys):
+def test_cli_prints_one_line_per_image_with_exits_counted_from_0(exported, tmp_path, capsys):
     out_dir, _, _ = exported
     paths = _write_pngs(tmp_path, 2)
     assert main([str(out_dir), *paths]) == 0
@@ -159,22 +162,168 @@ def test_cli_prints_one_line_per_image(exported, tmp_path, capsys):
     for line, path in zip(lines, paths):
         shown_path, class_name, exit_text = line.split('\t')
         assert shown_path == path and class_name in CLASS_NAMES
-        assert exit_text.startswith('exit ') and exit_text.endswith(' (of 4)')
+        assert exit_text.startswith('exit ') and exit_text.endswith(' of 0..3')
+    assert main([str(out_dir), '--threshold', '0', '--jsonl', '-', paths[0]]) == 0
+    assert json.loads(capsys.readouterr().out)['exit'] == 0  # the first exit is exit 0
+
+
+# Make torch unimportable, then run the runner as `python -m models.onnx_runner`: it must not need torch, timm or
+# the training code (the board has onnxruntime, numpy and Pillow only).
+WITHOUT_TORCH = """
+import runpy, sys
+sys.modules['torch'] = None  # import torch now raises ImportError
+sys.argv = ['onnx_runner', *sys.argv[1:]]
+try:
+    runpy.run_module('models.onnx_runner', run_name='__main__')
+finally:
+    loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'learning_helpers', 'torchvision'))
+    print('loaded:', ' '.join(loaded), file=sys.stderr)
+"""
 
 
 @pytest.mark.slow
-def test_cli_runs_as_a_script_without_torch(exported, tmp_path):
-    """The board has onnxruntime, numpy and Pillow only: a `torch` that fails to import must not matter."""
+def test_cli_reads_a_folder_without_torch_and_writes_json_lines(exported, tmp_path):
     out_dir, _, _ = exported
-    blocker = tmp_path / 'blocker' / 'torch'
-    blocker.mkdir(parents=True)
-    (blocker / '__init__.py').write_text("raise ImportError('torch is not installed on this board')\n")
-    paths = _write_pngs(tmp_path, 2)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), str(REPO)]))
-    done = subprocess.run([sys.executable, str(REPO / 'models' / 'onnx_runner.py'), str(out_dir), *paths],
-                          env=env, capture_output=True, text=True, timeout=120)
+    folder = tmp_path / 'scenes'
+    (folder / 'nested').mkdir(parents=True)
+    paths = _write_pngs(folder, 2) + _write_pngs(folder / 'nested', 1)
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / '.DS_Store').write_bytes(b'junk')
+    (folder / 'Thumbs.db').write_bytes(b'junk')
+    jsonl = tmp_path / 'predictions.jsonl'
+    done = subprocess.run([sys.executable, '-c', WITHOUT_TORCH, str(out_dir), str(folder), '--jsonl', str(jsonl),
+                           '--threads', '1'], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.splitlines()) == 2
+    assert 'loaded: \n' in done.stderr + '\n' and done.stdout == ''
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert sorted(row['file'] for row in rows) == sorted(paths)
+    for row in rows:
+        assert row['class'] in CLASS_NAMES and 0 <= row['exit'] <= 3 and row['latency_ms'] > 0
+
+
+def test_image_files_walks_folders_and_skips_junk(tmp_path):
+    (tmp_path / 'a' / '.hidden').mkdir(parents=True)
+    for name in ('a/2.png', 'a/1.JPG', 'a/notes.txt', 'a/.DS_Store', 'a/._1.JPG', 'a/Thumbs.db', 'a/.hidden/3.png'):
+        (tmp_path / name).write_bytes(b'x')
+    listed = list(image_files([str(tmp_path / 'a'), str(tmp_path / 'a' / 'notes.txt')]))
+    assert listed == [str(tmp_path / 'a' / '1.JPG'), str(tmp_path / 'a' / '2.png'), str(tmp_path / 'a' / 'notes.txt')]
+
+
+def _write_manifest(folder: Path) -> Path:
+    """A valid manifest with no graphs beside it: enough for the checks made before a graph is loaded."""
+    folder.mkdir(exist_ok=True)
+    (folder / 'manifest.json').write_text(json.dumps({
+        'format': 1, 'input_size': SIZE, 'mean': [0.5] * 3, 'std': [0.5] * 3, 'threshold': 0.5, 'exit_positions': [0],
+        'class_names': CLASS_NAMES, 'segments': ['segment_0.onnx', 'segment_1.onnx']}))
+    return folder
+
+
+def test_cli_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
+    _write_manifest(tmp_path / 'export')
+    image = _write_pngs(tmp_path, 1)[0]
+    mine = tmp_path / 'mine.jsonl'
+    mine.write_text('my own notes\n')
+    line = one_error(capsys, [str(tmp_path / 'export'), image, '--jsonl', str(mine)], main)
+    assert 'not an earlier --jsonl output' in line and mine.read_text() == 'my own notes\n'
+    assert 'no image files' in one_error(capsys, [str(tmp_path / 'export'), str(tmp_path / 'export')], main)
+
+
+# ---- Graphs any runtime accepts -------------------------------------------------------------------------------
+
+# The ops every segment may use: all in the ONNX standard domain, none of them control flow (If, Loop, Scan),
+# sequences or spectral ops (DFT, STFT); each is in TensorRT's ONNX parser operator table (8.6 and later).
+PORTABLE_OPS = frozenset({
+    'Add', 'Concat', 'Conv', 'Div', 'Equal', 'Erf', 'Gather', 'Gemm', 'Greater', 'IsNaN', 'LayerNormalization', 'Log',
+    'MatMul', 'Mul', 'Neg', 'Pow', 'ReduceMean', 'ReduceSum', 'Reshape', 'Sigmoid', 'Softmax', 'Squeeze', 'Sub',
+    'TopK', 'Transpose', 'Unsqueeze', 'Where'})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('opset', OPSETS)
+@pytest.mark.parametrize('batch', [1, None])
+def test_segments_use_only_portable_ops(tmp_path, opset, batch):
+    """Static batch 1 and a dynamic batch axis, opsets 17 and 18: only PORTABLE_OPS, the opset asked for, the
+    shapes asked for, and the same numbers as PyTorch."""
+    torch.manual_seed(0)
+    model = timm.create_model('gfnet_ti_dynn', num_classes=len(CLASS_NAMES), img_size=SIZE, patch_size=8, depth=2,
+                              embed_dim=32, exit_positions=(0,)).eval()
+    export_segments(model, tmp_path, threshold=THRESHOLD, class_names=CLASS_NAMES, input_size=SIZE, opset=opset,
+                    batch=batch)
+    x = torch.randn(batch or 3, 3, SIZE, SIZE)
+    for k in range(2):
+        graph = onnx.load(tmp_path / segment_file_name(k))
+        onnx.checker.check_model(graph, full_check=True)
+        assert {node.op_type for node in graph.graph.node} <= PORTABLE_OPS
+        assert {node.domain for node in graph.graph.node} <= {''}
+        assert [(o.domain, o.version) for o in graph.opset_import if o.domain in ('', 'ai.onnx')] == [('', opset)]
+        for value in [*graph.graph.input, *graph.graph.output]:
+            first = value.type.tensor_type.shape.dim[0]
+            assert (first.dim_value == 1) if batch == 1 else bool(first.dim_param)
+            assert all(d.dim_value > 0 for d in value.type.tensor_type.shape.dim[1:])
+        session = ort.InferenceSession(str(tmp_path / segment_file_name(k)), providers=['CPUExecutionProvider'])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = SegmentGraph(model, k)(x)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for g, e in zip(got, expected):
+            assert_close(torch.from_numpy(g), e, atol=1e-4, rtol=0)
+        x = expected[0]
+    manifest = json.loads((tmp_path / 'manifest.json').read_text())
+    assert manifest['opset'] == opset and manifest['batch'] == batch
+    images = np.random.default_rng(0).normal(size=(3, 3, SIZE, SIZE)).astype(np.float32)
+    assert OnnxEarlyExit(tmp_path).predict(images)[0].shape == (3,)  # batch-1 graphs: one image at a time
+
+
+# ---- INT8 ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_int8_segments_keep_the_accuracy_of_float(tiny_backbone, tmp_path, capsys):
+    """The tiny backbone trained on learnable colours, exported and quantised on its training images: int8
+    predicts its validation images as float does (at most one of 12 differs), at every exit setting."""
+    model = timm.create_model('gfnet_ti_dynn', num_classes=3, img_size=SIZE, patch_size=8, exit_positions=(3, 7))
+    load_state(model, read_checkpoint(tiny_backbone.checkpoint))
+    export_segments(model, tmp_path, threshold=THRESHOLD, class_names=['class0', 'class1', 'class2'],
+                    input_size=SIZE)
+
+    def images(split: str) -> tuple[np.ndarray, np.ndarray]:
+        paths = sorted((tiny_backbone.data / split).glob('*/*.png'))
+        pixels = np.stack([preprocess(p, SIZE, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for p in paths])
+        return pixels, np.array([int(p.parent.name.removeprefix('class')) for p in paths])
+
+    manifest = quantize_segments(tmp_path, images('train')[0])
+    assert manifest['int8_segments'] == [f'segment_{k}.int8.onnx' for k in range(3)]
+    assert json.loads((tmp_path / 'manifest.json').read_text())['int8']['kept_float'] == ['dft', 'gate']
+    nodes = onnx.load(tmp_path / 'segment_0.int8.onnx').graph.node
+    dequantized = {name for node in nodes if node.op_type == 'DequantizeLinear' for name in node.output}
+    dft = [node for node in nodes if node.op_type == 'MatMul' and any(n.endswith(DFT_TABLES) for n in node.input)]
+    mlp = [node for node in nodes if node.op_type == 'MatMul' and node not in dft]
+    assert dft and not any(set(node.input) & dequantized for node in dft)  # the DFT products stay float
+    assert mlp and all(set(node.input) & dequantized for node in mlp)  # the MLP's are int8
+    val_images, labels = images('val')
+    float_runner = OnnxEarlyExit(tmp_path, threshold=1.01)
+    int8_runner = OnnxEarlyExit(tmp_path, threshold=1.01, precision='int8')
+    float_predictions, int8_predictions = float_runner.predict(val_images)[0], int8_runner.predict(val_images)[0]
+    assert (float_predictions == labels).mean() >= 0.75  # the backbone learned the colours
+    assert (float_predictions != int8_predictions).sum() <= 1
+    image = _write_pngs(tmp_path.parent, 1)[0]
+    assert main([str(tmp_path), image, '--precision', 'int8']) == 0
+
+
+def test_int8_flags_act_with_export_only(small_data, capsys):
+    assert '--quantize' in one_error(capsys, [*FAST_FLAGS, '--quantize', 'int8'])
+    assert '--calib-images' in one_error(capsys, [*FAST_FLAGS, '--calib-images', '8'])
+    line = one_error(capsys, ['--export', 'onnx', '--checkpoint-path', 'best.pth', '--out', 'x', '--calib-images',
+                              '8'])
+    assert '--quantize int8' in line
+    line = one_error(capsys, ['--export', 'onnx', '--checkpoint-path', 'b.pth', '--out', 'x', '--quantize', 'int8',
+                              '--calib-images', '0'])
+    assert '--calib-images must be positive' in line
+
+
+def test_runner_without_int8_segments_says_how_to_make_them(tmp_path):
+    with pytest.raises(GFNetDynnError, match='--quantize int8'):
+        OnnxEarlyExit(_write_manifest(tmp_path / 'export'), precision='int8')
 
 
 @pytest.mark.parametrize('folder', ['empty', 'absent'])
