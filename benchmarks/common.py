@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from errors import exit_code
 from learning_helpers.checkpoint import save_json
 from learning_helpers.distributed import synchronize
 from learning_helpers.outputs import check_output_file
@@ -53,3 +54,14 @@ def json_path(path: str | None, default_name: str) -> Path:
 def write_json(data: dict, path: Path, benchmark: str) -> Path:
     """Write results atomically, marked with the benchmark's name (how a later run recognises the file)."""
     return save_json(path, {'benchmark': benchmark, **data})
+
+
+def measure_and_write(benchmark: str, json_arg: str | None, default_name: str, measure: Callable[[], dict],
+                      format_table: Callable[[dict], str]) -> int:
+    """A benchmark's main: check the JSON path, measure, print the table, write the JSON; the exit code."""
+    def run() -> None:
+        path = json_path(json_arg, default_name)
+        result = measure()
+        print(format_table(result))
+        print(f"written: {write_json(result, path, benchmark)}")
+    return exit_code(run)

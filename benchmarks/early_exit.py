@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from benchmarks.common import json_path, latency_ms, throughput, write_json
+from benchmarks.common import latency_ms, measure_and_write, throughput
 from data_loader_help import SplitRequest, build_datasets, resolve_data_path
-from errors import GFNetDynnError, exit_code
+from errors import GFNetDynnError
 from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
                                          threshold_sweep)
 from learning_helpers.latency import spread_indices
@@ -133,12 +133,8 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
-    def run() -> None:
-        path = json_path(args.json, 'early_exit_' + args.device.replace(':', '') + '.json')
-        result = benchmark(args)
-        print(format_table(result))
-        print(f"written: {write_json(result, path, 'early_exit')}")
-    return exit_code(run)
+    return measure_and_write('early_exit', args.json, 'early_exit_' + args.device.replace(':', '') + '.json',
+                             lambda: benchmark(args), format_table)
 
 
 if __name__ == '__main__':

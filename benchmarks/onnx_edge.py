@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import json_path, write_json
+from benchmarks.common import measure_and_write
 from benchmarks.early_exit import load_validation_images
-from errors import GFNetDynnError, exit_code
+from errors import GFNetDynnError
 from learning_helpers.model_factory import load_dynn_checkpoint
 from learning_helpers.run_setup import recorded_split
 from models.early_exit import EarlyExitEngine
@@ -173,12 +173,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
-    def run() -> None:
-        path = json_path(args.json, 'onnx_edge.json')
-        result = benchmark(args)
-        print(format_table(result))
-        print(f"written: {write_json(result, path, 'onnx_edge')}")
-    return exit_code(run)
+    return measure_and_write('onnx_edge', args.json, 'onnx_edge.json', lambda: benchmark(args), format_table)
 
 
 if __name__ == '__main__':
