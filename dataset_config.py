@@ -68,5 +68,7 @@ DATASET_CONFIG = {
         'val_folder': 'val',
         'use_random_split': False,
         'default_data_path': './data/DEMO',
+        # crops of at least half the image: 6 epochs reach 97.5% instead of 96.3% (docs/DATASETS.md)
+        'train_augment': {'scale': [0.5, 1.0]},
     },
 }
