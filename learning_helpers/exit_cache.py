@@ -34,7 +34,7 @@ def collect_exit_outputs(model: torch.nn.Module, loader, device: torch.device, *
             keeping = kept_bytes <= keep_inputs
             inputs = inputs + [(images, labels)] if keeping else []  # only a complete copy is useful
         with autocast(device, amp):
-            out = model(images.to(device, non_blocking=True))
+            out = model.forward_exits(images.to(device, non_blocking=True))
         logits.append(out.logits.float())
         gates.append(torch.sigmoid(out.gate_logits.float()))
         targets.append(labels.to(device))
