@@ -24,7 +24,8 @@ from learning_helpers.loop import TrainingStopped
 from learning_helpers.outputs import folder_lock, remove_previous_run, writable_location
 from models.weights import read_checkpoint
 
-PATH_FLAGS = ('data_path', 'checkpoint_path', 'pretrained', 'teacher_path', 'output_dir', 'split_file')  # stored absolute
+# stored absolute
+PATH_FLAGS = ('data_path', 'checkpoint_path', 'pretrained', 'teacher_path', 'output_dir', 'split_file')
 AUGMENT_FLAGS = tuple(AUGMENT_CHECKS)  # the training-augmentation flags, one per setting
 
 
