@@ -49,6 +49,12 @@ def backbone_model_name(arch: str) -> str:
     return dynn_model_name(arch).removesuffix('_dynn')
 
 
+def size_kwargs(name: str, input_size: int) -> dict:
+    """What a timm model needs to run at `input_size`: models whose grid is fixed when built (ViTs) take it, the
+    others (CNNs) run at any size."""
+    return {'img_size': input_size} if get_pretrained_cfg_value(name, 'fixed_input_size') else {}
+
+
 def build_backbone(arch: str, num_classes: int, input_size: int, patch_size: int | None, drop_path: float,
                    pretrained: str | None = None) -> nn.Module:
     """Stage 0's classifier: a plain GFNet (`arch` a GFNet-*-dynn spelling) or any timm model, with ImageNet
@@ -58,9 +64,7 @@ def build_backbone(arch: str, num_classes: int, input_size: int, patch_size: int
         kwargs = {'img_size': input_size, 'patch_size': patch_size, 'drop_path_rate': drop_path}
     else:
         name = arch
-        # models whose grid is fixed at build time (ViTs) take the input size; the others run at any size
-        kwargs = {'img_size': input_size} if get_pretrained_cfg_value(name, 'fixed_input_size') else {}
-        kwargs.update({'drop_path_rate': drop_path} if drop_path > 0 else {})
+        kwargs = {**size_kwargs(name, input_size), **({'drop_path_rate': drop_path} if drop_path > 0 else {})}
     if pretrained is None:
         return timm.create_model(name, num_classes=num_classes, **kwargs)
     if not Path(pretrained).is_file():
@@ -103,7 +107,7 @@ def build_teacher(name: str, path: str | None, num_classes: int, input_size: int
         raise GFNetDynnError(f"--teacher-model {name} is not a timm model or GFNet variant; try one of "
                              f"{', '.join(arch_choices())} or a timm name such as resnet50")
     kwargs = ({'img_size': input_size, 'patch_size': patch_size or DEFAULT_PATCH_SIZE}
-              if gfnet_name.startswith('gfnet') else {})
+              if gfnet_name.startswith('gfnet') else size_kwargs(gfnet_name, input_size))
     teacher = timm.create_model(gfnet_name, num_classes=num_classes, **kwargs)
     if path is None:
         raise GFNetDynnError('distillation needs the teacher\'s weights: pass --teacher-path (a checkpoint '

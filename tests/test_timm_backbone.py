@@ -84,3 +84,9 @@ def test_freq_distillation_needs_a_gfnet_student(small_data, tmp_path, capsys):
                               'GFNet-ti-dynn', '--teacher-path', str(tmp_path / 't.pth'), '--output-dir',
                               str(tmp_path)])
     assert 'needs a GFNet student' in line
+
+
+def test_fixed_size_timm_model_is_built_at_the_input_size():
+    model = build_backbone('test_vit', 3, 32, None, 0.0).eval()  # a ViT: its position grid is fixed when built
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
