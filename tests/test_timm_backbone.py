@@ -90,3 +90,15 @@ def test_fixed_size_timm_model_is_built_at_the_input_size():
     model = build_backbone('test_vit', 3, 32, None, 0.0).eval()  # a ViT: its position grid is fixed when built
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_timm_backbone_run_resumes(small_data, tmp_path, capsys):
+    assert main(['--stage', 'backbone', *FAST_CNN, '--output-dir', str(tmp_path)]) == 0
+    last = tmp_path / 'checkpoint' / f'backbone_TINY_{CNN}' / 'last.pth'
+    checkpoint = torch.load(last, map_location='cpu', weights_only=True)
+    checkpoint['args']['num_epoch'] = 2  # as if a 2-epoch run had stopped after its first epoch
+    torch.save(checkpoint, last)
+    assert main(['--resume', str(last)]) == 0
+    assert 'backbone epoch 1 |' in capsys.readouterr().out
+    assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] == 1
