@@ -207,7 +207,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, cost, label in ((axes[0], 'latency_ms', 'batch-1 CPU latency (ms)'), (axes[1], 'gflops', 'GFLOPs')):
-        dynn = sorted((r for r in result['rows'] if r['kind'] == 'early_exit'), key=lambda r: r[cost])
+        dynn = sorted((r for r in result['rows'] if r['kind'] == 'early_exit'), key=lambda r: r['threshold'])
         ax.plot([r[cost] for r in dynn], [r['accuracy'] for r in dynn], 'o-', ms=3, label='GFNet-Dynn (thresholds)')
         for r in result['rows']:
             if r['kind'] == 'static':
