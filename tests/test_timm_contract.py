@@ -7,7 +7,7 @@ import torch
 from timm.models import create_feature_extractor, get_graph_node_names
 from torch.testing import assert_close
 
-import models  # noqa: F401  (registers the variants with timm)
+import models.registry  # noqa: F401  (registers the variants with timm)
 
 NAMES = timm.list_models('gfnet_*')
 SMALL = dict(num_classes=5, img_size=32, patch_size=8, depth=4, embed_dim=32)  # a 4 x 4 token grid
