@@ -79,8 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument('--num_workers', type=int, default=2, help='data-loading worker processes')
 
     model = parser.add_argument_group('model')
-    model.add_argument('--arch', type=str, default=None, choices=model_factory.arch_choices(),
-                       help=f"architecture; default: the checkpoint's, else {model_factory.DEFAULT_ARCH}")
+    model.add_argument('--arch', type=str, default=None,
+                       help=f"architecture, one of {', '.join(model_factory.arch_choices())}, or with --stage "
+                            f"backbone any timm model name (resnet50); default: the checkpoint's, else "
+                            f"{model_factory.DEFAULT_ARCH}")
     model.add_argument('--patch-size', type=int, default=None,
                        help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
     model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
@@ -90,6 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
     model.add_argument('--checkpoint-path', type=str, default=None,
                        help='weights to start from (training) or to evaluate/export (--eval, --export)')
+    model.add_argument('--pretrained', type=str, default=None,
+                       help='backbone stage: ImageNet weights of --arch from a local file, loaded by timm (a head '
+                            'of another class count is dropped)')
 
     train = parser.add_argument_group('training')
     train.add_argument('--stage', type=str, default='dynn', choices=['backbone', 'dynn'],
@@ -193,7 +198,7 @@ FLAG_JOBS = {
     'gate': {'dynn', 'eval', 'export'}, 'stage': TRAINING_JOBS, 'batch': DATA_JOBS, 'num_epoch': TRAINING_JOBS,
     'opt': TRAINING_JOBS, 'lr': TRAINING_JOBS, 'min_lr': TRAINING_JOBS, 'wd': TRAINING_JOBS,
     'warmup_epochs': {'backbone'}, 'smoothing': {'backbone'}, 'amp': DATA_JOBS, 'max_nan_skips': TRAINING_JOBS,
-    'resume': TRAINING_JOBS, 'barely_train': DATA_JOBS,
+    'resume': TRAINING_JOBS, 'barely_train': DATA_JOBS, 'pretrained': {'backbone'},
     **{dest: {'backbone'} for dest in ('teacher_model', 'teacher_path', 'distillation_type', 'distillation_alpha',
                                        'distillation_tau', 'distillation_freq_weight')},
     **{dest: {'dynn'} for dest in ('ce_ic_tradeoff', 'patience', 'max_warmup_epoch', 'bilevel_batch_count',
@@ -280,6 +285,8 @@ def validate_args(args: argparse.Namespace) -> None:
         (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
         (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),
         (args.calib_images > 0, f'--calib-images must be positive, got {args.calib_images}'),
+        (not (args.pretrained and args.checkpoint_path),
+         '--pretrained and --checkpoint-path both give starting weights; pass one of them'),
         (args.distillation_type == 'none' or args.teacher_model,
          f'--distillation-type {args.distillation_type} needs --teacher-model (and --teacher-path)'),
     ]
@@ -331,6 +338,7 @@ def run(args: argparse.Namespace, given: set[str]) -> Path:
         args, resume = resumed_args(args, given)
     job = job_of(args)
     check_flags_apply(job, given, args)
+    model_factory.check_arch(args.arch, job)
     distributed, distributed_device = init_distributed(args.device)
     device = resolve_device(args.device, distributed_device)
     if args.amp and device.type != 'cuda':

@@ -1,4 +1,4 @@
-"""Stage 0: train a plain GFNet on the dataset, optionally distilled from a teacher."""
+"""Stage 0: train a plain GFNet (or any timm classifier) on the dataset, optionally distilled from a teacher."""
 import time
 
 import torch
@@ -38,7 +38,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optim
 
     def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
         logits, maps = _student_outputs(model, images, criterion)
-        loss = criterion(images, logits, targets, maps, unwrap(model).grid_size)
+        loss = criterion(images, logits, targets, maps, getattr(unwrap(model), 'grid_size', None))  # None: no GFNet
         count = torch.tensor(len(targets), device=device)
         return loss, torch.stack([loss.detach().float() * count, (logits.argmax(-1) == targets).sum(), count])
 

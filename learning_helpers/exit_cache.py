@@ -28,7 +28,7 @@ def collect_exit_outputs(model: torch.nn.Module, loader, device: torch.device, *
     logits, gates, targets = [], [], []
     for images, labels in batches(loader, 'exits', max_batches):
         with autocast(device, amp):
-            out = model(images.to(device, non_blocking=True))
+            out = model.forward_exits(images.to(device, non_blocking=True))
         logits.append(out.logits.float())
         gates.append(torch.sigmoid(out.gate_logits.float()))
         targets.append(labels.to(device))

@@ -68,7 +68,7 @@ class JointTrainer:
 
     def gate_step(self, images: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # exits are fixed in this phase; only the gates see gradients
-            logits = self.model(images).logits
+            logits = self.model.forward_exits(images).logits
         gate_logits = torch.stack([gate(exit_logits) for gate, exit_logits in zip(self.model.gates, logits)])
         return self.gate_loss(gate_logits, logits.float(), targets, self.costs, pos_weight)
 
@@ -81,7 +81,7 @@ class JointTrainer:
                 pooled = self.model.forward_pooled(images, through_final)
             out = self.model.heads_and_gates(pooled)
         else:
-            out = self.model(images, through_final)
+            out = self.model.forward_exits(images, through_final)
         return self.classifier_loss(out.logits.float(), out.gate_logits, targets)
 
     def train_one_epoch(self, loader, epoch: int, pos_weight: torch.Tensor, guard: NonFiniteGuard) -> dict:

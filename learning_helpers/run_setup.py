@@ -24,7 +24,8 @@ from learning_helpers.loop import TrainingStopped
 from learning_helpers.outputs import folder_lock, remove_previous_run, writable_location
 from models.weights import read_checkpoint
 
-PATH_FLAGS = ('data_path', 'checkpoint_path', 'teacher_path', 'output_dir', 'split_file')  # stored absolute
+# stored absolute
+PATH_FLAGS = ('data_path', 'checkpoint_path', 'pretrained', 'teacher_path', 'output_dir', 'split_file')
 AUGMENT_FLAGS = tuple(AUGMENT_CHECKS)  # the training-augmentation flags, one per setting
 
 
@@ -51,9 +52,13 @@ def resolve_device(name: str, distributed_device: torch.device | None) -> torch.
 def resolve_model_shape(args: argparse.Namespace, source_args: dict) -> dict:
     """Architecture, patch size and input size: the flag if given, else the checkpoint's, else the default."""
     arch = args.arch or source_args.get('arch') or model_factory.DEFAULT_ARCH
-    patch_size = args.patch_size or source_args.get('patch_size') or model_factory.DEFAULT_PATCH_SIZE
     input_size = args.input_size or source_args.get('input_size') or dataset_entry(args.data_set)[
         'default_input_size']
+    if not model_factory.is_gfnet(arch):  # another timm model: no patches, any input size
+        if args.patch_size:
+            raise GFNetDynnError(f'--patch-size applies to GFNet archs only, not to --arch {arch}; drop it')
+        return {'arch': arch, 'patch_size': None, 'input_size': input_size}
+    patch_size = args.patch_size or source_args.get('patch_size') or model_factory.DEFAULT_PATCH_SIZE
     if input_size < patch_size:
         raise GFNetDynnError(f'--input-size {input_size} is smaller than one patch ({patch_size} px); pass an '
                              f'--input-size of at least {patch_size}')

@@ -32,6 +32,9 @@ def build_criterion(args: argparse.Namespace, student: torch.nn.Module, num_clas
     from timm.loss import LabelSmoothingCrossEntropy
     base = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
     teacher, frequency = None, None
+    if args.distillation_type == 'freq' and not hasattr(student, 'forward_tokens'):
+        raise GFNetDynnError(f"--distillation-type freq compares token maps and needs a GFNet student, not --arch "
+                             f"{shape['arch']}; use soft or hard for other students")
     if args.distillation_type != 'none':
         teacher = model_factory.build_teacher(args.teacher_model, args.teacher_path, num_classes,
                                               shape['input_size'], shape['patch_size']).to(device)
@@ -68,11 +71,14 @@ def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> t
 
 def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
     """Stage 0: plain GFNet, optionally distilled."""
+    # --pretrained weights go in when the model is built; a resumed run's come from its checkpoint
+    pretrained = None if resume else args.pretrained
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_backbone(
-        s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path), resume, 'backbone')
+        s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, pretrained), resume, 'backbone')
     run_folder = backbone_run_folder(args.output_dir, args.data_set, shape['arch'])
     if not resume:
         check_new_run([run_folder], args.overwrite, {'--checkpoint-path': args.checkpoint_path,
+                                                     '--pretrained': args.pretrained,
                                                      '--teacher-path': args.teacher_path})
     writable_location(Path(args.output_dir), '--output-dir')
     data = build_data(args, shape['input_size'], distributed, recorded)

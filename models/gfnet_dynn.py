@@ -1,8 +1,9 @@
 """GFNet-Dynn: a GFNet with early-exit heads and gates after chosen blocks (JEI-DNN exits on a GFNet)."""
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import get_device_dtype
 from timm.models import generate_default_cfgs, register_model
 
 from errors import GFNetDynnError
@@ -40,9 +41,19 @@ class GFNetDynn(GFNet):
         self.gate_type = gate
         # Created after GFNet's own init, so exits and gates keep PyTorch's default Linear init, as in the
         # reference (which attaches them to a finished model).
-        self.intermediate_heads = nn.ModuleList(
-            nn.Linear(self.embed_dim, self.num_classes) for _ in self.exit_positions)
-        self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions)
+        self.intermediate_heads = self._exit_heads(self.num_classes)
+        # gates.py builds on the default device: moved to the model's (timm.create_model(device=...))
+        self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions).to(**get_device_dtype(self))
+
+    def _exit_heads(self, num_classes: int) -> nn.ModuleList:
+        dd = get_device_dtype(self)
+        return nn.ModuleList(nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+                             for _ in self.exit_positions).train(self.training)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """The final head and every exit head get the new class count."""
+        super().reset_classifier(num_classes, global_pool)
+        self.intermediate_heads = self._exit_heads(num_classes)
 
     @property
     def num_exits(self) -> int:
@@ -100,7 +111,9 @@ class GFNetDynn(GFNet):
             exit_logits.append(self.head(pooled[-1]))
         return DynnOutput(torch.stack(exit_logits), torch.stack(gate_logits))
 
-    def forward(self, x: torch.Tensor, through_final: bool = True) -> DynnOutput:
+    def forward_exits(self, x: torch.Tensor, through_final: bool = True) -> DynnOutput:
+        """Every exit's logits and every gate's logit. `forward` (inherited) is timm's contract: final logits
+        (B, C), the plain GFNet path."""
         return self.heads_and_gates(self.forward_pooled(x, through_final))
 
 

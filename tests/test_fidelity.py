@@ -157,7 +157,7 @@ def test_identity_gates_train_and_evaluate_as_the_max_probability_baseline(tiny_
     results = json.loads(json_path.read_text())
     model, _ = load_dynn_checkpoint(read_checkpoint(best), str(best))
     with torch.no_grad():
-        probs = model(torch.randn(4, 3, 32, 32))
+        probs = model.forward_exits(torch.randn(4, 3, 32, 32))
     max_prob = probs.logits[:-1].softmax(-1).amax(-1)
     assert torch.allclose(torch.sigmoid(probs.gate_logits), max_prob, atol=1e-5)  # the gate is max probability
     assert [point['threshold'] for point in results['sweep']] == [0.5, 0.99]

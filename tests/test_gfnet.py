@@ -53,7 +53,8 @@ def test_gfnet_output_shapes_follow_input_and_patch_size(img_size, patch_size, g
     assert model.grid_size == grid
     assert model.pos_embed.shape == (1, grid[0] * grid[1], 16)
     assert model.blocks[0].filter.complex_weight.shape == (grid[0], grid[1] // 2 + 1, 16, 2)
-    assert model.forward_features(x).shape == (2, grid[0] * grid[1], 16)
+    assert model.forward_features(x).shape == (2, grid[0], grid[1], 16)  # NHWC, timm's output_fmt
+    assert model.forward_tokens(x)[0].shape == (2, grid[0] * grid[1], 16)
     assert model(x).shape == (2, 7)
 
 
@@ -105,7 +106,7 @@ def test_drop_path_rates_grow_linearly_from_zero():
 
 def test_dynn_forward_returns_exit_logits_and_gate_logits():
     model = timm.create_model('gfnet_ti_dynn', exit_positions=(0, 2), **TINY).eval()
-    out = model(torch.randn(3, 3, 32, 32))
+    out = model.forward_exits(torch.randn(3, 3, 32, 32))
     assert isinstance(out, DynnOutput)
     assert out.logits.shape == (3, 3, 5)  # (E, B, C), E = 2 exits + final
     assert out.gate_logits.shape == (2, 3)  # (G, B)
@@ -121,7 +122,8 @@ def test_dynn_final_logits_equal_plain_gfnet_with_same_weights():
     assert all(k.startswith(('intermediate_heads.', 'gates.')) for k in result.missing_keys)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert_close(dynn(x).logits[-1], plain(x))
+        assert_close(dynn.forward_exits(x).logits[-1], plain(x))
+        assert_close(dynn(x), plain(x))  # timm's forward: the final head's logits
 
 
 def test_dynn_intermediate_exit_reads_the_normed_pooled_tokens_of_its_block():
@@ -131,7 +133,7 @@ def test_dynn_intermediate_exit_reads_the_normed_pooled_tokens_of_its_block():
     with torch.no_grad():
         tokens = model.blocks[1](model.blocks[0](model.embed(x)))
         expected = model.intermediate_heads[0](model.norm(tokens).mean(dim=1))
-        assert_close(model(x).logits[0], expected)
+        assert_close(model.forward_exits(x).logits[0], expected)
 
 
 def test_forward_pooled_then_heads_and_gates_equals_forward():
@@ -141,7 +143,7 @@ def test_forward_pooled_then_heads_and_gates_equals_forward():
     with torch.no_grad():
         pooled = model.forward_pooled(x)
         split = model.heads_and_gates(pooled)
-        whole = model(x)
+        whole = model.forward_exits(x)
     assert pooled.shape == (4, 3, 32)  # (E, B, D)
     assert_close(split.logits, whole.logits)
     assert_close(split.gate_logits, whole.gate_logits)
@@ -190,7 +192,7 @@ def test_chained_segments_equal_the_full_forward():
     model = timm.create_model('gfnet_ti_dynn', num_classes=5, img_size=32, patch_size=8, exit_positions=(2, 6)).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        out = model(images)
+        out = model.forward_exits(images)
         x, logits, gates = images, [], []
         for k in range(model.num_exits):
             x, exit_logits, gate_logits = model.forward_segment(k, x)

@@ -48,7 +48,7 @@ def model_and_images():
     with torch.no_grad():
         for head in model.intermediate_heads:
             head.weight.normal_()  # confident, varied exits instead of near-uniform ones
-        logits = model.eval()(images).logits
+        logits = model.eval().forward_exits(images).logits
         inside = torch.ones(BATCH, dtype=torch.bool)
         for k, gate in enumerate(model.gates):
             max_prob = logits[k].softmax(dim=-1).amax(dim=-1)

@@ -1,0 +1,244 @@
+"""GFNet-Dynn against static timm baselines trained with the same recipe and input size: accuracy against
+measured batch-1 CPU latency, against GFLOPs, and parameters, in one process and one run.
+
+  python -m benchmarks.pareto --data-set DEMO \
+      --dynn-results checkpoint/checkpoint_DEMO_0.75_confEE/results.json [--epochs N]
+
+Each baseline is trained by `main_dynn.py --stage backbone --arch NAME` under --output-dir (a finished run is
+reused, an unfinished one resumed). The early-exit points are the --eval front (or its sweep); their latency is
+measured here with the EarlyExitEngine on the same images, so every latency comes from this process.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import DEFAULT_DIR, json_path, write_json
+from benchmarks.early_exit import load_validation_images
+from dataset_config import DATASET_CONFIG
+from errors import GFNetDynnError, exit_code
+from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
+from learning_helpers.outputs import check_output_file
+from learning_helpers.run_setup import backbone_run_folder, recorded_split
+from models.early_exit import EarlyExitEngine
+from models.flops import count_flops
+from models.weights import load_state, read_checkpoint
+
+BASELINES = ['mobilenetv3_small_100', 'mobilenetv3_large_100', 'resnet18', 'efficientnet_b0', 'GFNet-ti-dynn']
+# The DEMO backbone recipe of example_usage.sh, for every baseline alike
+RECIPE = ['--batch', '64', '--lr', '2e-3', '--min-lr', '1e-5', '--warmup-epochs', '1']
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('benchmarks.pareto', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data-set', default='DEMO', choices=sorted(DATASET_CONFIG), help='dataset_config.py entry')
+    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
+    parser.add_argument('--dynn-results', required=True, help='results.json written by main_dynn.py --eval')
+    parser.add_argument('--archs', nargs='+', default=BASELINES,
+                        help='static baselines: timm names, or GFNet-*-dynn for the plain GFNet')
+    parser.add_argument('--epochs', type=int, default=6, help='training epochs of every baseline')
+    parser.add_argument('--output-dir', default=str(DEFAULT_DIR / 'pareto'),
+                        help='where the baselines are trained (checkpoint/backbone_{data}_{arch}/)')
+    parser.add_argument('--latency-images', type=int, default=100, help='validation images timed at batch 1')
+    parser.add_argument('--rounds', type=int, default=2, help='interleaved timing rounds; the best is kept')
+    parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
+    parser.add_argument('--json', default=None, help='default: bench/pareto_{data}.json')
+    parser.add_argument('--plot', default=None, help='default: the JSON path with .png')
+    return parser
+
+
+def read_dynn_points(path: Path) -> tuple[dict, list[dict]]:
+    """(the results, its operating points): the `front` list if present, else the `sweep`."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise GFNetDynnError(f'--dynn-results {path} is not a readable JSON file ({type(error).__name__}); pass '
+                             f'the results.json of main_dynn.py --eval') from error
+    points = results.get('front') or results.get('sweep') if isinstance(results, dict) else None
+    if not points or not all({'threshold', 'accuracy', 'expected_gflops'} <= set(p) for p in points):
+        raise GFNetDynnError(f'--dynn-results {path} has no front or sweep of thresholds; pass the results.json '
+                             f'of main_dynn.py --eval')
+    return results, points
+
+
+def dynn_checkpoint(results: dict, results_path: Path) -> Path:
+    """The checkpoint --eval read: its recorded path, else best.pth beside the results (the default place)."""
+    for candidate in (Path(results.get('checkpoint', '')), results_path.parent / 'best.pth'):
+        if candidate.is_file():
+            return candidate
+    raise GFNetDynnError(f"--dynn-results {results_path}: its checkpoint {results.get('checkpoint')} is not there; "
+                         f'run the benchmark from the folder --eval ran in')
+
+
+def train_baseline(arch: str, args: argparse.Namespace, input_size: int, patch_size: int) -> Path:
+    """best.pth of `arch` trained by main_dynn.py: reused when finished, resumed when interrupted."""
+    folder = backbone_run_folder(args.output_dir, args.data_set, arch)
+    last = folder / 'last.pth'
+    if last.is_file():
+        checkpoint = read_checkpoint(last)
+        if checkpoint['epoch'] + 1 >= checkpoint['args']['num_epoch']:
+            print(f'reusing {folder} (trained for {checkpoint["args"]["num_epoch"]} epochs)', flush=True)
+            return folder / 'best.pth'
+        command = ['--resume', str(last)]
+    else:
+        patch = ['--patch-size', str(patch_size)] if arch.startswith('GFNet-') else []
+        data_path = ['--data-path', args.data_path] if args.data_path else []
+        command = ['--stage', 'backbone', '--data-set', args.data_set, *data_path, '--arch', arch, *patch,
+                   '--input-size', str(input_size), '--num_epoch', str(args.epochs), *RECIPE,
+                   '--output-dir', args.output_dir]
+    started = time.perf_counter()
+    main_dynn = Path(__file__).resolve().parent.parent / 'main_dynn.py'
+    if subprocess.run([sys.executable, str(main_dynn), *command]).returncode != 0:
+        raise GFNetDynnError(f'training the {arch} baseline failed (see above); fix it and run again: finished '
+                             f'baselines are reused')
+    print(f'{arch}: trained in {time.perf_counter() - started:.0f} s', flush=True)
+    return folder / 'best.pth'
+
+
+def mean_latency_ms(fn, images: list[torch.Tensor], warmup: int = 5) -> float:
+    """Mean wall-clock ms per call of fn over `images`, one image each: the expected latency of early exit."""
+    for x in images[:warmup]:
+        fn(x)
+    started = time.perf_counter()
+    for x in images:
+        fn(x)
+    return (time.perf_counter() - started) * 1e3 / len(images)
+
+
+def pareto_front(points: list[dict], cost: str) -> set[int]:
+    """Indices of the points no other point beats: at most the cost and at least the accuracy, one strictly."""
+    return {i for i, p in enumerate(points)
+            if not any(q[cost] <= p[cost] and q['accuracy'] >= p['accuracy'] and
+                       (q[cost] < p[cost] or q['accuracy'] > p['accuracy']) for q in points)}
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results_path = Path(args.dynn_results)
+    results, dynn_points = read_dynn_points(results_path)
+    dynn, dynn_args = load_dynn_checkpoint(read_checkpoint(dynn_checkpoint(results, results_path)),
+                                           str(results_path))
+    input_size, patch_size = dynn_args['input_size'], dynn_args['patch_size']
+    images, labels = load_validation_images(args.data_set, args.data_path, input_size,
+                                            recorded_split(dynn_args, args.data_set))
+    checkpoints = {arch: train_baseline(arch, args, input_size, patch_size) for arch in args.archs}
+    singles = [images[i % len(images)].unsqueeze(0) for i in range(args.latency_images)]
+    rows, runners = [], {}
+    with torch.inference_mode():
+        for arch, path in checkpoints.items():
+            checkpoint = read_checkpoint(path)
+            model = build_backbone(arch, len(dynn_args['class_names']), input_size,
+                                   checkpoint['args'].get('patch_size'), 0.0)
+            load_state(model, checkpoint, source=str(path))
+            model.eval()
+            correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in zip(images.split(64), labels.split(64)))
+            rows.append({'model': 'GFNet-Ti (static)' if arch.startswith('GFNet-') else arch, 'arch': arch,
+                         'kind': 'static', 'accuracy': 100 * correct / len(labels),
+                         'gflops': count_flops(model, singles[0]) / 1e9,
+                         'params_m': sum(p.numel() for p in model.parameters()) / 1e6})
+            runners[arch] = model
+        thresholds = sorted({p['threshold'] for p in dynn_points})
+        for threshold in thresholds:
+            runners[threshold] = EarlyExitEngine(dynn, threshold)
+        latency = {name: float('inf') for name in runners}
+        for _ in range(args.rounds):  # interleaved, best of each: no model gains from running first or last
+            for name, run in runners.items():
+                latency[name] = min(latency[name], mean_latency_ms(run, singles))
+    for row in rows:
+        row['latency_ms'] = latency[row['arch']]
+    dynn_params = sum(p.numel() for p in dynn.parameters()) / 1e6
+    for p in dynn_points:
+        rows.append({'model': f"GFNet-Dynn t={p['threshold']:g}", 'arch': dynn_args['arch'], 'kind': 'early_exit',
+                     'threshold': p['threshold'], 'accuracy': p['accuracy'], 'gflops': p['expected_gflops'],
+                     'params_m': dynn_params, 'latency_ms': latency[p['threshold']],
+                     'latency_ms_from_results': p.get('expected_latency_ms')})
+    for cost in ('latency_ms', 'gflops'):
+        front = pareto_front(rows, cost)
+        for i, row in enumerate(rows):
+            row[f'on_{cost}_front'] = i in front
+    return {'data_set': args.data_set, 'input_size': input_size, 'epochs': args.epochs, 'recipe': RECIPE,
+            'dynn_results': str(results_path), 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+            'num_val': len(labels), 'latency_images': args.latency_images, 'rows': rows,
+            'summary': summary(rows)}
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Plain sentences: where the early-exit model is and is not on each front."""
+    lines = []
+    for cost, name in (('latency_ms', 'batch-1 CPU latency'), ('gflops', 'GFLOPs')):
+        dynn = [r for r in rows if r['kind'] == 'early_exit']
+        on = [r for r in dynn if r[f'on_{cost}_front']]
+        static = [r['model'] for r in rows if r['kind'] == 'static' and r[f'on_{cost}_front']]
+        if on:
+            lines.append(f"accuracy vs {name}: GFNet-Dynn is on the front at {len(on)} of {len(dynn)} thresholds "
+                         f"({', '.join(format(r['threshold'], 'g') for r in on)}); static models on it: "
+                         f"{', '.join(static) or 'none'}")
+        else:
+            best = max(dynn, key=lambda r: r['accuracy'])
+            beaters = [r['model'] for r in rows if r['kind'] == 'static' and r[cost] <= best[cost]
+                       and r['accuracy'] >= best['accuracy']]
+            lines.append(f"accuracy vs {name}: GFNet-Dynn is not on the front; static models on it: "
+                         f"{', '.join(static)}" + (f"; {', '.join(beaters)} beat its most accurate point"
+                                                   if beaters else ''))
+    return lines
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['data_set']} at {result['input_size']} px, {result['epochs']} epochs each, "
+             f"{result['threads']} threads; * = on the Pareto front",
+             f"{'model':<24} {'acc %':>6} {'ms bs1':>8} {'GFLOPs':>7} {'params M':>8}"]
+    for r in result['rows']:
+        marks = ['*' if r[f'on_{cost}_front'] else ' ' for cost in ('latency_ms', 'gflops')]
+        lines.append(f"{r['model']:<24} {r['accuracy']:6.2f} {r['latency_ms']:7.2f}{marks[0]} "
+                     f"{r['gflops']:6.3f}{marks[1]} {r['params_m']:8.2f}")
+    return '\n'.join(lines + result['summary'])
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use('Agg')  # no display on servers
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, cost, label in ((axes[0], 'latency_ms', 'batch-1 CPU latency (ms)'), (axes[1], 'gflops', 'GFLOPs')):
+        dynn = sorted((r for r in result['rows'] if r['kind'] == 'early_exit'), key=lambda r: r['threshold'])
+        ax.plot([r[cost] for r in dynn], [r['accuracy'] for r in dynn], 'o-', ms=3, label='GFNet-Dynn (thresholds)')
+        for r in result['rows']:
+            if r['kind'] == 'static':
+                ax.scatter(r[cost], r['accuracy'], marker='s')
+                ax.annotate(r['model'], (r[cost], r['accuracy']), fontsize=7, xytext=(3, 3),
+                            textcoords='offset points')
+        ax.set_xlabel(label)
+        ax.set_ylabel('top-1 accuracy (%)')
+        ax.set_xscale('log')
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['data_set']} at {result['input_size']} px: GFNet-Dynn vs static baselines")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    def run() -> None:
+        if args.epochs <= 0:
+            raise GFNetDynnError(f'--epochs must be positive, got {args.epochs}')
+        path = json_path(args.json, f'pareto_{args.data_set}.json')
+        png = check_output_file(args.plot or path.with_suffix('.png'), 'plot', '--plot')
+        result = benchmark(args)
+        print(format_table(result))
+        print(f"written: {write_json(result, path, 'pareto')} {plot(result, png)}")
+    return exit_code(run)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
