@@ -181,9 +181,13 @@ def test_runner_mistakes_are_one_line(dynn_checkpoint, tmp_path, capsys):
     (folder / 'segment_1.onnx').write_bytes(b'not a graph')
     assert 'no images given' in one_error(capsys, [str(folder)], runner)
     assert '--threshold 2.0 must lie in [0, 1]' in one_error(capsys, [str(folder), 'x.png', '--threshold', '2'], runner)
-    assert 'segment_0.onnx is not a usable ONNX graph' in one_error(capsys, [str(folder), 'x.png'], runner)
+    assert 'nope.png does not exist' in one_error(capsys, [str(folder), str(tmp_path / 'nope.png')], runner)
+    image = tmp_path / 'x.png'
+    Image.new('RGB', (16, 16)).save(image)
+    assert 'segment_0.onnx is not a usable ONNX graph' in one_error(capsys, [str(folder), str(image)], runner)
     (folder / 'manifest.json').write_text(json.dumps({**manifest, 'input_size': 'big'}))
-    assert "input_size is 'big', not a value the runner can use" in one_error(capsys, [str(folder), 'x.png'], runner)
+    assert "input_size is 'big', not a value the runner can use" in one_error(capsys, [str(folder), str(image)],
+                                                                               runner)
 
 
 # --- checked before any side effect ------------------------------------------------------------------------------
