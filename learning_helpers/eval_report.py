@@ -45,10 +45,9 @@ LATENCY_IMAGES = 64  # validation images real early exit runs at batch 1 to meas
 TABLE_ROWS = 12  # rows of the printed sweep when --thresholds is not given
 
 
-def pick_threshold(selecting: ExitCache, rule: str, budget: Budget, gflops: list[float],
-                   latency_ms: list[float]) -> dict:
-    """The point `budget` picks among every distinct threshold of `rule` on the selecting images."""
-    return choose(all_points(selecting, rule, gflops, latency_ms), budget, per_exit_accuracy(selecting)[-1])
+def points_by_rule(cache: ExitCache, gflops: list[float], latency_ms: list[float]) -> dict[str, list[dict]]:
+    """Every distinct operating point of the learned gates and of each baseline rule, on one set of images."""
+    return {rule: all_points(cache, rule, gflops, latency_ms) for rule in ('gate', *BASELINE_RULES)}
 
 
 def point_at(cache: ExitCache, rule: str, threshold: float, gflops: list[float], latency_ms: list[float]) -> dict:
@@ -57,17 +56,18 @@ def point_at(cache: ExitCache, rule: str, threshold: float, gflops: list[float],
                        latency_ms)[0]
 
 
-def baselines_report(val: ExitCache, selecting: ExitCache, budget: Budget, gflops: list[float],
-                     latency_ms: list[float]) -> dict:
+def baselines_report(val: ExitCache, val_points: dict, selecting: ExitCache, selecting_points: dict,
+                     budget: Budget, gflops: list[float], latency_ms: list[float]) -> dict:
     """Early exit without learned gates, from the same cache: thresholds on max softmax probability and on
-    entropy (their validation fronts and the point the budget picks), and each exit alone."""
+    entropy (their validation fronts and the point the budget picks on the selecting images), and each exit
+    alone."""
+    selecting_full = per_exit_accuracy(selecting)[-1]
     report = {}
     for rule in BASELINE_RULES:
-        threshold = pick_threshold(selecting, rule, budget, gflops, latency_ms)['threshold']
-        report[rule] = {'front': pareto_front(all_points(val, rule, gflops, latency_ms)),
+        threshold = choose(selecting_points[rule], budget, selecting_full)['threshold']
+        report[rule] = {'front': pareto_front(val_points[rule]),
                         'at_budget': point_at(val, rule, threshold, gflops, latency_ms)}
-    picked = choose_single_exit(single_exit_points(selecting, gflops, latency_ms), budget,
-                                per_exit_accuracy(selecting)[-1])
+    picked = choose_single_exit(single_exit_points(selecting, gflops, latency_ms), budget, selecting_full)
     points = single_exit_points(val, gflops, latency_ms)
     report['single_exit'] = {'points': points, 'at_budget': points[picked['exit']] if picked else None}
     return report
@@ -110,16 +110,20 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
     selecting = (collect_exit_outputs(model, calib_loader, device, max_batches=max_batches, amp=amp)
                  if calib_loader is not None else cache)
     cached_pass_seconds = time.perf_counter() - started
-    images = [image.unsqueeze(0) for image, _ in
-              map(val_loader.dataset.__getitem__, spread_indices(int(cache.targets.numel()), LATENCY_IMAGES))]
+    latency_indices = spread_indices(int(cache.targets.numel()), LATENCY_IMAGES)
+    images = [val_loader.dataset[i][0].unsqueeze(0) for i in latency_indices]
     segment_ms = segment_latency_ms(model, images[0], device, seconds=0.1 * cached_pass_seconds)
     latency = cumulative_ms(segment_ms)
-    picked = (pick_threshold(selecting, 'gate', budget, gflops_per_exit, latency) if exit_threshold is None
+    val_points = points_by_rule(cache, gflops_per_exit, latency)
+    selecting_points = val_points if calib_loader is None else points_by_rule(selecting, gflops_per_exit, latency)
+    picked = (choose(selecting_points['gate'], budget, per_exit_accuracy(selecting)[-1]) if exit_threshold is None
               else point_at(selecting, 'gate', exit_threshold, gflops_per_exit, latency))
     chosen = point_at(cache, 'gate', picked['threshold'], gflops_per_exit, latency)
-    real = real_early_exit_report(model, images, device, cache, chosen, latency, 0.25 * cached_pass_seconds)
-    baselines = baselines_report(cache, selecting, budget, gflops_per_exit, latency)
-    points = all_points(cache, 'gate', gflops_per_exit, latency)
+    predictions, exits = gated_predictions(cache, chosen['threshold'])
+    real = real_early_exit_report(model, images, latency_indices, device, (predictions, exits), chosen, latency,
+                                  0.25 * cached_pass_seconds)
+    baselines = baselines_report(cache, val_points, selecting, selecting_points, budget, gflops_per_exit, latency)
+    points, front = val_points['gate'], pareto_front(val_points['gate'])
     selection = {'set': 'val' if calib_loader is None else 'calibration', 'num_images': int(selecting.targets.numel()),
                  'budget': str(budget) if exit_threshold is None else f'--exit-threshold {exit_threshold:g}',
                  'threshold': chosen['threshold'], 'accuracy': chosen['accuracy'],
@@ -128,15 +132,14 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
                  'on_selection_set': {key: picked[key] for key in ('accuracy', 'expected_gflops',
                                                                     'expected_latency_ms')}}
     accuracies = per_exit_accuracy(cache)
-    predictions, _ = gated_predictions(cache, chosen['threshold'])
     results = {
         'num_classes': len(class_names), 'class_names': class_names, 'num_val': int(cache.targets.numel()),
         'exit_positions': list(model.exit_positions), 'gflops_per_exit': gflops_per_exit,
         'full_gflops': gflops_per_exit[-1], 'per_exit_accuracy': accuracies, 'full_accuracy': accuracies[-1],
         'latency_table_ms': {'segment': segment_ms, 'cumulative': latency, 'batch': 1, 'device': str(device)},
-        'selection': selection, 'front': pareto_front(points), 'num_operating_points': len(points),
+        'selection': selection, 'front': front, 'num_operating_points': len(points),
         'sweep': (threshold_sweep(cache, thresholds, gflops_per_exit) if thresholds
-                  else table_rows(pareto_front(points), chosen, TABLE_ROWS)),
+                  else table_rows(front, chosen, TABLE_ROWS)),
         'chosen': {**chosen, 'rule': selection['budget'],
                    'flops_saving': 1 - chosen['expected_gflops'] / gflops_per_exit[-1]},
         'baselines': baselines,
@@ -151,15 +154,15 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
     return results, cache
 
 
-def real_early_exit_report(model: GFNetDynn, images: list[torch.Tensor], device: torch.device, cache: ExitCache,
-                           chosen: dict, latency: list[float], seconds: float) -> dict:
-    """Real early exit at the chosen threshold, batch 1, over `images` (the validation images at
-    spread_indices, for about `seconds`): mean and median ms beside what the latency table predicts for the
-    same images, and agreement with the cache's predictions and exits for them."""
-    indices = spread_indices(int(cache.targets.numel()), LATENCY_IMAGES)
+def real_early_exit_report(model: GFNetDynn, images: list[torch.Tensor], indices: list[int], device: torch.device,
+                           cached: tuple[torch.Tensor, torch.Tensor], chosen: dict, latency: list[float],
+                           seconds: float) -> dict:
+    """Real early exit at the chosen threshold, batch 1, over `images` (the validation images at `indices`, for
+    about `seconds`): mean and median ms beside what the latency table predicts for the same images, and
+    agreement with the cache's (predictions, exits) for them."""
     single = measured_early_exit_ms(model, images, device, chosen['threshold'], seconds)
     ran = indices[:single['images']]
-    cached_predictions, cached_exits = gated_predictions(cache, chosen['threshold'])
+    cached_predictions, cached_exits = cached
     mismatches = sum(int(cached_predictions[i]) != p or int(cached_exits[i]) != e
                      for i, p, e in zip(ran, single['predictions'], single['exit_index']))
     predicted = sum(latency[k] for k in single['exit_index']) / max(len(ran), 1)

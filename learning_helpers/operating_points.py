@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.exit_cache import ExitCache
+from learning_helpers.exit_cache import ExitCache, per_exit_accuracy
 
 BUDGET_KINDS = ('acc-drop', 'gflops', 'latency-ms')
 DEFAULT_BUDGET = 'acc-drop=1.0'
@@ -121,11 +121,9 @@ def pareto_front(points: list[dict]) -> list[dict]:
 def single_exit_points(cache: ExitCache, gflops_per_exit: Sequence[float],
                        latency_ms: Sequence[float] | None = None) -> list[dict]:
     """Each exit alone (every sample leaves there): exit index, accuracy, GFLOPs and latency."""
-    correct = cache.logits.argmax(dim=-1) == cache.targets.unsqueeze(0)
-    return [{'exit': k, 'accuracy': float(100 * correct[k].double().mean()),
-             'expected_gflops': float(gflops_per_exit[k]),
+    return [{'exit': k, 'accuracy': accuracy, 'expected_gflops': float(gflops_per_exit[k]),
              **({'expected_latency_ms': float(latency_ms[k])} if latency_ms is not None else {})}
-            for k in range(correct.shape[0])]
+            for k, accuracy in enumerate(per_exit_accuracy(cache))]
 
 
 def choose(points: list[dict], budget: Budget, full_accuracy: float) -> dict:
