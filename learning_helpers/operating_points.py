@@ -46,8 +46,8 @@ def parse_budget(text: str) -> Budget:
 def exit_scores(cache: ExitCache, rule: str) -> torch.Tensor:
     """(G, N) scores of an exit rule: 'gate' the learned gate probabilities, 'max_prob' each intermediate exit's
     largest softmax probability, 'entropy' 1 - H(softmax) / log(C) (1: certain, 0: uniform)."""
-    if rule == 'gate':
-        return cache.gate_probs.double()
+    if rule == 'gate':  # float32, compared with the threshold in float32: exactly what the engine decides
+        return cache.gate_probs.float()
     probs = torch.softmax(cache.logits[:-1].double(), dim=-1)  # (G, N, C)
     if rule == 'max_prob':
         return probs.amax(dim=-1)

@@ -11,7 +11,7 @@ from data_loader_help import SplitRequest, build_datasets
 from errors import GFNetDynnError
 from learning_helpers.exit_cache import ExitCache, exit_choice, exit_point
 from learning_helpers.operating_points import (Budget, all_points, choose, distinct_thresholds, exit_scores,
-                                               parse_budget, pareto_front, single_exit_points)
+                                               parse_budget, pareto_front, point_table, single_exit_points)
 from main_dynn import main
 
 GFLOPS = [0.11, 0.23, 0.37, 0.52]
@@ -205,3 +205,11 @@ def test_calib_ratio_cannot_change_after_the_backbone(small_data, tmp_path, caps
 def test_bad_budget_is_one_line(capsys):
     line = one_error(capsys, ['--eval', '--checkpoint-path', 'x.pth', '--budget', 'speed=3'])
     assert 'acc-drop=POINTS' in line
+
+
+def test_a_given_threshold_decides_in_float32_as_the_engine_does():
+    # float32(0.7) = 0.69999999: the engine compares float32 probabilities with float32(0.7), so this gate fires
+    cache = ExitCache(torch.zeros(2, 1, 3), torch.tensor([[0.7]], dtype=torch.float32), torch.tensor([0]))
+    point = point_table(cache, exit_scores(cache, 'gate'), torch.tensor([0.7], dtype=torch.float64), [0.1, 0.2])[0]
+    assert int(exit_choice(cache.gate_probs, 0.7)[0]) == 0
+    assert point['exit_share'] == [1.0, 0.0]
