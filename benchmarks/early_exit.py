@@ -18,8 +18,8 @@ from errors import GFNetDynnError
 from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
                                          threshold_sweep)
 from learning_helpers.latency import spread_indices
-from learning_helpers.operating_points import DEFAULT_BUDGET, choose, parse_budget
 from learning_helpers.model_factory import load_dynn_checkpoint
+from learning_helpers.operating_points import DEFAULT_BUDGET, choose, parse_budget
 from learning_helpers.run_setup import recorded_split
 from models.early_exit import EarlyExitEngine
 from models.flops import exit_gflops

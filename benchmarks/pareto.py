@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_DIR, json_path, write_json
+from benchmarks.common import DEFAULT_DIR, json_path, latency_ms, write_json
 from benchmarks.early_exit import load_validation_images
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, exit_code
+from learning_helpers.latency import spread_indices
 from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.outputs import check_output_file
 from learning_helpers.run_setup import backbone_run_folder, recorded_split
@@ -101,16 +102,6 @@ def train_baseline(arch: str, args: argparse.Namespace, input_size: int, patch_s
     return folder / 'best.pth'
 
 
-def mean_latency_ms(fn, images: list[torch.Tensor], warmup: int = 5) -> float:
-    """Mean wall-clock ms per call of fn over `images`, one image each: the expected latency of early exit."""
-    for x in images[:warmup]:
-        fn(x)
-    started = time.perf_counter()
-    for x in images:
-        fn(x)
-    return (time.perf_counter() - started) * 1e3 / len(images)
-
-
 def pareto_front(points: list[dict], cost: str) -> set[int]:
     """Indices of the points no other point beats: at most the cost and at least the accuracy, one strictly."""
     return {i for i, p in enumerate(points)
@@ -129,7 +120,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     images, labels = load_validation_images(args.data_set, args.data_path, input_size,
                                             recorded_split(dynn_args, args.data_set))
     checkpoints = {arch: train_baseline(arch, args, input_size, patch_size) for arch in args.archs}
-    singles = [images[i % len(images)].unsqueeze(0) for i in range(args.latency_images)]
+    singles = [images[i].unsqueeze(0) for i in spread_indices(len(images), args.latency_images)]
     rows, runners = [], {}
     with torch.inference_mode():
         for arch, path in checkpoints.items():
@@ -150,7 +141,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         latency = {name: float('inf') for name in runners}
         for _ in range(args.rounds):  # interleaved, best of each: no model gains from running first or last
             for name, run in runners.items():
-                latency[name] = min(latency[name], mean_latency_ms(run, singles))
+                latency[name] = min(latency[name], latency_ms(run, singles, torch.device('cpu'), warmup=5)['mean'])
     for row in rows:
         row['latency_ms'] = latency[row['arch']]
     dynn_params = sum(p.numel() for p in dynn.parameters()) / 1e6
