@@ -98,26 +98,24 @@ def recorded_split(source_args: dict, data_set: str) -> dict | None:
 
 
 def split_request(args: argparse.Namespace, recorded: dict | None) -> SplitRequest:
-    """The split to make: flags, else the recorded split's ratio and seed, else the entry's defaults. A flag
-    contradicting the recorded split is an error: validation would hold the run's training images."""
+    """The split to make: flags, else the recorded split's ratio, seed and calibration share, else the entry's
+    defaults. A flag contradicting the recorded split is an error: validation (or calibration) would hold images
+    the run trained on."""
     recorded = recorded or {}
-    for flag, value, before in (('--train-ratio', args.train_ratio, recorded.get('train_ratio')),
-                                ('--split-seed', args.split_seed, recorded.get('seed'))):
+    recorded_calib = (recorded.get('calib_ratio') or 0.0) if recorded else None
+    flags = (('--train-ratio', args.train_ratio, recorded.get('train_ratio'), 'validation'),
+             ('--split-seed', args.split_seed, recorded.get('seed'), 'validation'),
+             ('--calib-ratio', args.calib_ratio, recorded_calib, 'calibration'))
+    for flag, value, before, held_out in flags:
         if value is not None and before is not None and value != before:
             raise GFNetDynnError(f'{flag} {value} differs from the split the checkpoint was trained on ({flag} '
-                                 f'{before}): its validation images would include training images; drop {flag} '
+                                 f'{before}): its {held_out} images would include training images; drop {flag} '
                                  f'to reuse that split, or train a new backbone on the new split')
-    calib = getattr(args, 'calib_ratio', None)
-    before = (recorded or {}).get('calib_ratio') or 0
-    if recorded and calib is not None and calib != before:
-        raise GFNetDynnError(f"--calib-ratio {calib:g} differs from the checkpoint's ({before:g}):"
-                             f' its calibration images must be ones no stage trained on; drop --calib-ratio, or pass '
-                             f'it from the backbone stage on')
     ratio = args.train_ratio if args.train_ratio is not None else recorded.get('train_ratio')
     seed = args.split_seed if args.split_seed is not None else recorded.get('seed')
+    calib = args.calib_ratio if args.calib_ratio is not None else recorded_calib
     return SplitRequest(default_train_ratio(args.data_set) if ratio is None else ratio, 42 if seed is None else seed,
-                        args.split_file, recorded or None,
-                        calib_ratio=calib if calib is not None else recorded.get('calib_ratio') or 0.0)
+                        args.split_file, recorded or None, calib_ratio=calib or 0.0)
 
 
 def build_data(args: argparse.Namespace, input_size: int, distributed: bool, recorded: dict | None = None,
