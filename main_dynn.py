@@ -144,9 +144,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     dynn.add_argument('--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES),
                       help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
                            "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
-    dynn.add_argument('--exit-costs', type=str, default='flops', choices=sorted(EXIT_COSTS),
-                      help="exit costs the gates trade against: flops (true FLOPs) or reference (the reference "
-                           "counter's flatter vector, to reproduce its released runs); reported GFLOPs stay true")
+    dynn.add_argument('--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS),
+                      help="exit costs the gates trade against: reference (the reference counter's flatter vector, "
+                           "so --ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda "
+                           "exits earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
     dynn.add_argument('--transfer-ratio', type=float, default=0.01, help='backbone lr = lr * this in joint training')
     dynn.add_argument('--freeze-backbone', action='store_true', help='keep the backbone frozen in joint training')
 

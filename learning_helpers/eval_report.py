@@ -6,7 +6,7 @@ import time
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.conformal import prediction_set_stats
+from learning_helpers.conformal import conformal_thresholds, prediction_set_stats
 from learning_helpers.exit_cache import (ExitCache, collect_exit_outputs, conditional_exit_choice, exit_point,
                                          gated_predictions, per_exit_accuracy, threshold_sweep)
 from learning_helpers.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
@@ -30,15 +30,23 @@ def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: 
             'confusion_matrix': confusion_matrix(targets, predictions, labels=labels).tolist()}
 
 
-def conformal_report(cache: ExitCache, thresholds: dict | None) -> dict | None:
-    """Coverage and mean size of the conformal prediction sets, with the qhats the checkpoint stored (calibrated
-    on the validation set when it was written) and the exit rule they were calibrated for; None without them."""
-    if not isinstance(thresholds, dict) or 'alphas' not in thresholds:
+def conformal_report(cache: ExitCache, stored: dict | None, calibration: ExitCache | None = None) -> dict | None:
+    """Coverage and mean size of the conformal prediction sets on the validation images. With calibration images
+    (--calib-ratio) the qhats are fit on them, so the coverage is measured out of sample; without, the qhats the
+    checkpoint stored are used, fit on these same validation images, so the coverage holds by construction
+    (`in_sample` says which). None without either."""
+    rule = {'exit_rule': 'training-time gating (a_k >= 0.5)', 'reported_on': 'validation images'}
+    if calibration is not None:
+        thresholds = conformal_thresholds(calibration, conditional_exit_choice(calibration.gate_probs))
+        fit = {'calibrated_on': f'the {calibration.targets.numel()} calibration images (--calib-ratio)',
+               'in_sample': False}
+    elif isinstance(stored, dict) and 'alphas' in stored:
+        thresholds = stored
+        fit = {'calibrated_on': 'the validation images, when the checkpoint was written', 'in_sample': True}
+    else:
         return None
-    chosen = conditional_exit_choice(cache.gate_probs)
-    return {'calibrated_on': 'the validation set, when the checkpoint was written',
-            'exit_rule': 'training-time gating (a_k >= 0.5)', 'thresholds': thresholds,
-            **prediction_set_stats(cache, chosen, thresholds)}
+    return {**fit, **rule, 'thresholds': thresholds,
+            **prediction_set_stats(cache, conditional_exit_choice(cache.gate_probs), thresholds)}
 
 
 LATENCY_IMAGES = 64  # validation images real early exit runs at batch 1 to measure its mean latency
@@ -146,7 +154,7 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
         'versus_baselines': versus_baselines(chosen, baselines, budget, accuracies[-1]),
         'real_early_exit': real,
         'training_rule': exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops_per_exit),
-        'conformal': conformal_report(cache, conformal),
+        'conformal': conformal_report(cache, conformal, selecting if calib_loader is not None else None),
         'timing': {'cached_pass_seconds': cached_pass_seconds, 'total_seconds': time.perf_counter() - started},
         'full_network': class_report(cache.targets, cache.logits[-1].argmax(-1), class_names),
         'at_chosen_threshold': class_report(cache.targets, predictions, class_names),
@@ -221,9 +229,12 @@ def format_results_table(results: dict) -> str:
                     f"images)" if misses else ''))
     conformal = results.get('conformal')
     if conformal:
-        lines += ['', f"conformal prediction sets (qhats calibrated on {conformal['calibrated_on']}; exits by "
-                      f"{conformal['exit_rule']}): coverage % / mean set size",
-                  f"{'alpha':>6} {'general':>15} {'per exit':>15}"]
+        lines += ['', f"conformal prediction sets on the validation images (qhats calibrated on "
+                      f"{conformal['calibrated_on']}; exits by {conformal['exit_rule']}): coverage % / mean set size"]
+        if conformal['in_sample']:
+            lines.append('  (in-sample: the coverage holds by construction; train with --calib-ratio 0.1 to measure '
+                         'it on held-out images)')
+        lines.append(f"{'alpha':>6} {'general':>15} {'per exit':>15}")
         for row in conformal['overall']:
             general, gated = row['general'], row['gated']
             lines.append(f"{row['alpha']:6.3f} {general['coverage']:8.2f} / {general['mean_set_size']:4.2f} "

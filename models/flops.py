@@ -134,4 +134,14 @@ def reference_normalized_exit_costs(model: torch.nn.Module) -> list[float]:
     return [c / counts[-1] for c in counts]
 
 
-EXIT_COSTS = {'flops': normalized_exit_costs, 'reference': reference_normalized_exit_costs}  # --exit-costs
+EXIT_COSTS = {'reference': reference_normalized_exit_costs, 'flops': normalized_exit_costs}  # --exit-costs
+
+
+def lambda_factor(model: torch.nn.Module) -> dict:
+    """How a lambda translates between the two cost vectors: a gate target prefers exit k over the final head
+    when CE_k - CE_final < lambda (1 - cost_k), so lambda under true FLOPs acts like lambda * (1 - flops_k) /
+    (1 - reference_k) under the reference's vector. Returns that ratio per intermediate exit and its mean."""
+    flops, reference = normalized_exit_costs(model), reference_normalized_exit_costs(model)
+    ratios = [(1 - f) / (1 - r) for f, r in zip(flops[:-1], reference[:-1])]
+    return {'flops_costs': flops, 'reference_costs': reference, 'per_exit': ratios,
+            'mean': sum(ratios) / len(ratios)}

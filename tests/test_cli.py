@@ -175,7 +175,10 @@ def test_eval_writes_results_json_plots_and_a_table(dynn_run, tiny_data, tmp_pat
     rc, out, err = _run([*TINY_FLAGS, '--eval', '--checkpoint-path', str(best), '--results-json', str(json_path),
                          '--thresholds', *map(str, THRESHOLDS)], capsys)
     assert rc == 0, err
-    _check_results_schema(json.loads(json_path.read_text()))
+    results = json.loads(json_path.read_text())
+    _check_results_schema(results)
+    assert results['conformal']['in_sample'] is True  # no calibration images: the stored qhats, fit on these
+    assert 'in-sample: the coverage holds by construction' in out
     assert (tmp_path / 'out' / 'results_tradeoff.png').read_bytes()[:4] == b'\x89PNG'
     assert (tmp_path / 'out' / 'results_confusion.png').read_bytes()[:4] == b'\x89PNG'
     assert 'threshold' in out and 'accuracy (%)' in out and f'results: {json_path}' in out

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from errors import GFNetDynnError
 from learning_helpers.conformal import conformal_quantile, conformal_thresholds, prediction_set_stats
+from learning_helpers.eval_report import conformal_report
 from learning_helpers.exit_cache import (ExitCache, best_exit_counts, conditional_exit_choice,
                                          exit_choice, exit_point, gated_predictions, per_exit_accuracy,
                                          threshold_sweep, updated_pos_weight)
@@ -216,6 +217,41 @@ def test_conformal_sets_shrink_as_alpha_grows():
     sizes = [row['general']['mean_set_size'] for row in stats['overall']]
     assert all(later <= earlier for earlier, later in zip(sizes, sizes[1:])), sizes
     assert sizes[-1] < sizes[0]
+
+
+def _subset(cache: ExitCache, index: torch.Tensor) -> ExitCache:
+    return ExitCache(cache.logits[:, index], cache.gate_probs[:, index], cache.targets[index])
+
+
+def test_conformal_coverage_holds_out_of_sample_over_random_resplits():
+    """Fit on one half, measure on the other: over many re-splits the mean coverage is at least 1 - alpha
+    (split conformal's guarantee, the exit choice being each sample's own), while a single split may miss."""
+    cache = _random_cache(num_exits=3, n=400, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    alphas, coverages = (0.02, 0.05), {0.02: [], 0.05: []}  # two of the reference's alphas
+    for _ in range(300):
+        order = torch.randperm(400, generator=generator)
+        calibration, held_out = _subset(cache, order[:200]), _subset(cache, order[200:])
+        report = conformal_report(held_out, None, calibration)
+        assert report['in_sample'] is False
+        for row in report['overall']:
+            if row['alpha'] in alphas:
+                coverages[row['alpha']].append(row['general']['coverage'])
+    for alpha in alphas:
+        mean = sum(coverages[alpha]) / len(coverages[alpha])
+        assert mean >= 100 * (1 - alpha) - 0.5, (alpha, mean)
+        assert min(coverages[alpha]) < 100 * (1 - alpha)  # out of sample, single splits do miss: not by construction
+
+
+def test_conformal_report_says_when_its_coverage_is_in_sample():
+    cache = _random_cache(num_exits=3, n=100, seed=3)
+    stored = conformal_thresholds(cache, conditional_exit_choice(cache.gate_probs))
+    in_sample = conformal_report(cache, stored)
+    assert in_sample['in_sample'] is True and in_sample['thresholds'] == stored
+    held_out = conformal_report(_subset(cache, torch.arange(50)), stored, _subset(cache, torch.arange(50, 100)))
+    assert held_out['in_sample'] is False and held_out['thresholds'] != stored  # refit on the calibration images
+    assert '50 calibration images' in held_out['calibrated_on']
+    assert conformal_report(cache, None) is None
 
 
 # lr schedule

@@ -31,8 +31,8 @@ def _load(path):
 
 @pytest.fixture(scope='module')
 def reference_path_run(tiny_backbone, tmp_path_factory):
-    """A dynn run with the default training path (1 warm-up + 2 joint epochs, phases of one batch, the
-    reference's exit costs), with spies on the optimizer factory and on the costs the joint stage receives."""
+    """A dynn run with the default training path (1 warm-up + 2 joint epochs, phases of one batch, default exit
+    costs), with spies on the optimizer factory and on the costs the joint stage receives."""
     out = tmp_path_factory.mktemp('reference_path')
     built, seen_costs = [], []
     real_build, real_joint = dynn_training.build_optimizer, dynn_training.run_joint_stage
@@ -42,7 +42,8 @@ def reference_path_run(tiny_backbone, tmp_path_factory):
         return real_build(*args, **kwargs)
 
     def spying_joint(model, train_loader, val_loader, optimizer, scheduler, device, costs, *args, **kwargs):
-        seen_costs.append((costs.tolist(), reference_normalized_exit_costs(model), normalized_exit_costs(model)))
+        seen_costs.append((costs.tolist(), reference_normalized_exit_costs(model), normalized_exit_costs(model),
+                           list(args[0])))  # args[0]: the true FLOP shares the joint stage reports with
         return real_joint(model, train_loader, val_loader, optimizer, scheduler, device, costs, *args, **kwargs)
 
     stdout = io.StringIO()
@@ -52,8 +53,7 @@ def reference_path_run(tiny_backbone, tmp_path_factory):
         patch.setattr(dynn_training, 'run_joint_stage', spying_joint)
         rc = main_dynn.main([*TINY_FLAGS, '--checkpoint-path', str(tiny_backbone.checkpoint), '--num_epoch', '3',
                              '--max_warmup_epoch', '1', '--exit-positions', *EXITS, '--bilevel_batch_count', '1',
-                             '--lr', str(LR), '--min-lr', str(MIN_LR), '--exit-costs', 'reference',
-                             '--output-dir', str(out)])
+                             '--lr', str(LR), '--min-lr', str(MIN_LR), '--output-dir', str(out)])
     return {'rc': rc, 'out': out, 'stdout': stdout.getvalue(), 'built': built, 'costs': seen_costs,
             'folder': out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE', 'data': tiny_backbone.data}
 
@@ -76,10 +76,11 @@ def test_one_sgd_optimizer_for_both_stages_and_cosine_steps_only_after_joint_epo
 
 
 @pytest.mark.slow
-def test_reference_exit_costs_reach_the_gates(reference_path_run):
-    (costs, reference, true), = reference_path_run['costs']
+def test_gates_train_against_the_reference_costs_by_default_and_reports_stay_true_flops(reference_path_run):
+    (costs, reference, true, reported), = reference_path_run['costs']
     assert costs == pytest.approx(reference)
     assert costs[-1] == 1.0 and costs[0] > true[0] + 0.01  # the reference counter's flatter vector
+    assert reported == pytest.approx(true)  # the mean cost each epoch prints is a share of true FLOPs
     assert _load(reference_path_run['folder'] / 'best.pth')['args']['exit_costs'] == 'reference'
 
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import models.registry  # noqa: F401  (registers the variants with timm)
-from models.flops import (count_flops, exit_gflops, flop_counter, normalized_exit_costs, reference_exit_op_counts,
-                          reference_normalized_exit_costs)
+from models.flops import (count_flops, exit_gflops, flop_counter, lambda_factor, normalized_exit_costs,
+                          reference_exit_op_counts, reference_normalized_exit_costs)
 from models.gfnet import GlobalFilter
 
 
@@ -157,6 +157,19 @@ def test_reference_costs_are_flatter_than_true_flops():
     assert true[-1] == reference[-1] == 1.0
     assert all(t < r for t, r in zip(true[:-1], reference[:-1]))
     assert true[0] == pytest.approx(0.35, abs=0.02)
+
+
+def test_lambda_factor_is_the_ratio_of_what_each_exit_saves():
+    model = timm.create_model('gfnet_xs_dynn', num_classes=21, img_size=256)
+    factor = lambda_factor(model)
+    true, reference = normalized_exit_costs(model), reference_normalized_exit_costs(model)
+    expected = [(1 - t) / (1 - r) for t, r in zip(true[:4], reference[:4])]
+    assert factor['per_exit'] == pytest.approx(expected, rel=1e-12)
+    assert factor['mean'] == pytest.approx(sum(expected) / 4, rel=1e-12)
+    # a gate target prefers exit k while CE_k - CE_final < lambda (1 - cost_k): lambda under true FLOPs and
+    # lambda * factor_k under the reference's vector draw that line at the same place
+    assert 0.75 * (1 - true[0]) == pytest.approx(0.75 * factor['per_exit'][0] * (1 - reference[0]), rel=1e-12)
+    assert factor['mean'] == pytest.approx(2.2, abs=0.1)  # the known gap at 256 px
 
 
 def test_reference_costs_of_identity_gates_leave_out_the_gate_ops():

@@ -182,6 +182,10 @@ def test_calibrated_eval_chooses_on_held_out_images_within_a_gflops_budget(small
     assert results['versus_baselines']['winner']
     assert 'chosen on the 3 calibration images' in printed and 'validation images it is reported on' not in printed
     assert 'learned gates vs' in printed
+    conformal = results['conformal']  # fit on the held-out images, measured on the validation ones
+    assert conformal['in_sample'] is False and '3 calibration images' in conformal['calibrated_on']
+    assert conformal['reported_on'] == 'validation images' and 'in-sample' not in printed
+    assert conformal['overall'][0]['general']['samples'] == results['num_val']
 
     from benchmarks.tradeoff import main as tradeoff
     assert tradeoff([str(best), str(best), '--data-set', 'TINY', '--json', str(tmp_path / 'fronts.json')]) == 0
