@@ -13,12 +13,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import dataset_config
-from data_splits import (calib_record, check_train_ratio, find_layout, read_split_file, reference_random_split,
-                         split_from_names, split_record, stratified_split)
-from data_transforms import build_transform, check_augment
-from demo_data import ensure_demo_dataset
+from data_pipeline.data_splits import (calib_record, check_train_ratio, find_layout, read_split_file,
+                                       reference_random_split, split_from_names, split_record, stratified_split)
+from data_pipeline.data_transforms import build_transform, check_augment
+from data_pipeline.demo_data import ensure_demo_dataset
+from data_pipeline.scene_folder import SceneFolder, real_files
 from errors import GFNetDynnError
-from scene_folder import SceneFolder, real_files
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,15 @@ import torch
 
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, OneLineParser, exit_code
-from learning_helpers import model_factory
+from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
+from jobs.inference_jobs import run_eval, run_export
+from jobs.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device)
+from jobs.train_jobs import run_backbone, run_dynn
 from learning_helpers.distributed import barrier, init_distributed
-from learning_helpers.inference_jobs import run_eval, run_export
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
-from learning_helpers.operating_points import DEFAULT_BUDGET, parse_budget
-from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
-                                        resolve_device)
 from learning_helpers.stage_common import load_resume_checkpoint
-from learning_helpers.train_jobs import run_backbone, run_dynn
+from models import model_factory
 from models.flops import EXIT_COSTS
 from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS

@@ -18,16 +18,16 @@ import torch
 from benchmarks.common import json_path, write_json
 from data_loader_help import SplitRequest, build_datasets, build_loaders, resolve_data_path
 from errors import exit_code
+from evaluation.eval_report import evaluate_early_exit
+from jobs.run_setup import recorded_split
 from learning_helpers.backbone_stage import train_one_epoch
-from learning_helpers.eval_report import evaluate_early_exit
 from learning_helpers.losses import DistillationLoss
-from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
-from learning_helpers.run_setup import recorded_split
 from learning_helpers.stage_common import RunConfig
 from learning_helpers.warmup_stage import train_one_epoch as warmup_train_one_epoch
 from models.flops import exit_gflops
 from models.gfnet import GFNet
+from models.model_factory import build_backbone, load_dynn_checkpoint
 from models.weights import read_checkpoint
 
 DEMO_DYNN = 'checkpoint/checkpoint_DEMO_0.75_confEE/best.pth'

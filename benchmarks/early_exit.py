@@ -15,15 +15,15 @@ import torch
 from benchmarks.common import latency_ms, measure_and_write, throughput
 from data_loader_help import SplitRequest, build_datasets, resolve_data_path
 from errors import GFNetDynnError
-from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
-                                         threshold_sweep)
-from learning_helpers.latency import spread_indices
-from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.operating_points import DEFAULT_BUDGET, choose, parse_budget
-from learning_helpers.run_setup import recorded_split
+from evaluation.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
+                                   threshold_sweep)
+from evaluation.latency import spread_indices
+from evaluation.operating_points import DEFAULT_BUDGET, choose, parse_budget
+from jobs.run_setup import recorded_split
 from models.early_exit import EarlyExitEngine
 from models.flops import exit_gflops
 from models.gfnet import GFNet
+from models.model_factory import load_dynn_checkpoint
 from models.weights import read_checkpoint
 
 NO_EXIT = 1.01  # above any gate probability: measures the engine's overhead when nobody leaves

@@ -18,12 +18,12 @@ import torch
 
 from benchmarks.common import latency_ms, measure_and_write
 from benchmarks.early_exit import load_validation_images
+from deployment.onnx_runner import OnnxEarlyExit, read_manifest
 from errors import GFNetDynnError
-from learning_helpers.latency import spread_indices
-from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.run_setup import recorded_split
+from evaluation.latency import spread_indices
+from jobs.run_setup import recorded_split
 from models.early_exit import EarlyExitEngine
-from models.onnx_runner import OnnxEarlyExit, read_manifest
+from models.model_factory import load_dynn_checkpoint
 from models.weights import read_checkpoint
 
 NO_EXIT = 1.01  # above any gate probability: every sample runs every segment

@@ -22,12 +22,12 @@ from benchmarks.common import DEFAULT_DIR, json_path, latency_ms, write_json
 from benchmarks.early_exit import load_validation_images
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, exit_code
-from learning_helpers.latency import spread_indices
-from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
-from learning_helpers.outputs import check_output_file
-from learning_helpers.run_setup import backbone_run_folder, recorded_split
+from evaluation.latency import spread_indices
+from jobs.outputs import check_output_file
+from jobs.run_setup import backbone_run_folder, recorded_split
 from models.early_exit import EarlyExitEngine
 from models.flops import count_flops
+from models.model_factory import build_backbone, load_dynn_checkpoint
 from models.weights import load_state, read_checkpoint
 
 BASELINES = ['mobilenetv3_small_100', 'mobilenetv3_large_100', 'resnet18', 'efficientnet_b0', 'GFNet-ti-dynn']

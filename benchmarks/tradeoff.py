@@ -16,12 +16,12 @@ import torch
 from benchmarks.common import json_path, write_json
 from data_loader_help import SplitRequest, build_datasets, build_loaders, resolve_data_path
 from errors import GFNetDynnError, exit_code
-from learning_helpers.exit_cache import collect_exit_outputs, per_exit_accuracy
-from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.operating_points import Budget, all_points, choose, pareto_front
-from learning_helpers.outputs import check_output_file
-from learning_helpers.run_setup import recorded_split
+from evaluation.exit_cache import collect_exit_outputs, per_exit_accuracy
+from evaluation.operating_points import Budget, all_points, choose, pareto_front
+from jobs.outputs import check_output_file
+from jobs.run_setup import recorded_split
 from models.flops import exit_gflops
+from models.model_factory import load_dynn_checkpoint
 from models.weights import read_checkpoint
 
 COMPUTE_SHARES = (0.4, 0.6, 0.8)  # the table's GFLOPs budgets, as shares of the full network

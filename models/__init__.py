@@ -1,7 +1,6 @@
 """Models: `import models.registry` (or any model module) registers the GFNet and GFNet-Dynn variants with timm.
 
-The package itself imports nothing, so that the ONNX runner (`python -m models.onnx_runner`) starts without
-torch; its public names load on first use.
+Its public names load on first use.
 """
 import importlib
 

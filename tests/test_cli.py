@@ -221,11 +221,11 @@ def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_pat
     manifest = json.loads((out_dir / 'manifest.json').read_text())
     assert manifest
     assert sorted(p.name for p in out_dir.glob('*.onnx')) == [f'segment_{k}.onnx' for k in range(len(EXITS) + 1)]
-    assert f'python -m models.onnx_runner {out_dir} IMAGE' in out  # the folder the runner takes
+    assert f'python -m deployment.onnx_runner {out_dir} IMAGE' in out  # the folder the runner takes
 
 
 def test_export_threshold_is_the_one_eval_chose_else_one_half(tmp_path):
-    from learning_helpers.inference_jobs import evaluated_threshold
+    from jobs.inference_jobs import evaluated_threshold
     checkpoint = tmp_path / 'best.pth'
     assert evaluated_threshold(str(checkpoint)) == 0.5
     (tmp_path / 'results.json').write_text(json.dumps({'chosen': {'threshold': 0.7}}))
@@ -283,7 +283,7 @@ def test_early_exit_benchmark_without_a_gpu_says_so(tmp_path, capsys):
 def test_backbone_stage_on_demo_images_beats_chance_clearly(tmp_path, capsys):
     """The DEMO generator's scenes (32 train + 10 val per class, 8 classes, read at 32 px) are learnable:
     four epochs of the CLI's backbone stage end far above the 12.5% of chance."""
-    from demo_data import ensure_demo_dataset
+    from data_pipeline.demo_data import ensure_demo_dataset
     data = ensure_demo_dataset(tmp_path / 'DEMO', train_per_class=32, val_per_class=10)
     rc, out, err = _run(['--stage', 'backbone', '--data-set', 'DEMO', '--data-path', str(data), '--arch',
                          'GFNet-ti-dynn', '--patch-size', '8', '--input-size', '32', '--batch', '32', '--num_epoch',

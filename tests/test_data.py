@@ -14,7 +14,7 @@ from torchvision import transforms
 import data_loader_help
 import dataset_config
 from data_loader_help import ShardSampler, SplitRequest, build_datasets, build_loaders, resolve_data_path
-from data_transforms import build_transform
+from data_pipeline.data_transforms import build_transform
 from errors import GFNetDynnError
 
 CLASSES = ['cat_a', 'cat_b', 'cat_c']

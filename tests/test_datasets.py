@@ -15,8 +15,8 @@ from torchvision import transforms
 import dataset_config
 from conftest import one_error
 from data_loader_help import SplitRequest, build_datasets
-from data_splits import stratified_split
-from data_transforms import REFERENCE_AUGMENT
+from data_pipeline.data_splits import stratified_split
+from data_pipeline.data_transforms import REFERENCE_AUGMENT
 from errors import GFNetDynnError
 from main_dynn import main
 
@@ -92,7 +92,7 @@ def test_stratified_split_takes_the_ratio_of_every_class():
 
 
 def test_the_reference_random_split_is_torchs_random_split_with_int_of_ratio_times_n():
-    from data_splits import reference_random_split
+    from data_pipeline.data_splits import reference_random_split
     expected = torch.utils.data.random_split(range(37), [int(0.8 * 37), 37 - int(0.8 * 37)],
                                              generator=torch.Generator().manual_seed(42))
     train, val = reference_random_split(37, 0.8, 42)
@@ -202,7 +202,7 @@ def test_mixed_sizes_and_junk_files_train(tmp_path, monkeypatch, capsys):
 
 def _train_transform(tmp_path, monkeypatch, argv_extra: list[str], train_augment: dict | None):
     """The training transform a run with these flags and this entry would build (its first training sample's)."""
-    from learning_helpers import run_setup
+    from jobs import run_setup
     root = write_class_folders(tmp_path / 'AUG', per_class=4)
     entry = raw_entry(root, **({'train_augment': train_augment} if train_augment else {}))
     monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'RAW', entry)

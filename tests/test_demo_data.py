@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import demo_data
+from data_pipeline import demo_data
+from data_pipeline.demo_data import CLASSES, MARKER, ensure_demo_dataset, render_scene
 from dataset_config import DATASET_CONFIG
-from demo_data import CLASSES, MARKER, ensure_demo_dataset, render_scene
 from errors import GFNetDynnError
 
 SMALL = {'train_per_class': 2, 'val_per_class': 1, 'image_size': 32}
@@ -98,7 +98,7 @@ def test_foreign_folder_is_never_deleted(tmp_path):
 
 
 def test_module_entry_point_prints_where_it_wrote(tmp_path):
-    done = subprocess.run([sys.executable, '-m', 'demo_data', str(tmp_path / 'cli')], capture_output=True,
-                          text=True, check=True, cwd=Path(demo_data.__file__).parent)
+    done = subprocess.run([sys.executable, '-m', 'data_pipeline.demo_data', str(tmp_path / 'cli')],
+                          capture_output=True, text=True, check=True, cwd=Path(demo_data.__file__).parents[1])
     assert str((tmp_path / 'cli').resolve()) in done.stdout
     assert (tmp_path / 'cli' / MARKER).is_file()

@@ -121,8 +121,8 @@ def demo_cache(tmp_path_factory):
     """A GFNet-Dynn at the DEMO set-up (64 px, patch 8, exits 3 5 7 9) with gates that split the DEMO
     validation images, and the --eval cache of those images (one batched pass, as --eval computes it)."""
     from data_loader_help import build_datasets
-    from demo_data import ensure_demo_dataset
-    from learning_helpers.exit_cache import collect_exit_outputs
+    from data_pipeline.demo_data import ensure_demo_dataset
+    from evaluation.exit_cache import collect_exit_outputs
 
     root = ensure_demo_dataset(tmp_path_factory.mktemp('demo') / 'DEMO', train_per_class=2, val_per_class=8)
     _, val_set, _, _, _ = build_datasets('DEMO', root, 64)
@@ -150,7 +150,7 @@ def demo_cache(tmp_path_factory):
 
 @pytest.mark.parametrize('batch, threshold', [(1, 0.5), (64, 0.3), (64, 0.5), (64, 0.8)])
 def test_engine_equals_the_eval_cache_on_demo_images(demo_cache, threshold, batch):
-    from learning_helpers.exit_cache import gated_predictions
+    from evaluation.exit_cache import gated_predictions
 
     model, images, cache = demo_cache
     margin = (cache.gate_probs - threshold).abs().min()

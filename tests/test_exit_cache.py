@@ -7,12 +7,11 @@ import torch
 from torch.testing import assert_close
 
 from errors import GFNetDynnError
-from learning_helpers.conformal import conformal_quantile, conformal_thresholds, prediction_set_stats
-from learning_helpers.exit_cache import (ExitCache, best_exit_counts, conditional_exit_choice,
-                                         exit_choice, exit_point, gated_predictions, per_exit_accuracy,
-                                         threshold_sweep, updated_pos_weight)
+from evaluation.conformal import conformal_quantile, conformal_thresholds, prediction_set_stats
+from evaluation.exit_cache import (ExitCache, best_exit_counts, conditional_exit_choice, exit_choice, exit_point,
+                                   gated_predictions, per_exit_accuracy, threshold_sweep, updated_pos_weight)
+from evaluation.operating_points import Budget, choose
 from learning_helpers.losses import best_exit, per_exit_cross_entropy
-from learning_helpers.operating_points import Budget, choose
 from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
 
 THRESHOLDS = [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9]

@@ -14,11 +14,11 @@ import torch
 import dataset_config
 import main_dynn
 from conftest import TINY_FLAGS, tiny_entry
+from evaluation.exit_cache import collect_exit_outputs, conditional_exit_choice, exit_point
 from learning_helpers import dynn_training
-from learning_helpers.exit_cache import collect_exit_outputs, conditional_exit_choice, exit_point
 from learning_helpers.joint_stage import snapshot_name
-from learning_helpers.model_factory import load_dynn_checkpoint
 from models.flops import exit_gflops, normalized_exit_costs, reference_normalized_exit_costs
+from models.model_factory import load_dynn_checkpoint
 from models.weights import read_checkpoint
 
 EXITS = ['3', '7']

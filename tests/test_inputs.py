@@ -13,11 +13,11 @@ from PIL import Image
 import dataset_config
 from conftest import FAST_FLAGS, TINY_FLAGS, one_error, tiny_entry, write_learnable_folder
 from data_loader_help import build_datasets, dataset_entry
+from data_pipeline.image_io import BandCountError, open_rgb
 from errors import GFNetDynnError
-from image_io import BandCountError, open_rgb
 from learning_helpers.checkpoint import save_checkpoint
-from learning_helpers.model_factory import build_dynn
 from main_dynn import main
+from models.model_factory import build_dynn
 from models.weights import load_state
 
 
@@ -171,7 +171,7 @@ def test_eval_flags_that_contradict_the_checkpoint_are_one_line(flags, fragment,
 
 
 def test_runner_mistakes_are_one_line(dynn_checkpoint, tmp_path, capsys):
-    from models.onnx_runner import main as runner
+    from deployment.onnx_runner import main as runner
     folder = tmp_path / 'export'
     folder.mkdir()
     manifest = {'format': 1, 'input_size': 16, 'mean': [0.5] * 3, 'std': [0.5] * 3, 'threshold': 0.5,

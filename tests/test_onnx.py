@@ -21,9 +21,9 @@ from errors import GFNetDynnError
 from models.early_exit import EarlyExitEngine
 from models.gfnet import GlobalFilter
 from conftest import FAST_FLAGS, one_error
-from models.onnx_export import OPSETS, MatmulGlobalFilter, SegmentGraph, export_segments, segment_file_name
-from models.onnx_quantize import DFT_TABLES, quantize_segments
-from models.onnx_runner import OnnxEarlyExit, image_files, main, preprocess
+from deployment.onnx_export import OPSETS, MatmulGlobalFilter, SegmentGraph, export_segments, segment_file_name
+from deployment.onnx_quantize import DFT_TABLES, quantize_segments
+from deployment.onnx_runner import OnnxEarlyExit, image_files, main, preprocess
 from models.weights import load_state, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,16 +167,17 @@ def test_cli_prints_one_line_per_image_with_exits_counted_from_0(exported, tmp_p
     assert json.loads(capsys.readouterr().out)['exit'] == 0  # the first exit is exit 0
 
 
-# Make torch unimportable, then run the runner as `python -m models.onnx_runner`: it must not need torch, timm or
+# Make torch unimportable, then run the runner as `python -m deployment.onnx_runner`: it must not need torch, timm or
 # the training code (the board has onnxruntime, numpy and Pillow only).
 WITHOUT_TORCH = """
 import runpy, sys
 sys.modules['torch'] = None  # import torch now raises ImportError
 sys.argv = ['onnx_runner', *sys.argv[1:]]
 try:
-    runpy.run_module('models.onnx_runner', run_name='__main__')
+    runpy.run_module('deployment.onnx_runner', run_name='__main__')
 finally:
-    loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'learning_helpers', 'torchvision'))
+    torch_side = ('timm', 'torchvision', 'models', 'learning_helpers', 'evaluation', 'jobs')
+    loaded = sorted(m for m in sys.modules if m.split('.')[0] in torch_side)
     print('loaded:', ' '.join(loaded), file=sys.stderr)
 """
 

@@ -9,9 +9,9 @@ import torch
 from conftest import FAST_FLAGS, TINY_FLAGS, one_error, write_learnable_folder
 from data_loader_help import SplitRequest, build_datasets
 from errors import GFNetDynnError
-from learning_helpers.exit_cache import ExitCache, exit_choice, exit_point
-from learning_helpers.operating_points import (Budget, all_points, choose, distinct_thresholds, exit_scores,
-                                               parse_budget, pareto_front, point_table, single_exit_points)
+from evaluation.exit_cache import ExitCache, exit_choice, exit_point
+from evaluation.operating_points import (Budget, all_points, choose, distinct_thresholds, exit_scores, parse_budget,
+                                         pareto_front, point_table, single_exit_points)
 from main_dynn import main
 
 GFLOPS = [0.11, 0.23, 0.37, 0.52]

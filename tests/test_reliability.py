@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import dataset_config
-from learning_helpers import model_factory
 from learning_helpers.losses import DistillationLoss
 from main_dynn import main
+from models import model_factory
 from tests.conftest import TINY_FLAGS, tiny_entry
 
 pytestmark = pytest.mark.slow

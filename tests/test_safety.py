@@ -13,10 +13,10 @@ import timm
 import torch
 
 from conftest import FAST_FLAGS, TINY_FLAGS, one_error, tiny_entry, write_learnable_folder
+from jobs.outputs import folder_lock
 from learning_helpers.checkpoint import save_checkpoint
-from learning_helpers.model_factory import build_dynn
-from learning_helpers.outputs import folder_lock
 from main_dynn import main
+from models.model_factory import build_dynn
 
 REPO = Path(__file__).resolve().parents[1]
 EXITS = [3, 7]

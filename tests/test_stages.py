@@ -11,16 +11,16 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY_FLAGS
+from evaluation.exit_cache import collect_exit_outputs, conditional_exit_choice
 from learning_helpers import warmup_stage
-from learning_helpers.exit_cache import collect_exit_outputs, conditional_exit_choice
 from learning_helpers.dynn_training import dynn_param_groups
 from learning_helpers.joint_stage import JointConfig, JointTrainer, _warn_if_only_gates_train, set_joint_trainable
 from learning_helpers.losses import WarmupLoss
-from learning_helpers.model_factory import build_dynn, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer, build_scheduler
 from learning_helpers.stage_common import FRESH_START, RunConfig
 from learning_helpers.warmup_stage import ExitPatience, WarmupConfig, run_warmup_stage
 from models.flops import exit_gflops
+from models.model_factory import build_dynn, load_dynn_checkpoint
 from models.weights import load_state, read_checkpoint
 
 EXITS = [3, 7]  # two intermediate exits keep the scripted scenarios short

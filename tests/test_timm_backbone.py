@@ -8,8 +8,8 @@ import torch
 from conftest import FAST_FLAGS, one_error
 from torch.testing import assert_close
 
-from learning_helpers.model_factory import build_backbone
 from main_dynn import main
+from models.model_factory import build_backbone
 
 CNN = 'test_resnet'  # timm's own tiny ResNet (0.4 M parameters)
 FAST_CNN = ['--data-set', 'TINY', '--arch', CNN, *FAST_FLAGS[6:]]  # FAST_FLAGS without the GFNet's arch and patch

@@ -1,6 +1,6 @@
 """Real early exit on an edge runtime: chain the ONNX segments written by `models/onnx_export.py`.
 
-Needs only onnxruntime, numpy and Pillow: `python -m models.onnx_runner DIR IMAGE_OR_FOLDER ...` imports no
+Needs only onnxruntime, numpy and Pillow: `python -m deployment.onnx_runner DIR IMAGE_OR_FOLDER ...` imports no
 torch and no training code (importing the `models` package registers nothing until a model is asked for).
 """
 import argparse
@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from data_pipeline.image_io import DECODE_ERRORS, BandCountError, open_rgb
 from errors import GFNetDynnError, OneLineParser, exit_code
-from image_io import DECODE_ERRORS, BandCountError, open_rgb
 
 MANIFEST_NAME = 'manifest.json'
 MANIFEST_FORMAT = 1
@@ -223,7 +223,7 @@ def check_jsonl_path(path: Path) -> Path:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        'python -m models.onnx_runner',
+        'python -m deployment.onnx_runner',
         description='Classify images with an exported GFNet-Dynn, leaving at the first confident exit. Prints '
                     'one line per image: path, class name, exit k of 0..E-1 (counted from 0; E-1 is the final '
                     'head), or with --jsonl one JSON object per image.')

@@ -6,13 +6,12 @@ import time
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.conformal import prediction_set_stats
-from learning_helpers.exit_cache import (ExitCache, collect_exit_outputs, conditional_exit_choice, exit_point,
-                                         gated_predictions, per_exit_accuracy, threshold_sweep)
-from learning_helpers.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
-from learning_helpers.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose,
-                                               choose_single_exit, exit_scores, parse_budget, pareto_front,
-                                               point_table, single_exit_points)
+from evaluation.conformal import prediction_set_stats
+from evaluation.exit_cache import (ExitCache, collect_exit_outputs, conditional_exit_choice, exit_point,
+                                   gated_predictions, per_exit_accuracy, threshold_sweep)
+from evaluation.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
+from evaluation.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose, choose_single_exit,
+                                         exit_scores, parse_budget, pareto_front, point_table, single_exit_points)
 from models.gfnet_dynn import GFNetDynn
 
 

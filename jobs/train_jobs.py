@@ -7,20 +7,19 @@ from pathlib import Path
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers import model_factory
+from jobs.outputs import check_new_run, writable_location
+from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args, claim_run,
+                            dataset_num_classes, dynn_run_folder, make_writer, recorded_split, resolve_model_shape,
+                            run_args_dict, save_split, warmup_folder)
 from learning_helpers.backbone_stage import run_backbone_stage
 from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
 from learning_helpers.joint_stage import JointConfig
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
 from learning_helpers.optim import build_optimizer, build_scheduler, optimizer_choice
-from learning_helpers.outputs import check_new_run, writable_location
-from learning_helpers.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args,
-                                        claim_run, dataset_num_classes, dynn_run_folder, make_writer,
-                                        recorded_split, resolve_model_shape, run_args_dict, save_split,
-                                        warmup_folder)
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
+from models import model_factory
 from models.weights import load_state
 
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.exit_cache import ExitCache, per_exit_accuracy
+from evaluation.exit_cache import ExitCache, per_exit_accuracy
 
 BUDGET_KINDS = ('acc-drop', 'gflops', 'latency-ms')
 DEFAULT_BUDGET = 'acc-drop=1.0'

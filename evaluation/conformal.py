@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from learning_helpers.exit_cache import ExitCache
+from evaluation.exit_cache import ExitCache
 
 ALPHAS = tuple(round(0.01 + 0.005 * i, 3) for i in range(9))  # 0.01, 0.015, ..., 0.05
 MIN_SAMPLES_PER_EXIT = 20  # an exit needs more samples leaving there than this for its own (strict) qhat

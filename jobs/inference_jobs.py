@@ -12,15 +12,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Subset
 
 from data_loader_help import build_datasets, resolve_data_path
-from data_splits import split_summary
+from data_pipeline.data_splits import split_summary
 from errors import GFNetDynnError
-from learning_helpers import model_factory
+from evaluation.eval_report import evaluate_early_exit, format_results_table
+from evaluation.operating_points import parse_budget
+from jobs.outputs import check_export_folder, check_output_file, replace_folder
+from jobs.run_setup import (build_data, checkpoint_args, recorded_split, resolve_model_shape, split_request)
 from learning_helpers.checkpoint import save_json
-from learning_helpers.eval_report import evaluate_early_exit, format_results_table
-from learning_helpers.operating_points import parse_budget
-from learning_helpers.outputs import check_export_folder, check_output_file, replace_folder
-from learning_helpers.run_setup import (build_data, checkpoint_args, recorded_split, resolve_model_shape,
-                                        split_request)
+from models import model_factory
 from models.flops import exit_gflops
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
@@ -46,7 +45,7 @@ def load_for_inference(args: argparse.Namespace, given: set[str],
 
 def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], device: torch.device) -> Path:
     """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
-    from learning_helpers.plots import plot_confusion, plot_tradeoff
+    from evaluation.plots import plot_confusion, plot_tradeoff
     json_path = results_json_path(args, given)
     plot_paths = [json_path.with_name(json_path.stem + suffix) for suffix in ('_tradeoff.png', '_confusion.png')]
     flag = '--output-dir' if 'output_dir' in given else '--results-json'
@@ -81,8 +80,8 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards; with --quantize int8
     also statically quantised twins, calibrated on training images. The export is written beside --out first
     and replaces it whole once complete."""
-    from models.onnx_export import export_segments
-    from models.onnx_quantize import quantize_segments
+    from deployment.onnx_export import export_segments
+    from deployment.onnx_quantize import quantize_segments
     out = check_export_folder(args.out)
     model, model_args, checkpoint = load_for_inference(args, given, names)
     calibration = None
@@ -103,14 +102,14 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     kinds = 'float and int8' if args.quantize else 'float'
     precision = ' --precision int8' if args.quantize else ''
     print(f'exported {len(model.exit_positions) + 1} {kinds} ONNX segments (exit threshold {threshold:g}) to '
-          f'{out}; run them with:\n  python -m models.onnx_runner{precision} {out} IMAGE_OR_FOLDER [...]')
+          f'{out}; run them with:\n  python -m deployment.onnx_runner{precision} {out} IMAGE_OR_FOLDER [...]')
     return out / 'manifest.json'
 
 
 def calibration_images(args: argparse.Namespace, input_size: int, recorded: dict | None, count: int) -> np.ndarray:
     """`count` training images (of the split the checkpoint trained on), spread evenly over the sorted file list
     so that every class is present, preprocessed as the ONNX runner does: (count, 3, size, size) float32."""
-    from models.onnx_runner import preprocess
+    from deployment.onnx_runner import preprocess
     train_set = build_datasets(args.data_set, resolve_data_path(args.data_set, args.data_path), input_size,
                                split=split_request(args, recorded), skip_bad_images=args.skip_bad_images).train
     if isinstance(train_set, Subset):

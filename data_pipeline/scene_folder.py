@@ -14,8 +14,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from data_pipeline.image_io import DECODE_ERRORS, BandCountError, open_rgb
 from errors import GFNetDynnError
-from image_io import DECODE_ERRORS, BandCountError, open_rgb
 
 logger = logging.getLogger(__name__)
 

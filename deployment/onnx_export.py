@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from deployment.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
 from errors import GFNetDynnError
 from models.gfnet import GlobalFilter
 from models.gfnet_dynn import GFNetDynn
-from models.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
 
 # The exporter writes opset 18; 17 (the newest opset of TensorRT 8.5, JetPack 5) is made from it by moving the
 # axes of each Reduce* node from an input back to an attribute, the only change between them these graphs use.

@@ -14,14 +14,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data_loader_help import (SplitRequest, build_datasets, build_loaders, dataset_entry, default_train_ratio,
                               resolve_data_path)
-from data_splits import split_file_name, split_summary
-from data_transforms import AUGMENT_CHECKS, resolve_augment
+from data_pipeline.data_splits import split_file_name, split_summary
+from data_pipeline.data_transforms import AUGMENT_CHECKS, resolve_augment
 from errors import GFNetDynnError, Interrupted
-from learning_helpers import model_factory
-from learning_helpers.distributed import barrier, is_main_process
+from jobs.outputs import folder_lock, remove_previous_run, writable_location
 from learning_helpers.checkpoint import save_json
+from learning_helpers.distributed import barrier, is_main_process
 from learning_helpers.loop import TrainingStopped
-from learning_helpers.outputs import folder_lock, remove_previous_run, writable_location
+from models import model_factory
 from models.weights import read_checkpoint
 
 # stored absolute
