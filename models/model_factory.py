@@ -6,7 +6,6 @@ import timm
 import torch.nn as nn
 from timm.models import get_pretrained_cfg_value, load_state_dict
 
-import models.registry  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
 from models.gfnet import checkpoint_filter_fn
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS

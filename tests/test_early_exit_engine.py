@@ -4,7 +4,7 @@ import timm
 import torch
 from torch.testing import assert_close
 
-import models.registry  # noqa: F401  (registers the variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from models.early_exit import EarlyExitEngine
 
 BATCH = 16

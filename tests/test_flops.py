@@ -6,7 +6,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import models.registry  # noqa: F401  (registers the variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from models.flops import (count_flops, exit_gflops, flop_counter, normalized_exit_costs, reference_exit_op_counts,
                           reference_normalized_exit_costs)
 from models.gfnet import GlobalFilter

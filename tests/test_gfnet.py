@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
-import models.registry  # noqa: F401  (registers the variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
 from models.gfnet import GlobalFilter
 from models.gfnet_dynn import DynnOutput, GFNetDynn, validate_exit_positions

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import models.registry  # noqa: F401  (registers the GFNet variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, FrequencyDistillation, GateLoss,
                                      GateWeightedClassifierLoss, SoftDistillation, WarmupLoss, aligned_depths,
                                      best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-import models.registry  # noqa: F401  (registers the variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from data_loader_help import build_transform
 from errors import GFNetDynnError
 from models.early_exit import EarlyExitEngine

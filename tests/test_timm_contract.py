@@ -7,7 +7,7 @@ import torch
 from timm.models import create_feature_extractor, get_graph_node_names
 from torch.testing import assert_close
 
-import models.registry  # noqa: F401  (registers the variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 
 NAMES = timm.list_models('gfnet_*')
 SMALL = dict(num_classes=5, img_size=32, patch_size=8, depth=4, embed_dim=32)  # a 4 x 4 token grid
@@ -61,6 +61,19 @@ def test_features_head_and_pre_logits_agree_with_forward(name):
         assert_close(model(x), pre_logits)  # no classifier: the pooled features
         model.reset_classifier(0, global_pool='')
         assert model(x).shape == (2, 4, 4, 32)  # no pooling either: the unpooled features
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_features_sit_where_the_model_says_for_timms_non_standard_check(name):
+    model = small(name).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[model.feature_dim] == model.num_features  # channels-last, not dim 1
+        pooled = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(0)
+        assert model(x).shape == pooled.shape == (1, model.head_hidden_size)
+        assert small(name, num_classes=0).eval()(x).shape[model.feature_dim] == model.num_features
 
 
 def test_dynn_forward_is_the_final_exit_and_reset_classifier_resizes_every_exit():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import models.registry  # noqa: F401  (registers the variants with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
 from models.gfnet import _resize_complex_weight, _resize_pos_embed
 from models.weights import load_checkpoint, load_state, read_checkpoint
