@@ -79,6 +79,12 @@ def _segment_list(names, positions) -> bool:
             and all(isinstance(name, str) and '/' not in name for name in names))
 
 
+def fires(gate_prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Which gate probabilities reach the threshold, compared in their own dtype (float32): the numpy twin of
+    `models.exit_rule.fires`, which the runner cannot import without torch."""
+    return gate_prob >= np.asarray(threshold, dtype=gate_prob.dtype)
+
+
 class OnnxEarlyExit:
     """`EarlyExitEngine` on onnxruntime: a sample leaves at the first exit whose gate probability is
     >= threshold, else at the final head; each segment runs only for the samples still inside."""
@@ -144,7 +150,7 @@ class OnnxEarlyExit:
                 logits, leaving = outputs[0], np.ones(remaining.size, dtype=bool)
             else:
                 x, logits, gate_prob = outputs  # x: (b, N, D) tokens for the next segment
-                leaving = gate_prob >= self.threshold
+                leaving = fires(gate_prob, self.threshold)
             left = remaining[leaving]
             predictions[left] = logits[leaving].argmax(axis=-1)
             exit_index[left] = k

@@ -9,6 +9,7 @@ import torch
 from learning_helpers.distributed import all_gather_cat, autocast
 from learning_helpers.loop import batches
 from learning_helpers.losses import best_exit, exit_mass, level_error
+from models.exit_rule import first_exit
 
 DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # the sweep of --eval and of the benchmarks
 
@@ -39,8 +40,7 @@ def collect_exit_outputs(model: torch.nn.Module, loader, device: torch.device, *
 
 def exit_choice(gate_probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """(G, N) gate probabilities -> (N,) exit index: the first k with prob >= threshold, else G (final)."""
-    fires = torch.cat([gate_probs >= threshold, torch.ones_like(gate_probs[:1], dtype=torch.bool)])
-    return fires.int().argmax(dim=0)  # argmax returns the first maximal index
+    return first_exit(gate_probs, threshold)
 
 
 def gated_predictions(cache: ExitCache, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,13 +63,12 @@ def conditional_exit_choice(gate_probs: torch.Tensor) -> torch.Tensor:
     num_gates, n = gate_probs.shape
     mass = exit_mass(gate_probs.double())[:-1]  # (G, N)
     not_left_yet = torch.ones(n, dtype=torch.float64)  # prod_{j<k} (1 - a_j)
-    chosen = torch.full((n,), num_gates, dtype=torch.long)
+    activations = torch.empty_like(mass)
     for k in range(num_gates):
         # a division by 0 only happens after some a_j = 1, i.e. for samples that already left
-        activation = (mass[k] / not_left_yet).clamp(0, 1)
-        chosen[(activation >= 0.5) & (chosen == num_gates)] = k
-        not_left_yet = not_left_yet * (1 - activation)
-    return chosen
+        activations[k] = (mass[k] / not_left_yet).clamp(0, 1)
+        not_left_yet = not_left_yet * (1 - activations[k])
+    return first_exit(activations, 0.5)
 
 
 def exit_point(cache: ExitCache, chosen: torch.Tensor, gflops_per_exit: Sequence[float]) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from errors import GFNetDynnError
 from evaluation.exit_cache import ExitCache, per_exit_accuracy
+from models.exit_rule import first_exit
 
 BUDGET_KINDS = ('acc-drop', 'gflops', 'latency-ms')
 DEFAULT_BUDGET = 'acc-drop=1.0'
@@ -68,9 +69,7 @@ def distinct_thresholds(scores: torch.Tensor) -> torch.Tensor:
 
 def exits_at(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """(T,) thresholds -> (T, N) exit index of every sample: the first k with score >= threshold, else G."""
-    fires = scores.unsqueeze(0) >= thresholds.view(-1, 1, 1).to(scores.dtype)  # (T, G, N)
-    fires = torch.cat([fires, torch.ones_like(fires[:, :1])], dim=1)
-    return fires.to(torch.uint8).argmax(dim=1)  # the first maximal index
+    return first_exit(scores.unsqueeze(0), thresholds.view(-1, 1, 1))  # (T, G, N) -> (T, N)
 
 
 def point_table(cache: ExitCache, scores: torch.Tensor, thresholds: torch.Tensor, gflops_per_exit: Sequence[float],
