@@ -143,8 +143,8 @@ class SplitRequest:
     def reusing(cls, recorded: dict | None) -> 'SplitRequest':
         """The split a checkpoint's run recorded (its ratio, seed and calibration share), or the defaults."""
         recorded = recorded or {}
-        return cls(recorded.get('train_ratio') or DEFAULT_TRAIN_RATIO, recorded.get('seed') or 42,
-                   recorded=recorded or None, calib_ratio=recorded.get('calib_ratio') or 0.0)
+        kept = {key: recorded[key] for key in ('train_ratio', 'seed', 'calib_ratio') if recorded.get(key) is not None}
+        return cls(**kept, recorded=recorded or None)  # a recorded seed of 0 stays 0, a missing one is the default
 
 
 class DataSets(NamedTuple):

@@ -18,6 +18,7 @@ from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from jobs.inference_jobs import run_eval, run_export
 from jobs.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device)
 from jobs.train_jobs import run_backbone, run_dynn
+from jobs.trained_run import RunArgs
 from learning_helpers.distributed import barrier, init_distributed
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
@@ -312,8 +313,9 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
                              f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
                              f"run from its best.pth: --checkpoint-path {folder / 'best.pth'} --num_epoch N "
                              f'--output-dir NEW')
-    expected = (backbone_run_folder('.', stored.get('data_set'), stored.get('arch')) if stage == 'backbone' else
-                dynn_run_folder('.', stored.get('data_set'), stored.get('ce_ic_tradeoff'))).name
+    recorded = RunArgs.from_dict(stored)
+    expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
+                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name
     if folder.name != expected or folder.parent.name != 'checkpoint':
         raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
                              f'continues a run where it was written: put the file back there')

@@ -17,30 +17,25 @@ from errors import GFNetDynnError
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
-from jobs.run_setup import (build_data, checkpoint_args, recorded_split, resolve_model_shape, split_request)
+from jobs.run_setup import build_data, checkpoint_args, resolve_model_shape, split_request
+from jobs.trained_run import RunArgs, TrainedRun, reopen
 from learning_helpers.checkpoint import save_json
-from models import model_factory
 from models.flops import exit_gflops
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
 
 
-def load_for_inference(args: argparse.Namespace, given: set[str],
-                       names: dict[str, str]) -> tuple[torch.nn.Module, dict, dict]:
-    """The early-exit model of --checkpoint-path, built from the checkpoint's own args; also those args and the
-    checkpoint itself. A model flag that contradicts the checkpoint, or a checkpoint without trained exits, is
-    an error."""
+def load_for_inference(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> TrainedRun:
+    """The trained run of --checkpoint-path, its model built from the checkpoint's own args. A model flag that
+    contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
     checkpoint, source_args = checkpoint_args(args.checkpoint_path)
     for dest in CHECKPOINT_SHAPE_FLAGS:
-        stored = source_args.get(dest)
+        stored = source_args.given(dest)
         if dest in given and stored is not None and getattr(args, dest) != stored:
             raise GFNetDynnError(f'{names[dest]} {getattr(args, dest)} differs from the checkpoint\'s ({stored}): '
                                  f'the model is built as it was trained; drop {names[dest]}')
     shape = resolve_model_shape(args, source_args)
-    fallback = {**vars(args), **shape}
-    model, model_args = model_factory.load_dynn_checkpoint(checkpoint, args.checkpoint_path,
-                                                           input_size=shape['input_size'], fallback=fallback)
-    return model, model_args, checkpoint
+    return reopen(checkpoint, args.checkpoint_path, input_size=shape['input_size'], fallback={**vars(args), **shape})
 
 
 def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], device: torch.device) -> Path:
@@ -53,8 +48,8 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     for path in plot_paths:
         check_output_file(path, 'plot', flag)
     model, model_args, checkpoint = load_for_inference(args, given, names)
-    recorded = recorded_split(checkpoint.get('args', {}), args.data_set)
-    data = build_data(args, model_args['input_size'], distributed=False, recorded=recorded, need_train=False)
+    recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
+    data = build_data(args, model_args.input_size, distributed=False, recorded=recorded, need_train=False)
     val_loader, class_names = data.val_loader, data.classes
     if len(class_names) != model.num_classes:
         raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
@@ -65,7 +60,7 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
         budget=parse_budget(args.budget), exit_threshold=args.exit_threshold, thresholds=args.thresholds,
         calib_loader=data.calib_loader,
         conformal=checkpoint.get('conformal'), max_batches=4 if args.barely_train else None, amp=args.amp)
-    results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],
+    results = {'dataset': args.data_set, 'arch': model_args.arch, 'input_size': model_args.input_size,
                'checkpoint': str(args.checkpoint_path), 'device': str(device),
                'split': split_summary(data.split, (recorded or {}).get('file')), **results}
     save_json(json_path, results)
@@ -86,14 +81,14 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     model, model_args, checkpoint = load_for_inference(args, given, names)
     calibration = None
     if args.quantize:  # read the images before the export: a data problem stops the job before the long part
-        calibration = calibration_images(args, model_args['input_size'],
-                                         recorded_split(checkpoint.get('args', {}), args.data_set), args.calib_images)
+        calibration = calibration_images(args, model_args.input_size, RunArgs.of(checkpoint).recorded_split(args.data_set),
+                                         args.calib_images)
     threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
     staged = out.with_name(f'.{out.name}.partial')
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        export_segments(model, staged, threshold=threshold, class_names=model_args['class_names'],
-                        input_size=model_args['input_size'], checkpoint=str(args.checkpoint_path))
+        export_segments(model, staged, threshold=threshold, class_names=list(model_args.class_names),
+                        input_size=model_args.input_size, checkpoint=str(args.checkpoint_path))
         if calibration is not None:
             quantize_segments(staged, calibration)
         replace_folder(staged, out)

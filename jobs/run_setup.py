@@ -18,6 +18,7 @@ from data_pipeline.data_splits import split_file_name, split_summary
 from data_pipeline.data_transforms import AUGMENT_CHECKS, resolve_augment
 from errors import GFNetDynnError, Interrupted
 from jobs.outputs import folder_lock, remove_previous_run, writable_location
+from jobs.trained_run import RunArgs
 from learning_helpers.checkpoint import save_json
 from learning_helpers.distributed import barrier, is_main_process
 from learning_helpers.loop import TrainingStopped
@@ -49,16 +50,16 @@ def resolve_device(name: str, distributed_device: torch.device | None) -> torch.
     return device
 
 
-def resolve_model_shape(args: argparse.Namespace, source_args: dict) -> dict:
-    """Architecture, patch size and input size: the flag if given, else the checkpoint's, else the default."""
-    arch = args.arch or source_args.get('arch') or model_factory.DEFAULT_ARCH
-    input_size = args.input_size or source_args.get('input_size') or dataset_entry(args.data_set)[
-        'default_input_size']
+def resolve_model_shape(args: argparse.Namespace, source_args: RunArgs) -> dict:
+    """Architecture, patch size and input size: the flag if given, else the checkpoint's (or the record's default),
+    else the data set's input size."""
+    arch = args.arch or source_args.arch
+    input_size = args.input_size or source_args.input_size or dataset_entry(args.data_set)['default_input_size']
     if not model_factory.is_gfnet(arch):  # another timm model: no patches, any input size
         if args.patch_size:
             raise GFNetDynnError(f'--patch-size applies to GFNet archs only, not to --arch {arch}; drop it')
         return {'arch': arch, 'patch_size': None, 'input_size': input_size}
-    patch_size = args.patch_size or source_args.get('patch_size') or model_factory.DEFAULT_PATCH_SIZE
+    patch_size = args.patch_size or source_args.patch_size
     if input_size < patch_size:
         raise GFNetDynnError(f'--input-size {input_size} is smaller than one patch ({patch_size} px); pass an '
                              f'--input-size of at least {patch_size}')
@@ -74,12 +75,10 @@ def dataset_num_classes(data_set: str) -> int:
     return dataset_entry(data_set)['num_classes']
 
 
-def checkpoint_args(path: str | None) -> tuple[dict, dict]:
-    """(checkpoint, its stored run args) or empty dicts when no checkpoint is given."""
-    if not path:
-        return {}, {}
-    checkpoint = read_checkpoint(path)
-    return checkpoint, checkpoint.get('args', {}) if isinstance(checkpoint.get('args'), dict) else {}
+def checkpoint_args(path: str | None) -> tuple[dict, RunArgs]:
+    """(checkpoint, its stored run args as a record); an empty dict and the defaults when no checkpoint is given."""
+    checkpoint = read_checkpoint(path) if path else {}
+    return checkpoint, RunArgs.of(checkpoint)
 
 
 class RunData(NamedTuple):
@@ -89,12 +88,6 @@ class RunData(NamedTuple):
     data_path: Path
     split: dict  # data_splits.split_record: how the images split, with both file lists
     calib_loader: DataLoader | None = None  # the held-out calibration images (--calib-ratio), in order
-
-
-def recorded_split(source_args: dict, data_set: str) -> dict | None:
-    """The split the run behind a checkpoint trained on, when it was of this data set (not ImageNet weights)."""
-    split = source_args.get('split')
-    return split if isinstance(split, dict) and split.get('dataset') == data_set else None
 
 
 def split_request(args: argparse.Namespace, recorded: dict | None) -> SplitRequest:

@@ -9,8 +9,9 @@ import torch
 from errors import GFNetDynnError
 from jobs.outputs import check_new_run, writable_location
 from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args, claim_run,
-                            dataset_num_classes, dynn_run_folder, make_writer, recorded_split, resolve_model_shape,
+                            dataset_num_classes, dynn_run_folder, make_writer, resolve_model_shape,
                             run_args_dict, save_split, warmup_folder)
+from jobs.trained_run import RunArgs
 from learning_helpers.backbone_stage import run_backbone_stage
 from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
@@ -60,12 +61,12 @@ def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> t
         raise GFNetDynnError(f'--checkpoint-path {args.checkpoint_path} is a dynn-stage checkpoint (exits and gates); '
                              f'--stage backbone starts from a backbone checkpoint or official GFNet weights: pass '
                              f'the backbone_*/best.pth it was trained from, or continue its run with --resume')
-    source_args = resume.get('args', source_args)
+    source_args = RunArgs.of(resume) if resume else source_args
     shape = resolve_model_shape(args, source_args)
     model = build(shape, dataset_num_classes(args.data_set))
     if start:
         load_state(model, start, source=args.checkpoint_path)
-    return model, shape, recorded_split(source_args, args.data_set)
+    return model, shape, source_args.recorded_split(args.data_set)
 
 
 def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:

@@ -1,5 +1,4 @@
 """Building the student, the early-exit model and the teacher from plain parameters (no argparse here)."""
-import logging
 from pathlib import Path
 
 import timm
@@ -8,10 +7,7 @@ from timm.models import get_pretrained_cfg_value, load_state_dict
 
 from errors import GFNetDynnError
 from models.gfnet import checkpoint_filter_fn
-from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from models.weights import load_state, read_checkpoint
-
-_logger = logging.getLogger(__name__)
 
 DEFAULT_ARCH = 'GFNet-xs-dynn'  # --arch when neither the flag nor a checkpoint says
 DEFAULT_PATCH_SIZE = 16
@@ -118,31 +114,3 @@ def build_teacher(name: str, path: str | None, num_classes: int, input_size: int
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher.eval()
-
-
-def load_dynn_checkpoint(checkpoint: dict, source: str, *, input_size: int | None = None,
-                         fallback: dict | None = None) -> tuple[nn.Module, dict]:
-    """An early-exit model rebuilt from a checkpoint's own run args (arch, patch, exits, gate, classes), at
-    `input_size` if given (grids are resized). `fallback` fills what an older or foreign checkpoint lacks.
-    Returns (model in eval mode on the CPU, the args used)."""
-    stored = {**(fallback or {}), **{k: v for k, v in checkpoint.get('args', {}).items() if v is not None}}
-    weights = checkpoint.get('model', checkpoint)
-    head = weights.get('head.weight')
-    if head is None:
-        raise GFNetDynnError(f'{source} has no head.weight: not a GFNet checkpoint')
-    if checkpoint.get('stage') == 'backbone' or not any(key.startswith('intermediate_heads.') for key in weights):
-        raise GFNetDynnError(f'{source} has no trained exits (a backbone checkpoint); pass a best.pth of the dynn '
-                             f'stage, e.g. train one with --checkpoint-path {source}')
-    if checkpoint.get('stage') == 'warmup':
-        _logger.warning('%s comes from the warm-up: its exits are trained, its gates are not', source)
-    num_classes = head.shape[0]
-    size = input_size or stored.get('input_size')
-    model = build_dynn(stored.get('arch', DEFAULT_ARCH), num_classes, size,
-                       stored.get('patch_size', DEFAULT_PATCH_SIZE), 0.0,
-                       stored.get('exit_positions', list(DEFAULT_EXIT_POSITIONS)), stored.get('gate', 'unc'))
-    report = load_state(model, checkpoint, source=source)
-    if any(key.startswith('intermediate_heads.') for key in report.fresh):
-        raise GFNetDynnError(f'{source} lacks some exits of its own --exit-positions; pass a checkpoint written by '
-                             f'the dynn stage')
-    class_names = stored.get('class_names') or [str(i) for i in range(num_classes)]
-    return model.eval(), {**stored, 'input_size': size, 'class_names': class_names}

@@ -15,11 +15,10 @@ import dataset_config
 import main_dynn
 from conftest import TINY_FLAGS, tiny_entry
 from evaluation.exit_cache import collect_exit_outputs, conditional_exit_choice, exit_point
+from jobs.trained_run import reopen
 from learning_helpers import dynn_training
 from learning_helpers.joint_stage import snapshot_name
 from models.flops import exit_gflops, normalized_exit_costs, reference_normalized_exit_costs
-from models.model_factory import load_dynn_checkpoint
-from models.weights import read_checkpoint
 
 EXITS = ['3', '7']
 LR, MIN_LR, RATIO = 0.01, 2e-4, 0.01
@@ -87,7 +86,7 @@ def test_reference_exit_costs_reach_the_gates(reference_path_run):
 def test_snapshots_and_best_follow_the_conditional_exit_rule(reference_path_run, tiny_data):
     folder = reference_path_run['folder']
     last = _load(folder / 'last.pth')
-    model, _ = load_dynn_checkpoint(last, 'last.pth')
+    model = reopen(last, 'last.pth').model
     from data_loader_help import build_datasets, build_loaders
     _, val_loader = build_loaders(*build_datasets('TINY', reference_path_run['data'], 32)[:2], 8, 0, seed=0)
     cache = collect_exit_outputs(model, val_loader, torch.device('cpu'))
@@ -155,7 +154,7 @@ def test_identity_gates_train_and_evaluate_as_the_max_probability_baseline(tiny_
     assert main_dynn.main([*TINY_FLAGS, '--eval', '--checkpoint-path', str(best), '--results-json', str(json_path),
                            '--thresholds', '0.5', '0.99']) == 0
     results = json.loads(json_path.read_text())
-    model, _ = load_dynn_checkpoint(read_checkpoint(best), str(best))
+    model = reopen(str(best)).model
     with torch.no_grad():
         probs = model.forward_exits(torch.randn(4, 3, 32, 32))
     max_prob = probs.logits[:-1].softmax(-1).amax(-1)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY_FLAGS
 from evaluation.exit_cache import collect_exit_outputs, conditional_exit_choice
+from jobs.trained_run import reopen
 from learning_helpers import warmup_stage
 from learning_helpers.dynn_training import dynn_param_groups
 from learning_helpers.joint_stage import JointConfig, JointTrainer, _warn_if_only_gates_train, set_joint_trainable
@@ -20,7 +21,7 @@ from learning_helpers.optim import NonFiniteGuard, build_optimizer, build_schedu
 from learning_helpers.stage_common import FRESH_START, RunConfig
 from learning_helpers.warmup_stage import ExitPatience, WarmupConfig, run_warmup_stage
 from models.flops import exit_gflops
-from models.model_factory import build_dynn, load_dynn_checkpoint
+from models.model_factory import build_dynn
 from models.weights import load_state, read_checkpoint
 
 EXITS = [3, 7]  # two intermediate exits keep the scripted scenarios short
@@ -309,7 +310,7 @@ def test_epochs_shorter_than_one_phase_are_announced(caplog):
 def first_gate_probability_and_cost(checkpoint_path: Path, val_loader) -> tuple[float, float]:
     """Mean exit probability of the first gate, and the mean normalised cost under the training-time exit rule,
     on validation."""
-    model, _ = load_dynn_checkpoint(read_checkpoint(checkpoint_path), str(checkpoint_path))
+    model = reopen(str(checkpoint_path)).model
     costs = torch.tensor(exit_gflops(model))
     cache = collect_exit_outputs(model, val_loader, torch.device('cpu'))
     chosen = conditional_exit_choice(cache.gate_probs)
