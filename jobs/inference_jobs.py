@@ -81,8 +81,8 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     model, model_args, checkpoint = load_for_inference(args, given, names)
     calibration = None
     if args.quantize:  # read the images before the export: a data problem stops the job before the long part
-        calibration = calibration_images(args, model_args.input_size, RunArgs.of(checkpoint).recorded_split(args.data_set),
-                                         args.calib_images)
+        recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
+        calibration = calibration_images(args, model_args.input_size, recorded, args.calib_images)
     threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
     staged = out.with_name(f'.{out.name}.partial')
     shutil.rmtree(staged, ignore_errors=True)
