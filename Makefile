@@ -1,11 +1,12 @@
-# Two commands matter: `make demo` (the whole pipeline on built-in data) and `make test`.
+# Two commands matter: `make demo` (the whole pipeline on built-in data) and `make test` (in-process tests;
+# `make test-process` runs the ones that start Python processes).
 # Each sets up its own .venv from requirements.txt first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-process test-fast bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +17,13 @@ demo: $(STAMP)
 	PYTHON=$(PY) bash example_usage.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not process"
+
+test-process: $(STAMP)
+	$(PY) -m pytest -q -m process
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not process"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput

@@ -41,7 +41,7 @@ def _no_traceback(*texts: str) -> None:
 
 # --help
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_help_runs_from_another_directory_and_shows_groups_and_defaults(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / 'main_dynn.py'), '--help'], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
@@ -192,7 +192,7 @@ runpy.run_path({script!r}, run_name='__main__')
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_eval_in_a_subprocess_from_another_directory(dynn_run, tiny_backbone, tmp_path):
     """`python main_dynn.py --eval` started elsewhere: relative imports and the default results path work.
     A tiny wrapper registers the TINY data set first (it exists only in this test session)."""
@@ -219,8 +219,12 @@ def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_pat
                          '--out', str(out_dir)], capsys)
     assert rc == 0, err
     manifest = json.loads((out_dir / 'manifest.json').read_text())
-    assert manifest
-    assert sorted(p.name for p in out_dir.glob('*.onnx')) == [f'segment_{k}.onnx' for k in range(len(EXITS) + 1)]
+    run_args = torch.load(dynn_run[1] / 'best.pth', weights_only=True)['args']
+    segments = [f'segment_{k}.onnx' for k in range(len(EXITS) + 1)]
+    assert manifest['segments'] == segments and sorted(p.name for p in out_dir.glob('*.onnx')) == segments
+    assert manifest['exit_positions'] == EXITS and manifest['class_names'] == run_args['class_names']
+    assert manifest['input_size'] == run_args['input_size'] and 0 <= manifest['threshold'] <= 1
+    assert manifest['checkpoint'] == str(dynn_run[1] / 'best.pth')
     assert f'python -m deployment.onnx_runner {out_dir} IMAGE' in out  # the folder the runner takes
 
 

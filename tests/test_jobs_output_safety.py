@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -163,21 +162,39 @@ def test_a_second_run_on_a_folder_in_use_names_the_first_ones_pid(small_data, tm
     assert not list(folder.glob('*.pth'))
 
 
-@pytest.mark.slow
+# Prepended to a child's script: once the first epoch's checkpoints are written the run prints SAVED, and its next
+# training batch holds (sleeps), so the test acts at a known epoch instead of polling for a file.
+HOLD_AFTER_FIRST_SAVE = (
+    'import time; from learning_helpers import backbone_stage, loop\n'
+    'save_epoch, batches = backbone_stage.save_epoch, loop.batches\n'
+    'def held(*args, **kwargs):\n'
+    '    time.sleep(600); yield from batches(*args, **kwargs)\n'
+    'def signal(*args, **kwargs):\n'
+    '    save_epoch(*args, **kwargs); print("SAVED", flush=True); loop.batches = held\n'
+    'backbone_stage.save_epoch = signal\n')
+
+
+def wait_for_saved(run: subprocess.Popen) -> None:
+    """Read the child's stdout until it says its first epoch is saved (or it ends)."""
+    for line in run.stdout:
+        if line.strip() == 'SAVED':
+            return
+    pytest.fail(f'the run ended before its first epoch was saved: {run.stderr.read()}')
+
+
+@pytest.mark.process
 def test_two_processes_on_one_folder_the_second_stops_and_the_first_finishes(tmp_path):
     """Real processes: the first trains, the second starts meanwhile on the same folder and is turned away."""
     data = write_learnable_folder(tmp_path / 'data', train_per_class=8, val_per_class=2, size=16)
     argv = ['--stage', 'backbone', *[f if f != 'TINY' else 'TWO' for f in TINY_FLAGS], '--input-size', '16',
-            '--num_epoch', '40', '--output-dir', str(tmp_path / 'out')]
+            '--num_epoch', '3', '--output-dir', str(tmp_path / 'out')]
     script = (f'import sys; sys.path.insert(0, {str(REPO)!r}); import dataset_config, main_dynn; '
               f'dataset_config.DATASET_CONFIG["TWO"] = {tiny_entry(data)!r}; sys.exit(main_dynn.main({argv!r}))')
-    first = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen([sys.executable, '-c', HOLD_AFTER_FIRST_SAVE + script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     folder = tmp_path / 'out' / 'checkpoint' / 'backbone_TWO_GFNet-ti-dynn'
-    deadline = time.time() + 120
-    while not (folder / 'last.pth').exists() and time.time() < deadline:
-        time.sleep(0.2)
-    second = subprocess.run([sys.executable, '-c', script.replace("'--num_epoch', '40'", "'--num_epoch', '40', "
+    wait_for_saved(first)  # the first run holds its folder, one epoch written
+    second = subprocess.run([sys.executable, '-c', script.replace("'--num_epoch', '3'", "'--num_epoch', '3', "
                                                                   "'--overwrite'")],
                             capture_output=True, text=True, timeout=300)
     first.kill()
@@ -244,31 +261,27 @@ def test_export_replaces_an_earlier_export_whole(tmp_path, capsys):
 
 # --- 7. Ctrl-C ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_ctrl_c_during_training_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     data = write_learnable_folder(tmp_path / 'data', train_per_class=8, val_per_class=2, size=16)
     argv = ['--stage', 'backbone', '--data-set', 'SIG', '--arch', 'GFNet-ti-dynn', '--patch-size', '8',
-            '--input-size', '16', '--batch', '4', '--num_epoch', '200', '--device', 'cpu', '--num_workers', '2',
+            '--input-size', '16', '--batch', '4', '--num_epoch', '3', '--device', 'cpu', '--num_workers', '2',
             '--output-dir', str(tmp_path / 'out')]
     script = (f'import sys; sys.path.insert(0, {str(REPO)!r}); import dataset_config, main_dynn; '
               f'dataset_config.DATASET_CONFIG["SIG"] = {tiny_entry(data)!r}; sys.exit(main_dynn.main(sys.argv[1:]))')
-    run = subprocess.Popen([sys.executable, '-c', script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+    run = subprocess.Popen([sys.executable, '-c', HOLD_AFTER_FIRST_SAVE + script, *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     last = tmp_path / 'out' / 'checkpoint' / 'backbone_SIG_GFNet-ti-dynn' / 'last.pth'
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+    wait_for_saved(run)
     os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group, workers too
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130
     assert 'Traceback' not in err
     lines = [line for line in err.replace('\r', '\n').splitlines() if line.startswith('interrupted: ')]
     assert len(lines) == 1 and f'--resume {last}' in lines[0] and 'backbone epoch' in lines[0]
-    checkpoint = torch.load(last, weights_only=True)  # intact; shorten the run so resuming ends after one epoch
-    checkpoint['args']['num_epoch'] = checkpoint['epoch'] + 2
-    save_checkpoint(last, checkpoint)
+    checkpoint = torch.load(last, weights_only=True)  # intact, after epoch 0 of 3
+    assert checkpoint['epoch'] == 0
     resumed = subprocess.run([sys.executable, '-c', script, '--resume', str(last)], capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert torch.load(last, weights_only=True)['epoch'] == checkpoint['epoch'] + 1
+    assert torch.load(last, weights_only=True)['epoch'] == 2

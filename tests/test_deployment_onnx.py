@@ -182,7 +182,7 @@ finally:
 """
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_cli_reads_a_folder_without_torch_and_writes_json_lines(exported, tmp_path):
     out_dir, _, _ = exported
     folder = tmp_path / 'scenes'

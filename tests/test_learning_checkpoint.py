@@ -4,6 +4,7 @@ import stat
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -25,6 +26,7 @@ def _dead_pid() -> int:
     return int(done.stdout)
 
 
+@pytest.mark.process
 def test_a_good_write_removes_the_temp_file_a_killed_writer_left(tmp_path):
     stale = tmp_path / f'.last.pth.{_dead_pid()}.k3x9.tmp'
     stale.write_bytes(b'half a checkpoint')

@@ -97,6 +97,7 @@ def test_foreign_folder_is_never_deleted(tmp_path):
     assert (root / 'thesis.tex').read_text() == 'precious'
 
 
+@pytest.mark.process
 def test_module_entry_point_prints_where_it_wrote(tmp_path):
     done = subprocess.run([sys.executable, '-m', 'data_pipeline.demo_data', str(tmp_path / 'cli')],
                           capture_output=True, text=True, check=True, cwd=Path(demo_data.__file__).parents[1])

@@ -135,6 +135,7 @@ def _assert_every_checkpoint_loads(out: Path) -> None:
         assert isinstance(_load(path), dict), path
 
 
+@pytest.mark.process
 def test_backbone_run_killed_mid_write_resumes_to_the_uninterrupted_result(demo_data, reference_backbone,
                                                                            tmp_path):
     reference_out, reference = reference_backbone
@@ -167,6 +168,7 @@ def test_backbone_run_killed_mid_write_resumes_to_the_uninterrupted_result(demo_
             == [_without_time(line) for line in _epoch_lines(reference.stdout, 'backbone')[killed_at + 1:]])
 
 
+@pytest.mark.process
 def test_dynn_run_killed_in_joint_training_resumes_to_the_uninterrupted_result(demo_data, reference_backbone,
                                                                                 reference_dynn, tmp_path):
     reference_out, reference = reference_dynn
@@ -347,6 +349,7 @@ def _val_accuracy(checkpoint: Path, data: Path) -> float:
     return evaluate(model, loader, torch.device('cpu'), RunConfig(1, 0, checkpoint, {}))['acc']
 
 
+@pytest.mark.process
 def test_torchrun_two_processes_train_both_stages_like_one(demo_data, reference_backbone, reference_dynn, tmp_path):
     backbone, writes = _torchrun(['--stage', 'backbone', '--data-set', 'DEMO', '--data-path', str(demo_data),
                                   *DEMO_FLAGS, '--num_epoch', '1', '--amp', '--output-dir', str(tmp_path)],

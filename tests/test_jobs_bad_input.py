@@ -19,7 +19,7 @@ from main_dynn import main
 REPO = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r'(DEBUG|INFO|WARNING) \S+: ')  # main()'s logging format; anything else is noise
 # Files earlier runs (of another arch and lambda than these tests train) left under --output-dir; a failing run
-# must not change a byte of them. (A run into a folder holding a run stops first: tests/test_safety.py.)
+# must not change a byte of them. (A run into a folder holding a run stops first: tests/test_jobs_output_safety.py.)
 KEPT = {'checkpoint/backbone_TINY_GFNet-xs-dynn/best.pth': b'earlier backbone',
         'checkpoint/checkpoint_TINY_0.5_confEE/best.pth': b'earlier exits',
         'checkpoint/checkpoint_TINY_0.5_confEE/results.json': b'{"earlier": true}',
@@ -304,7 +304,7 @@ def _cli(argv: list[str], cwd: Path) -> tuple[int, str, str]:
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_terminal_shows_one_line_for_a_bad_flag(tmp_path):
     rc, stdout, stderr = _cli(['--data-set', 'NOPE', '--batch', '8'], tmp_path)
     assert rc == 2
@@ -312,7 +312,7 @@ def test_terminal_shows_one_line_for_a_bad_flag(tmp_path):
     assert stderr.startswith('error: ') and '--data-set' in stderr and 'UCM' in stderr
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_terminal_shows_one_line_for_a_bad_image_read_by_a_worker(tmp_path):
     """The error is raised inside a DataLoader worker process, which wraps it in its own traceback text."""
     root = tmp_path / 'demo'
@@ -360,7 +360,3 @@ def test_messy_valid_data_trains_one_epoch(tmp_path, monkeypatch, capsys):
                       map_location='cpu', weights_only=True)
     assert best['args']['class_names'] == sorted(classes)
 
-
-def test_terminal_lines_follow_carriage_returns():
-    assert terminal_lines('INFO a: b\n\rbar 0%\r      \rerror: x\n') == ['INFO a: b', 'error: x']
-    assert terminal_lines('\rbar 0%|###|\rerror: x\n') == ['error: x##|']  # a longer bar shows through
