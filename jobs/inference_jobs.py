@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from data_loader_help import build_datasets, resolve_data_path
 from data_pipeline.data_splits import split_summary
+from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
@@ -75,8 +76,6 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards; with --quantize int8
     also statically quantised twins, calibrated on training images. The export is written beside --out first
     and replaces it whole once complete."""
-    from deployment.onnx_export import export_segments
-    from deployment.onnx_quantize import quantize_segments
     out = check_export_folder(args.out)
     model, model_args, checkpoint = load_for_inference(args, given, names)
     calibration = None
@@ -87,10 +86,9 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     staged = out.with_name(f'.{out.name}.partial')
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        export_segments(model, staged, threshold=threshold, class_names=list(model_args.class_names),
-                        input_size=model_args.input_size, checkpoint=str(args.checkpoint_path))
-        if calibration is not None:
-            quantize_segments(staged, calibration)
+        EXPORTERS[args.export](model, staged, threshold=threshold, class_names=list(model_args.class_names),
+                               input_size=model_args.input_size, checkpoint=str(args.checkpoint_path),
+                               calibration=calibration)
         replace_folder(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
