@@ -162,20 +162,20 @@ def test_a_second_run_on_a_folder_in_use_names_the_first_ones_pid(small_data, tm
     assert not list(folder.glob('*.pth'))
 
 
-# Prepended to a child's script: once the first epoch's checkpoints are written the run prints SAVED, and its next
-# training batch holds (sleeps), so the test acts at a known epoch instead of polling for a file.
+# Prepended to a child's script: once the first epoch's checkpoints are written, the next epoch's first training
+# batch prints SAVED and holds (sleeps), so the test acts at a known point instead of polling for a file.
 HOLD_AFTER_FIRST_SAVE = (
     'import time; from learning_helpers import backbone_stage, loop\n'
     'save_epoch, batches = backbone_stage.save_epoch, loop.batches\n'
     'def held(*args, **kwargs):\n'
-    '    time.sleep(600); yield from batches(*args, **kwargs)\n'
-    'def signal(*args, **kwargs):\n'
-    '    save_epoch(*args, **kwargs); print("SAVED", flush=True); loop.batches = held\n'
-    'backbone_stage.save_epoch = signal\n')
+    '    print("SAVED", flush=True); time.sleep(600); yield from batches(*args, **kwargs)\n'
+    'def hold_next_epoch(*args, **kwargs):\n'
+    '    save_epoch(*args, **kwargs); loop.batches = held\n'
+    'backbone_stage.save_epoch = hold_next_epoch\n')
 
 
 def wait_for_saved(run: subprocess.Popen) -> None:
-    """Read the child's stdout until it says its first epoch is saved (or it ends)."""
+    """Read the child's stdout until it says its first epoch is saved and it holds in training (or it ends)."""
     for line in run.stdout:
         if line.strip() == 'SAVED':
             return
