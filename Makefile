@@ -1,11 +1,12 @@
-# Two commands matter: `make demo` (the whole pipeline on built-in data) and `make test`.
+# Two commands matter: `make demo` (the whole pipeline on built-in data) and `make test` (the in-process tests;
+# `make test-process` runs the second tier: tests that start Python processes, and end-to-end runs).
 # Each sets up its own .venv from requirements.txt first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-process bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +17,10 @@ demo: $(STAMP)
 	PYTHON=$(PY) bash example_usage.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not process and not slow"
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+test-process: $(STAMP)
+	$(PY) -m pytest -q -m "process or slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput

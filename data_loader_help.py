@@ -13,12 +13,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import dataset_config
-from data_splits import (calib_record, check_train_ratio, find_layout, read_split_file, reference_random_split,
-                         split_from_names, split_record, stratified_split)
-from data_transforms import build_transform, check_augment
-from demo_data import ensure_demo_dataset
+from data_pipeline.data_splits import (calib_record, check_train_ratio, find_layout, read_split_file,
+                                       reference_random_split, split_from_names, split_record, stratified_split)
+from data_pipeline.data_transforms import build_transform, check_augment
+from data_pipeline.demo_data import ensure_demo_dataset
+from data_pipeline.scene_folder import SceneFolder, real_files
 from errors import GFNetDynnError
-from scene_folder import SceneFolder, real_files
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class SplitRequest:
     def reusing(cls, recorded: dict | None) -> 'SplitRequest':
         """The split a checkpoint's run recorded (its ratio, seed and calibration share), or the defaults."""
         recorded = recorded or {}
-        return cls(recorded.get('train_ratio') or DEFAULT_TRAIN_RATIO, recorded.get('seed') or 42,
-                   recorded=recorded or None, calib_ratio=recorded.get('calib_ratio') or 0.0)
+        kept = {key: recorded[key] for key in ('train_ratio', 'seed', 'calib_ratio') if recorded.get(key) is not None}
+        return cls(**kept, recorded=recorded or None)  # a recorded seed of 0 stays 0, a missing one is the default
 
 
 class DataSets(NamedTuple):

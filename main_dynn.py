@@ -13,17 +13,20 @@ from pathlib import Path
 import torch
 
 from dataset_config import DATASET_CONFIG
+from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError, OneLineParser, exit_code
-from learning_helpers import model_factory
+from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
+from jobs.flags import (BACKBONE, DYNN, EVAL, EXPORT, READS_DATA, TRAINING, add_flag, below_one, bounded, check_ranges,
+                        flag_jobs, non_negative, positive, probability, split_ratio)
+from jobs.inference_jobs import run_eval, run_export
+from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device
+from jobs.train_jobs import run_backbone, run_dynn
+from jobs.trained_run import RunArgs
 from learning_helpers.distributed import barrier, init_distributed
-from learning_helpers.inference_jobs import run_eval, run_export
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
-from learning_helpers.operating_points import DEFAULT_BUDGET, parse_budget
-from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
-                                        resolve_device)
 from learning_helpers.stage_common import load_resume_checkpoint
-from learning_helpers.train_jobs import run_backbone, run_dynn
+from models import model_factory
 from models.flops import EXIT_COSTS
 from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
@@ -42,174 +45,176 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineParser('python main_dynn.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            description='GFNet-Dynn: distilled GFNet backbone with confidence-gated early exits.')
     data = parser.add_argument_group('data')
-    data.add_argument('--data-set', type=str, default='DEMO', choices=sorted(DATASET_CONFIG),
-                      help='dataset name, an entry of dataset_config.py')
-    data.add_argument('--data-path', type=str, default=None,
-                      help="dataset root; default: the entry's default_data_path (DEMO is generated there)")
-    data.add_argument('--input-size', type=int, default=None,
-                      help="image side in pixels; default: the checkpoint's, else the dataset's default")
-    data.add_argument('--train-ratio', '--split-ratio', '--split_ratio', dest='train_ratio', type=float, default=None,
-                      help="training share when one folder of class folders is split; default: the checkpoint's "
-                           "split, else the entry's first protocol ratio, else 0.8")
-    data.add_argument('--split-seed', type=int, default=None,
-                      help="seed of that split; default: the checkpoint's, else 42 (the reference's)")
-    data.add_argument('--calib-ratio', type=float, default=None,
-                      help="share of the training images held out of every stage for --eval to choose its threshold "
-                           "on (stratified, e.g. 0.1); default: the checkpoint's, else 0 (none: --eval chooses on the "
-                           "validation images it reports)")
-    data.add_argument('--split-file', type=str, default=None,
-                      help='a published split: a splits/*.json this tool wrote, or a torchgeo *-train.txt')
+    add_flag(data, '--data-set', type=str, default='DEMO', choices=sorted(DATASET_CONFIG),
+             help='dataset name, an entry of dataset_config.py')
+    add_flag(data, '--data-path', type=str, default=None, jobs=READS_DATA | EXPORT,
+             help="dataset root; default: the entry's default_data_path (DEMO is generated there)")
+    add_flag(data, '--input-size', type=int, default=None, check=positive,
+             help="image side in pixels; default: the checkpoint's, else the dataset's default")
+    add_flag(data, '--train-ratio', '--split-ratio', '--split_ratio', dest='train_ratio', type=float, default=None,
+             jobs=READS_DATA | EXPORT, check=split_ratio,
+             help="training share when one folder of class folders is split; default: the checkpoint's "
+                  "split, else the entry's first protocol ratio, else 0.8")
+    add_flag(data, '--split-seed', type=int, default=None, jobs=READS_DATA | EXPORT, check=non_negative,
+             help="seed of that split; default: the checkpoint's, else 42 (the reference's)")
+    add_flag(data, '--calib-ratio', type=float, default=None, jobs=READS_DATA,
+             check=bounded(0, 1, high_open=True, text='must lie in [0, 1), e.g. 0.1'),
+             help="share of the training images held out of every stage for --eval to choose its threshold "
+                  "on (stratified, e.g. 0.1); default: the checkpoint's, else 0 (none: --eval chooses on the "
+                  "validation images it reports)")
+    add_flag(data, '--split-file', type=str, default=None, jobs=READS_DATA | EXPORT,
+             help='a published split: a splits/*.json this tool wrote, or a torchgeo *-train.txt')
     augment = parser.add_argument_group('training augmentation (default: the data set entry\'s train_augment, '
                                         'else the reference\'s recipe)')
-    augment.add_argument('--scale', type=float, nargs=2, default=None, help='RandomResizedCrop area range (0.08 1)')
-    augment.add_argument('--ratio', type=float, nargs=2, default=None,
-                         help='RandomResizedCrop aspect range (0.75 1.33)')
-    augment.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (0.5)')
-    augment.add_argument('--vflip', type=float, default=None, help='vertical flip probability (0)')
-    augment.add_argument('--aa', type=str, default=None, help="auto-augment policy (rand-m9-mstd0.5-inc1) or 'none'")
-    augment.add_argument('--color-jitter', type=float, default=None,
-                         help='colour jitter strength (0.4; timm applies it only without --aa)')
-    augment.add_argument('--train-interpolation', type=str, default=None, help='bicubic, bilinear, nearest or random')
-    augment.add_argument('--no-aug', action='store_true', default=None,
-                         help='no augmentation: resize and centre crop, as for evaluation')
-    augment.add_argument('--reprob', type=float, default=None, help='random-erase probability (0)')
+    add_flag(augment, '--scale', type=float, nargs=2, default=None, jobs=TRAINING, check=positive,
+             help='RandomResizedCrop area range (0.08 1)')
+    add_flag(augment, '--ratio', type=float, nargs=2, default=None, jobs=TRAINING, check=positive,
+             help='RandomResizedCrop aspect range (0.75 1.33)')
+    add_flag(augment, '--hflip', type=float, default=None, jobs=TRAINING, check=probability,
+             help='horizontal flip probability (0.5)')
+    add_flag(augment, '--vflip', type=float, default=None, jobs=TRAINING, check=probability,
+             help='vertical flip probability (0)')
+    add_flag(augment, '--aa', type=str, default=None, jobs=TRAINING,
+             help="auto-augment policy (rand-m9-mstd0.5-inc1) or 'none'")
+    add_flag(augment, '--color-jitter', type=float, default=None, jobs=TRAINING, check=non_negative,
+             help='colour jitter strength (0.4; timm applies it only without --aa)')
+    add_flag(augment, '--train-interpolation', type=str, default=None, jobs=TRAINING,
+             help='bicubic, bilinear, nearest or random')
+    add_flag(augment, '--no-aug', action='store_true', default=None, jobs=TRAINING,
+             help='no augmentation: resize and centre crop, as for evaluation')
+    add_flag(augment, '--reprob', type=float, default=None, jobs=TRAINING, check=probability,
+             help='random-erase probability (0)')
     data = parser.add_argument_group('data loading')
-    data.add_argument('--skip-bad-images', action='store_true',
-                      help='drop unreadable images with a warning instead of stopping')
-    data.add_argument('--num_workers', type=int, default=2, help='data-loading worker processes')
+    add_flag(data, '--skip-bad-images', action='store_true', jobs=READS_DATA | EXPORT,
+             help='drop unreadable images with a warning instead of stopping')
+    add_flag(data, '--num_workers', type=int, default=2, jobs=READS_DATA, check=non_negative,
+             help='data-loading worker processes')
 
     model = parser.add_argument_group('model')
-    model.add_argument('--arch', type=str, default=None,
-                       help=f"architecture, one of {', '.join(model_factory.arch_choices())}, or with --stage "
-                            f"backbone any timm model name (resnet50); default: the checkpoint's, else "
-                            f"{model_factory.DEFAULT_ARCH}")
-    model.add_argument('--patch-size', type=int, default=None,
-                       help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
-    model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
-    model.add_argument('--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
-                       help='0-based blocks followed by an early exit')
-    model.add_argument('--gate', type=str, default='unc', choices=sorted(GATES),
-                       help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
-    model.add_argument('--checkpoint-path', type=str, default=None,
-                       help='weights to start from (training) or to evaluate/export (--eval, --export)')
-    model.add_argument('--pretrained', type=str, default=None,
-                       help='backbone stage: ImageNet weights of --arch from a local file, loaded by timm (a head '
-                            'of another class count is dropped)')
+    add_flag(model, '--arch', type=str, default=None,
+             help=f"architecture, one of {', '.join(model_factory.arch_choices())}, or with --stage "
+                  f"backbone any timm model name (resnet50); default: the checkpoint's, else "
+                  f"{model_factory.DEFAULT_ARCH}")
+    add_flag(model, '--patch-size', type=int, default=None, check=positive,
+             help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
+    add_flag(model, '--drop-path', type=float, default=0.0, jobs=TRAINING, check=below_one,
+             help='stochastic depth rate of the last block')
+    add_flag(model, '--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
+             jobs=DYNN | EVAL | EXPORT, check=non_negative, help='0-based blocks followed by an early exit')
+    add_flag(model, '--gate', type=str, default='unc', choices=sorted(GATES), jobs=DYNN | EVAL | EXPORT,
+             help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
+    add_flag(model, '--checkpoint-path', type=str, default=None,
+             help='weights to start from (training) or to evaluate/export (--eval, --export)')
+    add_flag(model, '--pretrained', type=str, default=None, jobs=BACKBONE,
+             help='backbone stage: ImageNet weights of --arch from a local file, loaded by timm (a head '
+                  'of another class count is dropped)')
 
     train = parser.add_argument_group('training')
-    train.add_argument('--stage', type=str, default='dynn', choices=['backbone', 'dynn'],
-                       help='backbone: plain GFNet (stage 0); dynn: exit warm-up then joint training')
-    train.add_argument('--batch', type=int, default=64, help='training batch size (validation: 1.5x)')
-    train.add_argument('--num_epoch', type=int, default=100, help='epochs of the stage (dynn: warm-up included)')
-    train.add_argument('--opt', type=str, default=None, choices=['adamw', 'sgd'],
-                       help='optimizer; default: adamw for the backbone stage, sgd for dynn')
-    train.add_argument('--lr', type=float, default=1e-3, help='learning rate')
-    train.add_argument('--min-lr', type=float, default=2e-4, help='cosine schedule floor')
-    train.add_argument('--wd', type=float, default=None,
-                       help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
-    train.add_argument('--warmup-epochs', type=int, default=0,
-                       help='backbone stage: epochs of linear learning-rate warm-up (not the exit warm-up, see '
-                            '--max_warmup_epoch)')
-    train.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (backbone stage)')
-    train.add_argument('--amp', action='store_true',
-                       help='bf16 mixed precision on CUDA (Ampere or newer; ignored on CPU)')
-    train.add_argument('--max-nan-skips', type=int, default=5,
-                       help='non-finite losses in a row tolerated (step skipped) before stopping')
-    train.add_argument('--resume', type=str, default=None, help="a run's last.pth: continue where it stopped")
-    train.add_argument('--barely_train', action='store_true', help='a few batches per epoch (smoke tests)')
+    add_flag(train, '--stage', type=str, default='dynn', choices=['backbone', 'dynn'], jobs=TRAINING,
+             help='backbone: plain GFNet (stage 0); dynn: exit warm-up then joint training')
+    add_flag(train, '--batch', type=int, default=64, jobs=READS_DATA, check=positive,
+             help='training batch size (validation: 1.5x)')
+    add_flag(train, '--num_epoch', type=int, default=100, jobs=TRAINING, check=positive,
+             help='epochs of the stage (dynn: warm-up included)')
+    add_flag(train, '--opt', type=str, default=None, choices=['adamw', 'sgd'], jobs=TRAINING,
+             help='optimizer; default: adamw for the backbone stage, sgd for dynn')
+    add_flag(train, '--lr', type=float, default=1e-3, jobs=TRAINING, check=positive, help='learning rate')
+    add_flag(train, '--min-lr', type=float, default=2e-4, jobs=TRAINING, check=non_negative,
+             help='cosine schedule floor')
+    add_flag(train, '--wd', type=float, default=None, jobs=TRAINING, check=non_negative,
+             help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
+    add_flag(train, '--warmup-epochs', type=int, default=0, jobs=BACKBONE, check=non_negative,
+             help='backbone stage: epochs of linear learning-rate warm-up (not the exit warm-up, see '
+                  '--max_warmup_epoch)')
+    add_flag(train, '--smoothing', type=float, default=0.1, jobs=BACKBONE, check=below_one,
+             help='label smoothing (backbone stage)')
+    add_flag(train, '--amp', action='store_true', jobs=READS_DATA,
+             help='bf16 mixed precision on CUDA (Ampere or newer; ignored on CPU)')
+    add_flag(train, '--max-nan-skips', type=int, default=5, jobs=TRAINING, check=non_negative,
+             help='non-finite losses in a row tolerated (step skipped) before stopping')
+    add_flag(train, '--resume', type=str, default=None, jobs=TRAINING,
+             help="a run's last.pth: continue where it stopped")
+    add_flag(train, '--barely_train', action='store_true', jobs=READS_DATA,
+             help='a few batches per epoch (smoke tests)')
 
     distill = parser.add_argument_group('distillation (backbone stage)')
-    distill.add_argument('--teacher-model', type=str, default=None,
-                         help='teacher: a GFNet variant (GFNet-b-dynn) or any timm model name')
-    distill.add_argument('--teacher-path', type=str, default=None, help="teacher's weights on this dataset")
-    distill.add_argument('--distillation-type', type=str, default='none', choices=['none', 'soft', 'hard', 'freq'],
-                         help='soft: KL on logits; hard: CE on teacher argmax; freq: soft + frequency maps')
-    distill.add_argument('--distillation-alpha', type=float, default=0.5, help='weight of the distillation term')
-    distill.add_argument('--distillation-tau', type=float, default=1.0, help='softmax temperature')
-    distill.add_argument('--distillation-freq-weight', type=float, default=1.0,
-                         help='weight of the frequency term inside the freq distillation loss')
+    add_flag(distill, '--teacher-model', type=str, default=None, jobs=BACKBONE,
+             help='teacher: a GFNet variant (GFNet-b-dynn) or any timm model name')
+    add_flag(distill, '--teacher-path', type=str, default=None, jobs=BACKBONE, help="teacher's weights on this dataset")
+    add_flag(distill, '--distillation-type', type=str, default='none', choices=['none', 'soft', 'hard', 'freq'],
+             jobs=BACKBONE, help='soft: KL on logits; hard: CE on teacher argmax; freq: soft + frequency maps')
+    add_flag(distill, '--distillation-alpha', type=float, default=0.5, jobs=BACKBONE, check=probability,
+             help='weight of the distillation term')
+    add_flag(distill, '--distillation-tau', type=float, default=1.0, jobs=BACKBONE, check=positive,
+             help='softmax temperature')
+    add_flag(distill, '--distillation-freq-weight', type=float, default=1.0, jobs=BACKBONE, check=non_negative,
+             help='weight of the frequency term inside the freq distillation loss')
 
     dynn = parser.add_argument_group('early exits (dynn stage)')
-    dynn.add_argument('--ce_ic_tradeoff', type=float, default=0.75,
-                      help='lambda: accuracy vs inference-cost trade-off; higher exits earlier')
-    dynn.add_argument('--patience', type=int, default=2, help='warm-up epochs without improvement before freezing')
-    dynn.add_argument('--max_warmup_epoch', type=int, default=10,
-                      help='dynn stage: at most this many epochs of exit warm-up (stage 1) before joint training')
-    dynn.add_argument('--bilevel_batch_count', type=int, default=60, help='batches per gate/classifier phase')
-    dynn.add_argument('--phase-counter', type=str, default='epoch', choices=PHASE_COUNTERS,
-                      help='epoch: the phase counter restarts every epoch, gate phase first (the reference); '
-                           'global: it runs across epochs (ours)')
-    dynn.add_argument('--gate_objective', type=str, default='ce', choices=['ce', 'zero_one'],
-                      help="per-exit error in the gates' target: cross-entropy or 0/1 error")
-    dynn.add_argument('--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES),
-                      help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
-                           "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
-    dynn.add_argument('--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS),
-                      help="exit costs the gates trade against: reference (the reference counter's flatter vector, "
-                           "so --ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda "
-                           "exits earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
-    dynn.add_argument('--transfer-ratio', type=float, default=0.01, help='backbone lr = lr * this in joint training')
-    dynn.add_argument('--freeze-backbone', action='store_true', help='keep the backbone frozen in joint training')
+    add_flag(dynn, '--ce_ic_tradeoff', type=float, default=0.75, jobs=DYNN, check=non_negative,
+             help='lambda: accuracy vs inference-cost trade-off; higher exits earlier')
+    add_flag(dynn, '--patience', type=int, default=2, jobs=DYNN, check=positive,
+             help='warm-up epochs without improvement before freezing')
+    add_flag(dynn, '--max_warmup_epoch', type=int, default=10, jobs=DYNN, check=non_negative,
+             help='dynn stage: at most this many epochs of exit warm-up (stage 1) before joint training')
+    add_flag(dynn, '--bilevel_batch_count', type=int, default=60, jobs=DYNN, check=positive,
+             help='batches per gate/classifier phase')
+    add_flag(dynn, '--phase-counter', type=str, default='epoch', choices=PHASE_COUNTERS, jobs=DYNN,
+             help='epoch: the phase counter restarts every epoch, gate phase first (the reference); '
+                  'global: it runs across epochs (ours)')
+    add_flag(dynn, '--gate_objective', type=str, default='ce', choices=['ce', 'zero_one'], jobs=DYNN,
+             help="per-exit error in the gates' target: cross-entropy or 0/1 error")
+    add_flag(dynn, '--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES), jobs=DYNN,
+             help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
+                  "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
+    add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
+             help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
+                  "--ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda exits "
+                  "earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
+    add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
+             help='backbone lr = lr * this in joint training')
+    add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,
+             help='keep the backbone frozen in joint training')
 
     evaluation = parser.add_argument_group('evaluation and export')
-    evaluation.add_argument('--eval', action='store_true', help='evaluate --checkpoint-path: sweep, table, plots')
-    evaluation.add_argument('--thresholds', type=float, nargs='+', default=None,
-                            help='gate thresholds of the printed sweep table (results.json always holds the whole '
-                                 'front); default: about 12 points of the front')
-    evaluation.add_argument('--budget', type=budget_arg, default=DEFAULT_BUDGET,
-                            help='how --eval picks its threshold: acc-drop=P (cheapest point within P points of the '
-                                 'full network), gflops=X (most accurate point with expected GFLOPs <= X) or '
-                                 'latency-ms=X (most accurate point with expected batch-1 latency <= X ms here)')
-    evaluation.add_argument('--exit-threshold', type=float, default=None,
-                            help='threshold of real early exit (--eval) and of the export, instead of --budget\'s; '
-                                 "--export's default: the one --eval chose, else 0.5")
-    evaluation.add_argument('--results-json', type=str, default=None,
-                            help='default: results.json in --output-dir if given, else beside the checkpoint')
-    evaluation.add_argument('--export', type=str, default=None, choices=['onnx'],
-                            help='export --checkpoint-path for edge runtimes')
-    evaluation.add_argument('--out', type=str, default=None, help='folder for --export')
-    evaluation.add_argument('--quantize', type=str, default=None, choices=['int8'],
-                            help='--export onnx: also write statically quantised int8 segments (QDQ), calibrated on '
-                                 'training images of --data-set')
-    evaluation.add_argument('--calib-images', type=int, default=256,
-                            help='--quantize: training images the int8 calibration reads')
+    add_flag(evaluation, '--eval', action='store_true', jobs=EVAL,
+             help='evaluate --checkpoint-path: sweep, table, plots')
+    add_flag(evaluation, '--thresholds', type=float, nargs='+', default=None, jobs=EVAL, check=probability,
+             help='gate thresholds of the printed sweep table (results.json always holds the whole '
+                  'front); default: about 12 points of the front')
+    add_flag(evaluation, '--budget', type=budget_arg, default=DEFAULT_BUDGET, jobs=EVAL,
+             help='how --eval picks its threshold: acc-drop=P (cheapest point within P points of the '
+                  'full network), gflops=X (most accurate point with expected GFLOPs <= X) or '
+                  'latency-ms=X (most accurate point with expected batch-1 latency <= X ms here)')
+    add_flag(evaluation, '--exit-threshold', type=float, default=None, jobs=EVAL | EXPORT, check=probability,
+             help='threshold of real early exit (--eval) and of the export, instead of --budget\'s; '
+                  "--export's default: the one --eval chose, else 0.5")
+    add_flag(evaluation, '--results-json', type=str, default=None, jobs=EVAL,
+             help='default: results.json in --output-dir if given, else beside the checkpoint')
+    add_flag(evaluation, '--export', type=str, default=None, choices=sorted(EXPORTERS), jobs=EXPORT,
+             help='export --checkpoint-path for edge runtimes')
+    add_flag(evaluation, '--out', type=str, default=None, jobs=EXPORT, help='folder for --export')
+    add_flag(evaluation, '--quantize', type=str, default=None, choices=['int8'], jobs=EXPORT,
+             help='--export onnx: also write statically quantised int8 segments (QDQ), calibrated on '
+                  'training images of --data-set')
+    add_flag(evaluation, '--calib-images', type=int, default=256, jobs=EXPORT, check=positive,
+             help='--quantize: training images the int8 calibration reads')
 
     runtime = parser.add_argument_group('runtime')
-    runtime.add_argument('--output-dir', type=str, default='.',
-                         help='where checkpoint*/ and runs/ go; with --eval, the folder of results.json (default '
-                              'there: beside the checkpoint)')
-    runtime.add_argument('--overwrite', action='store_true',
-                         help="replace an earlier run's checkpoints in the run folder instead of stopping")
-    runtime.add_argument('--device', type=str, default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
-    runtime.add_argument('--seed', type=int, default=42, help='seed of the split, shuffles and initialisation')
+    add_flag(runtime, '--output-dir', type=str, default='.', jobs=READS_DATA,
+             help='where checkpoint*/ and runs/ go; with --eval, the folder of results.json (default '
+                  'there: beside the checkpoint)')
+    add_flag(runtime, '--overwrite', action='store_true', jobs=TRAINING,
+             help="replace an earlier run's checkpoints in the run folder instead of stopping")
+    add_flag(runtime, '--device', type=str, default='auto', jobs=READS_DATA,
+             help='auto (cuda if available), cpu, cuda, cuda:N')
+    add_flag(runtime, '--seed', type=int, default=42, jobs=READS_DATA, check=non_negative,
+             help='seed of the shuffles and of initialisation (--split-seed seeds the split)')
     return parser
 
 
-TRAINING_JOBS = frozenset({'backbone', 'dynn'})
-DATA_JOBS = frozenset({'backbone', 'dynn', 'eval'})
-# Flags that act in some jobs only: given to another job they would be ignored, so they are an error. A flag
-# not listed acts in every job. --arch, --patch-size, --exit-positions and --gate also reach --eval and
-# --export, where they must match the checkpoint.
 # The data flags --export reads with --quantize (calibration images), and only then.
 CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images')
-FLAG_JOBS = {
-    **{dest: DATA_JOBS | {'export'} for dest in CALIBRATION_FLAGS}, 'calib_ratio': DATA_JOBS, 'budget': {'eval'},
-    **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS},
-    'num_workers': DATA_JOBS, 'drop_path': TRAINING_JOBS, 'exit_positions': {'dynn', 'eval', 'export'},
-    'gate': {'dynn', 'eval', 'export'}, 'stage': TRAINING_JOBS, 'batch': DATA_JOBS, 'num_epoch': TRAINING_JOBS,
-    'opt': TRAINING_JOBS, 'lr': TRAINING_JOBS, 'min_lr': TRAINING_JOBS, 'wd': TRAINING_JOBS,
-    'warmup_epochs': {'backbone'}, 'smoothing': {'backbone'}, 'amp': DATA_JOBS, 'max_nan_skips': TRAINING_JOBS,
-    'resume': TRAINING_JOBS, 'barely_train': DATA_JOBS, 'pretrained': {'backbone'},
-    **{dest: {'backbone'} for dest in ('teacher_model', 'teacher_path', 'distillation_type', 'distillation_alpha',
-                                       'distillation_tau', 'distillation_freq_weight')},
-    **{dest: {'dynn'} for dest in ('ce_ic_tradeoff', 'patience', 'max_warmup_epoch', 'bilevel_batch_count',
-                                   'phase_counter', 'gate_objective', 'classifier_loss', 'exit_costs',
-                                   'transfer_ratio', 'freeze_backbone')},
-    'eval': {'eval'}, 'thresholds': {'eval'}, 'results_json': {'eval'}, 'exit_threshold': {'eval', 'export'},
-    'export': {'export'}, 'out': {'export'}, 'quantize': {'export'}, 'calib_images': {'export'},
-    'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
-    'seed': DATA_JOBS, 'overwrite': TRAINING_JOBS,
-}
 RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path'})  # how a run runs, not what it is
 
 
@@ -240,9 +245,9 @@ def _describe_jobs(jobs) -> str:
 
 def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> None:
     """Every flag on the command line acts in this job: none is silently ignored."""
-    names = option_names()
+    names, acts_in = option_names(), flag_jobs(get_args_parser())
     for dest in sorted(given):
-        jobs = FLAG_JOBS.get(dest)
+        jobs = acts_in[dest]
         if jobs is not None and job not in jobs:
             raise GFNetDynnError(f'{names[dest]} has no effect with {_describe_jobs({job})}: it applies to '
                                  f'{_describe_jobs(jobs)}; drop it')
@@ -264,28 +269,12 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Reject impossible values with a message that names the flag."""
+    """Reject impossible values (each flag's declared range, then combinations) with a message naming the flag."""
+    check_ranges(get_args_parser(), args)
     checks = [
-        (args.batch > 0, f'--batch must be positive, got {args.batch}'),
-        (args.num_epoch > 0, f'--num_epoch must be positive, got {args.num_epoch}'),
-        (args.lr > 0, f'--lr must be positive, got {args.lr}'),
-        (args.min_lr >= 0, f'--min-lr must be >= 0, got {args.min_lr}'),
-        (args.input_size is None or args.input_size > 0, f'--input-size must be positive, got {args.input_size}'),
-        (args.patch_size is None or args.patch_size > 0, f'--patch-size must be positive, got {args.patch_size}'),
-        (args.patience > 0, f'--patience must be positive, got {args.patience}'),
-        (args.bilevel_batch_count > 0, f'--bilevel_batch_count must be positive, got {args.bilevel_batch_count}'),
-        (args.num_workers >= 0, f'--num_workers must be >= 0, got {args.num_workers}'),
-        (0 <= args.distillation_alpha <= 1, f'--distillation-alpha must lie in [0, 1], got {args.distillation_alpha}'),
-        (args.distillation_tau > 0, f'--distillation-tau must be positive, got {args.distillation_tau}'),
-        (all(0 <= t <= 1 for t in args.thresholds or []), f'--thresholds must lie in [0, 1], got {args.thresholds}'),
-        (args.calib_ratio is None or 0 <= args.calib_ratio < 1,
-         f'--calib-ratio must lie in [0, 1), e.g. 0.1, got {args.calib_ratio}'),
-        (args.exit_threshold is None or 0 <= args.exit_threshold <= 1,
-         f'--exit-threshold must lie in [0, 1], got {args.exit_threshold}'),
         (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),
         (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
         (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),
-        (args.calib_images > 0, f'--calib-images must be positive, got {args.calib_images}'),
         (not (args.pretrained and args.checkpoint_path),
          '--pretrained and --checkpoint-path both give starting weights; pass one of them'),
         (args.distillation_type == 'none' or args.teacher_model,
@@ -314,8 +303,9 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
                              f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
                              f"run from its best.pth: --checkpoint-path {folder / 'best.pth'} --num_epoch N "
                              f'--output-dir NEW')
-    expected = (backbone_run_folder('.', stored.get('data_set'), stored.get('arch')) if stage == 'backbone' else
-                dynn_run_folder('.', stored.get('data_set'), stored.get('ce_ic_tradeoff'))).name
+    recorded = RunArgs.from_dict(stored)
+    expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
+                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name
     if folder.name != expected or folder.parent.name != 'checkpoint':
         raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
                              f'continues a run where it was written: put the file back there')

@@ -16,19 +16,18 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import json_path, write_json
-from data_loader_help import SplitRequest, build_datasets, build_loaders, resolve_data_path
+from data_loader_help import build_loaders
 from errors import exit_code
+from evaluation.eval_report import evaluate_early_exit
+from jobs.trained_run import reopen, reopen_data
 from learning_helpers.backbone_stage import train_one_epoch
-from learning_helpers.eval_report import evaluate_early_exit
 from learning_helpers.losses import DistillationLoss
-from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
-from learning_helpers.run_setup import recorded_split
 from learning_helpers.stage_common import RunConfig
 from learning_helpers.warmup_stage import train_one_epoch as warmup_train_one_epoch
 from models.flops import exit_gflops
 from models.gfnet import GFNet
-from models.weights import read_checkpoint
+from models.model_factory import build_backbone
 
 DEMO_DYNN = 'checkpoint/checkpoint_DEMO_0.75_confEE/best.pth'
 
@@ -59,12 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     path = json_path(args.json, 'dynn_costs.json')
     device = torch.device('cpu')
-    model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
-    data = build_datasets(  # the split the checkpoint was trained on, its calibration images included
-        args.data_set, resolve_data_path(args.data_set, args.data_path), model_args['input_size'],
-        split=SplitRequest.reusing(recorded_split(model_args, args.data_set)))
-    train_loader, val_loader = build_loaders(data.train, data.val, model_args['batch'], args.num_workers, seed=0)
-    calib_loader = build_loaders(None, data.calib, model_args['batch'], args.num_workers, seed=0)[1] \
+    model, model_args, _ = reopen(args.checkpoint)
+    data = reopen_data(model_args, args.data_set, args.data_path)  # the run's split, its calibration images included
+    train_loader, val_loader = build_loaders(data.train, data.val, model_args.batch, args.num_workers, seed=0)
+    calib_loader = build_loaders(None, data.calib, model_args.batch, args.num_workers, seed=0)[1] \
         if data.calib is not None else None
     class_names = data.classes
     gflops = exit_gflops(model)
@@ -81,8 +78,7 @@ def run(args: argparse.Namespace) -> None:
     heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
     warmup_seconds, _ = timed(lambda: warmup_train_one_epoch(model, train_loader, heads, device, 0,
                                                              NonFiniteGuard(5), run))
-    backbone = build_backbone(model_args['arch'], len(class_names), model_args['input_size'],
-                              model_args['patch_size'], 0.0)
+    backbone = build_backbone(model_args.arch, len(class_names), model_args.input_size, model_args.patch_size, 0.0)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
     adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 0.05, lr=1e-3)
     backbone_seconds, _ = timed(lambda: train_one_epoch(backbone, criterion, train_loader, adamw, device, 0,

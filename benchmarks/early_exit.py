@@ -13,18 +13,15 @@ import sys
 import torch
 
 from benchmarks.common import latency_ms, measure_and_write, throughput
-from data_loader_help import SplitRequest, build_datasets, resolve_data_path
 from errors import GFNetDynnError
-from learning_helpers.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
-                                         threshold_sweep)
-from learning_helpers.latency import spread_indices
-from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.operating_points import DEFAULT_BUDGET, choose, parse_budget
-from learning_helpers.run_setup import recorded_split
+from evaluation.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
+                                   threshold_sweep)
+from evaluation.latency import spread_indices
+from evaluation.operating_points import DEFAULT_BUDGET, choose, parse_budget
+from jobs.trained_run import RunArgs, reopen, reopen_data
 from models.early_exit import EarlyExitEngine
 from models.flops import exit_gflops
 from models.gfnet import GFNet
-from models.weights import read_checkpoint
 
 NO_EXIT = 1.01  # above any gate probability: measures the engine's overhead when nobody leaves
 
@@ -46,12 +43,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_validation_images(data_set: str, data_path: str | None, input_size: int,
-                           recorded: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All validation images (of the split a checkpoint recorded), preprocessed, in memory: timing then
-    measures the model, not the decoder."""
-    _, val_set, _, _, _ = build_datasets(data_set, resolve_data_path(data_set, data_path), input_size,
-                                      split=SplitRequest.reusing(recorded), need_train=False)
+def load_validation_images(run_args: RunArgs, data_set: str,
+                           data_path: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All validation images of the split a run trained on, preprocessed, in memory: timing then measures the
+    model, not the decoder."""
+    val_set = reopen_data(run_args, data_set, data_path, need_train=False).val
     images, labels = zip(*(val_set[i] for i in range(len(val_set))))
     return torch.stack(images), torch.tensor(labels)
 
@@ -62,10 +58,9 @@ def benchmark(args: argparse.Namespace) -> dict:
         raise GFNetDynnError('--device cuda but no GPU is visible; use --device cpu')
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, model_args = load_dynn_checkpoint(read_checkpoint(args.checkpoint), args.checkpoint)
+    model, model_args, _ = reopen(args.checkpoint)
     model.to(device)
-    images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'],
-                                            recorded_split(model_args, args.data_set))
+    images, labels = load_validation_images(model_args, args.data_set, args.data_path)
     batches = [(images[i:i + args.batch], labels[i:i + args.batch]) for i in range(0, len(images), args.batch)]
     cache = collect_exit_outputs(model, batches, device)
     gflops = exit_gflops(model)

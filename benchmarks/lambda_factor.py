@@ -11,7 +11,7 @@ import timm
 
 from benchmarks.common import measure_and_write
 from dataset_config import DATASET_CONFIG
-from learning_helpers.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, arch_choices, dynn_model_name
+from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, arch_choices, dynn_model_name
 from models.flops import lambda_factor
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 

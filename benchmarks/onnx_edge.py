@@ -18,13 +18,11 @@ import torch
 
 from benchmarks.common import latency_ms, measure_and_write
 from benchmarks.early_exit import load_validation_images
+from deployment.onnx_runner import OnnxEarlyExit, read_manifest
 from errors import GFNetDynnError
-from learning_helpers.latency import spread_indices
-from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.run_setup import recorded_split
+from evaluation.latency import spread_indices
+from jobs.trained_run import reopen
 from models.early_exit import EarlyExitEngine
-from models.onnx_runner import OnnxEarlyExit, read_manifest
-from models.weights import read_checkpoint
 
 NO_EXIT = 1.01  # above any gate probability: every sample runs every segment
 TARGETS = ('int8 accuracy within 1 point of float', 'int8 early exit >= 1.5x faster than float without early exit',
@@ -63,12 +61,11 @@ def benchmark(args: argparse.Namespace) -> dict:
     batch-1 latency and each segment's, in interleaved rounds."""
     manifest, checkpoint_path = _check_inputs(args)
     torch.set_num_threads(args.threads)
-    model, model_args = load_dynn_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path)
-    if model_args['input_size'] != manifest['input_size']:
-        raise GFNetDynnError(f"{checkpoint_path} takes {model_args['input_size']} px images, the export "
+    model, model_args, _ = reopen(checkpoint_path)
+    if model_args.input_size != manifest['input_size']:
+        raise GFNetDynnError(f"{checkpoint_path} takes {model_args.input_size} px images, the export "
                              f"{manifest['input_size']}; pass the checkpoint the export was made from")
-    images, labels = load_validation_images(args.data_set, args.data_path, model_args['input_size'],
-                                            recorded_split(model_args, args.data_set))
+    images, labels = load_validation_images(model_args, args.data_set, args.data_path)
     threshold = manifest['threshold'] if args.threshold is None else args.threshold
     runners = {p: OnnxEarlyExit(args.export, num_threads=args.threads, precision=p) for p in ('float', 'int8')}
     engine = EarlyExitEngine(model, threshold)

@@ -22,12 +22,13 @@ from benchmarks.common import DEFAULT_DIR, json_path, latency_ms, write_json
 from benchmarks.early_exit import load_validation_images
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, exit_code
-from learning_helpers.latency import spread_indices
-from learning_helpers.model_factory import build_backbone, load_dynn_checkpoint
-from learning_helpers.outputs import check_output_file
-from learning_helpers.run_setup import backbone_run_folder, recorded_split
+from evaluation.latency import spread_indices
+from jobs.outputs import check_output_file
+from jobs.run_setup import backbone_run_folder
+from jobs.trained_run import RunArgs, reopen
 from models.early_exit import EarlyExitEngine
 from models.flops import count_flops
+from models.model_factory import build_backbone
 from models.weights import load_state, read_checkpoint
 
 BASELINES = ['mobilenetv3_small_100', 'mobilenetv3_large_100', 'resnet18', 'efficientnet_b0', 'GFNet-ti-dynn']
@@ -114,19 +115,17 @@ def benchmark(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     results_path = Path(args.dynn_results)
     results, dynn_points = read_dynn_points(results_path)
-    dynn, dynn_args = load_dynn_checkpoint(read_checkpoint(dynn_checkpoint(results, results_path)),
-                                           str(results_path))
-    input_size, patch_size = dynn_args['input_size'], dynn_args['patch_size']
-    images, labels = load_validation_images(args.data_set, args.data_path, input_size,
-                                            recorded_split(dynn_args, args.data_set))
+    dynn, dynn_args, _ = reopen(read_checkpoint(dynn_checkpoint(results, results_path)), str(results_path))
+    input_size, patch_size = dynn_args.input_size, dynn_args.patch_size
+    images, labels = load_validation_images(dynn_args, args.data_set, args.data_path)
     checkpoints = {arch: train_baseline(arch, args, input_size, patch_size) for arch in args.archs}
     singles = [images[i].unsqueeze(0) for i in spread_indices(len(images), args.latency_images)]
     rows, runners = [], {}
     with torch.inference_mode():
         for arch, path in checkpoints.items():
             checkpoint = read_checkpoint(path)
-            model = build_backbone(arch, len(dynn_args['class_names']), input_size,
-                                   checkpoint['args'].get('patch_size'), 0.0)
+            patch_size = RunArgs.of(checkpoint).given('patch_size')
+            model = build_backbone(arch, len(dynn_args.class_names), input_size, patch_size, 0.0)
             load_state(model, checkpoint, source=str(path))
             model.eval()
             correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in zip(images.split(64), labels.split(64)))

@@ -21,9 +21,9 @@ import torch
 
 from data_loader_help import default_train_ratio
 from errors import GFNetDynnError, OneLineParser, exit_code
+from jobs.outputs import check_output_file
+from jobs.run_setup import backbone_run_folder, dynn_run_folder
 from learning_helpers.checkpoint import save_json, save_text
-from learning_helpers.outputs import check_output_file
-from learning_helpers.run_setup import backbone_run_folder, dynn_run_folder
 from main_dynn import main as run_main
 
 METRICS = (('full_accuracy', 'full network accuracy (%)'), ('chosen_accuracy', 'accuracy at the chosen threshold (%)'),

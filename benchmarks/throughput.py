@@ -12,7 +12,7 @@ import time
 import timm
 import torch
 
-import models.registry  # noqa: F401  (registers GFNet with timm)
+import models  # noqa: F401  (registers the GFNet variants with timm)
 from benchmarks.common import json_path, write_json
 from errors import exit_code
 from learning_helpers.distributed import synchronize

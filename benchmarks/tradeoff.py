@@ -14,15 +14,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import json_path, write_json
-from data_loader_help import SplitRequest, build_datasets, build_loaders, resolve_data_path
+from data_loader_help import build_loaders
 from errors import GFNetDynnError, exit_code
-from learning_helpers.exit_cache import collect_exit_outputs, per_exit_accuracy
-from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.operating_points import Budget, all_points, choose, pareto_front
-from learning_helpers.outputs import check_output_file
-from learning_helpers.run_setup import recorded_split
+from evaluation.exit_cache import collect_exit_outputs, per_exit_accuracy
+from evaluation.operating_points import Budget, all_points, choose, pareto_front
+from jobs.outputs import check_output_file
+from jobs.trained_run import reopen, reopen_data
 from models.flops import exit_gflops
-from models.weights import read_checkpoint
 
 COMPUTE_SHARES = (0.4, 0.6, 0.8)  # the table's GFLOPs budgets, as shares of the full network
 
@@ -41,15 +39,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def checkpoint_front(path: str, data_set: str, data_path: str | None, batch: int) -> dict:
     """One checkpoint's λ, per-exit GFLOPs and its front on the validation images of its recorded split."""
-    model, model_args = load_dynn_checkpoint(read_checkpoint(path), path)
-    data = build_datasets(data_set, resolve_data_path(data_set, data_path), model_args['input_size'],
-                          split=SplitRequest.reusing(recorded_split(model_args, data_set)), need_train=False)
+    model, model_args, _ = reopen(path)
+    data = reopen_data(model_args, data_set, data_path, need_train=False)
     _, loader = build_loaders(None, data.val, batch, num_workers=0, seed=0)
     cache = collect_exit_outputs(model, loader, torch.device('cpu'))
     gflops = exit_gflops(model)
     points = all_points(cache, 'gate', gflops)
     full = per_exit_accuracy(cache)[-1]
-    return {'checkpoint': path, 'tradeoff': model_args.get('ce_ic_tradeoff'), 'num_val': int(cache.targets.numel()),
+    return {'checkpoint': path, 'tradeoff': model_args.ce_ic_tradeoff, 'num_val': int(cache.targets.numel()),
             'full_accuracy': full, 'full_gflops': gflops[-1], 'front': pareto_front(points),
             'at_compute_share': {str(share): choose(points, Budget('gflops', share * gflops[-1]), full)
                                  for share in COMPUTE_SHARES if share * gflops[-1] >= gflops[0]},

@@ -1,1 +1,1 @@
-"""How the models learn: losses, one module per training stage, evaluation, and checkpoints."""
+"""How the models learn: losses, one module per training stage, the batch loop, optimiser, checkpoints."""

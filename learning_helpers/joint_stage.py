@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from learning_helpers.conformal import conformal_thresholds
+from evaluation.conformal import conformal_thresholds
+from evaluation.exit_cache import (best_exit_counts, collect_exit_outputs, conditional_exit_choice, exit_point,
+                                   per_exit_accuracy, updated_pos_weight)
 from learning_helpers.distributed import is_main_process
-from learning_helpers.exit_cache import (best_exit_counts, collect_exit_outputs, conditional_exit_choice,
-                                         exit_point, per_exit_accuracy, updated_pos_weight)
 from learning_helpers.loop import batches_per_epoch, train_batches
 from learning_helpers.losses import CLASSIFIER_LOSSES, GateLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from evaluation.exit_cache import collect_exit_outputs, per_exit_accuracy
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.distributed import is_main_process
-from learning_helpers.exit_cache import collect_exit_outputs, per_exit_accuracy
 from learning_helpers.loop import train_batches
 from learning_helpers.losses import WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad

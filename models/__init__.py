@@ -1,20 +1,11 @@
-"""Models: `import models.registry` (or any model module) registers the GFNet and GFNet-Dynn variants with timm.
+"""What computes: GFNet and GFNet-Dynn, exits and gates, the exit rule, FLOP counting, weight filters.
 
-The package itself imports nothing, so that the ONNX runner (`python -m models.onnx_runner`) starts without
-torch; its public names load on first use.
+Importing the package registers every GFNet and GFNet-Dynn variant with timm (`timm.create_model('gfnet_xs')`).
 """
-import importlib
+from models.flops import count_flops, exit_gflops, normalized_exit_costs
+from models.gfnet import GFNet, checkpoint_filter_fn
+from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS, DynnOutput, GFNetDynn
+from models.weights import load_checkpoint, load_state, read_checkpoint
 
-_HOMES = {
-    'count_flops': 'models.flops', 'exit_gflops': 'models.flops', 'normalized_exit_costs': 'models.flops',
-    'GFNet': 'models.gfnet', 'checkpoint_filter_fn': 'models.gfnet',
-    'DEFAULT_EXIT_POSITIONS': 'models.gfnet_dynn', 'DynnOutput': 'models.gfnet_dynn', 'GFNetDynn': 'models.gfnet_dynn',
-    'load_checkpoint': 'models.weights', 'load_state': 'models.weights', 'read_checkpoint': 'models.weights',
-}
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__all__ = ['DEFAULT_EXIT_POSITIONS', 'DynnOutput', 'GFNet', 'GFNetDynn', 'checkpoint_filter_fn', 'count_flops',
+           'exit_gflops', 'load_checkpoint', 'load_state', 'normalized_exit_costs', 'read_checkpoint']

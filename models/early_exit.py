@@ -2,12 +2,13 @@
 
 The simulated sweep in evaluation computes every exit for every sample; this engine is what saves time.
 A sample leaves at the first intermediate exit whose gate probability is >= threshold, else at the final
-head, the same rule as the sweep, so the two give the same predictions.
+head (`models.exit_rule`, the sweep's rule too), so the two give the same predictions.
 """
 from typing import NamedTuple
 
 import torch
 
+from models.exit_rule import fires
 from models.gfnet_dynn import GFNetDynn
 
 
@@ -42,7 +43,7 @@ class EarlyExitEngine:
             if k == final:
                 leaving = torch.ones_like(remaining, dtype=torch.bool)
             else:
-                leaving = torch.sigmoid(gate_logits) >= self.threshold
+                leaving = fires(torch.sigmoid(gate_logits), self.threshold)
             # The engine's one host decision per exit (documented exception to "no .item() in forward"):
             # whether anyone left decides whether to shrink, and whether anyone is left decides to stop.
             num_leaving = int(leaving.sum())

@@ -66,6 +66,7 @@ class GFNet(nn.Module):
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.output_fmt = 'NHWC'  # forward_features: (B, H, W, D), like timm's Swin
+        self.feature_dim = -1  # where timm's tests find num_features in forward_features' output
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, **dd)
         self.grid_size = self.patch_embed.grid_size

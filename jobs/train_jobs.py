@@ -1,0 +1,141 @@
+"""--stage backbone and --stage dynn, wired from the command line's arguments: build, check the outputs, read
+the data, claim the run folder, train."""
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from errors import GFNetDynnError
+from jobs.outputs import check_new_run, writable_location
+from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args, claim_run,
+                            dataset_num_classes, dynn_run_folder, make_writer, resolve_model_shape,
+                            run_args_dict, save_split, warmup_folder)
+from jobs.trained_run import RunArgs
+from learning_helpers.backbone_stage import run_backbone_stage
+from learning_helpers.distributed import is_main_process
+from learning_helpers.dynn_training import dynn_optimizer, train_dynn
+from learning_helpers.joint_stage import JointConfig
+from learning_helpers.losses import DistillationLoss, FrequencyDistillation
+from learning_helpers.optim import build_optimizer, build_scheduler, optimizer_choice
+from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
+from learning_helpers.warmup_stage import WarmupConfig
+from models import model_factory
+from models.weights import load_state
+
+DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
+
+
+def build_criterion(args: argparse.Namespace, student: torch.nn.Module, num_classes: int, shape: dict,
+                    device: torch.device) -> DistillationLoss:
+    """Label-smoothed CE, mixed with distillation from the --teacher-model when asked."""
+    from timm.loss import LabelSmoothingCrossEntropy
+    base = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
+    teacher, frequency = None, None
+    if args.distillation_type == 'freq' and not hasattr(student, 'forward_tokens'):
+        raise GFNetDynnError(f"--distillation-type freq compares token maps and needs a GFNet student, not --arch "
+                             f"{shape['arch']}; use soft or hard for other students")
+    if args.distillation_type != 'none':
+        teacher = model_factory.build_teacher(args.teacher_model, args.teacher_path, num_classes,
+                                              shape['input_size'], shape['patch_size']).to(device)
+        if args.distillation_type == 'freq':
+            if not hasattr(teacher, 'forward_tokens'):
+                raise GFNetDynnError('--distillation-type freq compares token maps and needs a GFNet teacher '
+                                     '(e.g. --teacher-model GFNet-b-dynn); use soft for other teachers')
+            frequency = FrequencyDistillation(student.embed_dim, teacher.embed_dim, len(student.blocks),
+                                              len(teacher.blocks))
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
+                            frequency, args.distillation_freq_weight).to(device)
+
+
+def run_config(args: argparse.Namespace, run_folder: Path, run_args: dict) -> RunConfig:
+    return RunConfig(num_epochs=args.num_epoch, seed=args.seed, checkpoint_dir=run_folder, run_args=run_args,
+                     max_batches=4 if args.barely_train else None, amp=args.amp, max_nan_skips=args.max_nan_skips)
+
+
+def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> tuple[torch.nn.Module, dict, dict]:
+    """The model of a new run (from --checkpoint-path when given) or of a resumed one (weights come later),
+    its shape (architecture, patch and input size) and the split its source checkpoint was trained on."""
+    start, source_args = checkpoint_args(None if resume else args.checkpoint_path)
+    if stage == 'backbone' and start.get('stage') in DYNN_STAGES:
+        raise GFNetDynnError(f'--checkpoint-path {args.checkpoint_path} is a dynn-stage checkpoint (exits and gates); '
+                             f'--stage backbone starts from a backbone checkpoint or official GFNet weights: pass '
+                             f'the backbone_*/best.pth it was trained from, or continue its run with --resume')
+    source_args = RunArgs.of(resume) if resume else source_args
+    shape = resolve_model_shape(args, source_args)
+    model = build(shape, dataset_num_classes(args.data_set))
+    if start:
+        load_state(model, start, source=args.checkpoint_path)
+    return model, shape, source_args.recorded_split(args.data_set)
+
+
+def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
+    """Stage 0: plain GFNet, optionally distilled."""
+    # --pretrained weights go in when the model is built; a resumed run's come from its checkpoint
+    pretrained = None if resume else args.pretrained
+    model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_backbone(
+        s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, pretrained), resume, 'backbone')
+    run_folder = backbone_run_folder(args.output_dir, args.data_set, shape['arch'])
+    if not resume:
+        check_new_run([run_folder], args.overwrite, {'--checkpoint-path': args.checkpoint_path,
+                                                     '--pretrained': args.pretrained,
+                                                     '--teacher-path': args.teacher_path})
+    writable_location(Path(args.output_dir), '--output-dir')
+    data = build_data(args, shape['input_size'], distributed, recorded)
+    split_path = check_split_file(args.output_dir, data.split)
+    model.to(device)
+    criterion = build_criterion(args, model, len(data.classes), shape, device)
+    optimizer = build_optimizer([{'params': list(model.parameters()) + list(criterion.parameters())}],
+                                *optimizer_choice(args.opt, args.wd, 'adamw'), lr=args.lr)
+    scheduler = build_scheduler(optimizer, args.num_epoch, args.min_lr / args.lr, warmup_epochs=args.warmup_epochs)
+    start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
+    if resume:
+        criterion.load_learned_state_dict(start.state['criterion'])
+    run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    with claim_run([run_folder], args.overwrite and not resume):
+        save_split(split_path, data.split)
+        writer = make_writer(Path(args.output_dir), f"backbone_{args.data_set}_{shape['arch']}")
+        summary = run_backbone_stage(train_model, criterion, data.train_loader, data.val_loader, optimizer,
+                                     scheduler, device, run, writer, start)
+    if is_main_process():
+        print(f'backbone stage done: best val acc {summary.best_acc:.2f}%; checkpoint: {summary.best_path}')
+    return summary.best_path
+
+
+def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
+    """Stages 1-2: warm-up of the exits, then joint training with the cost trade-off."""
+    model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
+        s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
+        'dynn')
+    if not resume and not args.checkpoint_path:
+        logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '
+                        'first with --stage backbone')
+    run_folder = dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff)
+    heads_dir = warmup_folder(args.output_dir, args.data_set, shape['arch'], shape['input_size'],
+                              args.max_warmup_epoch, args.ce_ic_tradeoff)
+    if not resume:
+        check_new_run([run_folder, heads_dir], args.overwrite, {'--checkpoint-path': args.checkpoint_path})
+    writable_location(Path(args.output_dir), '--output-dir')
+    data = build_data(args, shape['input_size'], distributed, recorded)
+    split_path = check_split_file(args.output_dir, data.split)
+    model.to(device)
+    optimizer, scheduler = dynn_optimizer(model, *optimizer_choice(args.opt, args.wd, 'sgd'), lr=args.lr,
+                                          transfer_ratio=args.transfer_ratio, min_lr=args.min_lr,
+                                          num_epochs=args.num_epoch)
+    start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
+    run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
+    warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir)
+    joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
+                        args.classifier_loss, args.freeze_backbone)
+    with claim_run([run_folder, heads_dir], args.overwrite and not resume):
+        save_split(split_path, data.split)
+        writer = make_writer(Path(args.output_dir), f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
+        summary = train_dynn(model, data.train_loader, data.val_loader, optimizer, scheduler, device, run, warmup,
+                             joint, args.exit_costs, writer, start)
+    if is_main_process():
+        if summary.best_path is None:
+            print(f'dynn stages done: warm-up only; checkpoint: {summary.last_path}')
+        else:
+            print(f'dynn stages done: best gated val acc {summary.best_acc:.2f}%; checkpoint: {summary.best_path}')
+    return summary.best_path or summary.last_path

@@ -1,0 +1,46 @@
+"""Each flag declares its jobs and range where it is defined; a value out of range is one error line, exit 2,
+before any file is written."""
+import pytest
+
+from deployment.exporters import EXPORTERS
+from jobs.flags import flag_jobs
+from main_dynn import get_args_parser, main
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--ce_ic_tradeoff', 'nan'], '--ce_ic_tradeoff must be >= 0, got nan'),
+    (['--ce_ic_tradeoff', 'inf'], '--ce_ic_tradeoff must be finite, got inf'),
+    (['--ce_ic_tradeoff', '-1'], '--ce_ic_tradeoff must be >= 0, got -1.0'),
+    (['--transfer-ratio', 'inf'], '--transfer-ratio must be finite, got inf'),
+    (['--transfer-ratio', '-0.1'], '--transfer-ratio must be >= 0, got -0.1'),
+    (['--max-nan-skips', '-1'], '--max-nan-skips must be >= 0, got -1'),
+    (['--max_warmup_epoch', '-1'], '--max_warmup_epoch must be >= 0, got -1'),
+    (['--drop-path', '1'], '--drop-path must lie in [0, 1), got 1.0'),
+    (['--lr', 'inf'], '--lr must be finite, got inf'),
+    (['--min-lr', 'nan'], '--min-lr must be >= 0, got nan'),
+    (['--eval', '--thresholds', '0.5', '1.2'], '--thresholds must lie in [0, 1], got 1.2'),
+    (['--exit-threshold', '-0.1'], '--exit-threshold must lie in [0, 1], got -0.1'),
+])
+def test_a_value_out_of_its_flags_range_is_one_error_line_before_any_file(flags, message, tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([*flags, '--output-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f'error: {message}'
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_numeric_flag_declares_a_range():
+    numeric = [a.option_strings[0] for a in get_args_parser()._actions if a.type in (int, float)]
+    assert numeric and all(getattr(a, 'check', None) for a in get_args_parser()._actions if a.type in (int, float))
+
+
+def test_a_flag_knows_its_jobs_where_it_is_defined():
+    jobs = flag_jobs(get_args_parser())
+    assert jobs['lr'] == {'backbone', 'dynn'} and jobs['ce_ic_tradeoff'] == {'dynn'}
+    assert jobs['quantize'] == {'export'} and jobs['data_set'] is None  # None: every job
+
+
+def test_export_choices_come_from_the_exporter_registry():
+    export = next(a for a in get_args_parser()._actions if a.dest == 'export')
+    assert export.choices == sorted(EXPORTERS)

@@ -1,0 +1,56 @@
+"""The optimisation helpers: the lr schedule across stages and the non-finite loss guard."""
+import pytest
+import torch
+
+from errors import GFNetDynnError
+from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
+
+
+# lr schedule
+
+def test_lr_factor_starts_at_one_and_ends_at_min_ratio():
+    kwargs = {'total_epochs': 10, 'warmup_epochs': 0, 'min_ratio': 0.2, 'offset': 0}
+    factors = [lr_factor(e, **kwargs) for e in range(11)]
+    assert factors[0] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(0.2)
+    assert all(later <= earlier for earlier, later in zip(factors, factors[1:]))
+    assert lr_factor(15, **kwargs) == pytest.approx(0.2)  # past the end it stays at the floor
+
+
+def test_lr_factor_with_offset_continues_the_same_curve():
+    kwargs = {'total_epochs': 10, 'warmup_epochs': 0, 'min_ratio': 0.2}
+    for epoch in range(6):
+        assert lr_factor(epoch, offset=4, **kwargs) == lr_factor(epoch + 4, offset=0, **kwargs)
+
+
+def test_scheduler_of_a_later_stage_continues_the_same_lrs():
+    def lrs(start_epoch: int, epochs: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = build_scheduler(optimizer, 10, 0.2, start_epoch=start_epoch)
+        seen = []
+        for _ in range(epochs):
+            seen.append(optimizer.param_groups[0]['lr'])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    assert lrs(4, 6) == pytest.approx(lrs(0, 10)[4:])
+
+
+# non-finite guard
+
+def test_non_finite_guard_skips_nan_and_stops_after_max_skips_plus_one_in_a_row():
+    guard = NonFiniteGuard(max_skips=2)
+    assert guard.allows(torch.tensor(float('nan')), 0, 0) is False
+    assert guard.allows(torch.tensor(float('inf')), 0, 1) is False
+    with pytest.raises(GFNetDynnError, match='non-finite for 3 batches'):
+        guard.allows(torch.tensor(float('nan')), 0, 2)
+
+
+def test_non_finite_guard_resets_on_a_finite_loss():
+    guard = NonFiniteGuard(max_skips=2)
+    for _ in range(3):
+        assert guard.allows(torch.tensor(float('nan')), 0, 0) is False
+        assert guard.allows(torch.tensor(float('nan')), 0, 1) is False
+        assert guard.allows(torch.tensor(1.5), 0, 2) is True
+    assert guard.in_a_row == 0
