@@ -82,12 +82,18 @@ def default_train_ratio(data_set: str) -> float:
 
 
 def resolve_data_path(data_set: str, data_path: str | None) -> Path:
-    """The folder to read data_set from: --data-path, else the config default (DEMO is generated if missing)."""
-    path = Path(data_path if data_path is not None else dataset_entry(data_set)['default_data_path'])
-    if data_set == DEMO_DATA_SET and (data_path is None or not path.exists()):
+    """The folder to read data_set from: --data-path, else the config default. DEMO is generated if missing, but
+    only at its own default path: a mistyped --data-path must not fill a new folder with synthetic images."""
+    default = dataset_entry(data_set)['default_data_path']
+    path = Path(data_path if data_path is not None else default)
+    is_demo_home = data_set == DEMO_DATA_SET and default is not None and path.resolve() == Path(default).resolve()
+    if is_demo_home:
         ensure_demo_dataset(path)
     if not path.exists():
-        raise GFNetDynnError(f'--data-path {path} does not exist; pass the folder that holds the {data_set} images')
+        demo = (f' (DEMO generates itself at {default} when --data-path is omitted)'
+                if data_set == DEMO_DATA_SET else '')
+        raise GFNetDynnError(f'--data-path {path} does not exist; pass the folder that holds the {data_set} '
+                             f'images{demo}')
     if not path.is_dir():
         raise GFNetDynnError(f'--data-path {path} is a file; pass the folder that holds the {data_set} images')
     return path

@@ -22,7 +22,7 @@ from learning_helpers.losses import CLASSIFIER_LOSSES
 from learning_helpers.operating_points import DEFAULT_BUDGET, parse_budget
 from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
                                         resolve_device)
-from learning_helpers.stage_common import load_resume_checkpoint
+from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from learning_helpers.train_jobs import run_backbone, run_dynn
 from models.flops import EXIT_COSTS
 from models.gates import GATES
@@ -308,11 +308,10 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     stored = checkpoint['args']
     stage = 'backbone' if checkpoint['stage'] == 'backbone' else 'dynn'
     folder = Path(args.resume).resolve().parent
-    if checkpoint['epoch'] + 1 >= stored['num_epoch']:
+    if finished(checkpoint):
         raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch ({checkpoint['epoch']}, "
                              f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
-                             f"run from its best.pth: --checkpoint-path {folder / 'best.pth'} --num_epoch N "
-                             f'--output-dir NEW')
+                             f"run from its best.pth: {extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
     expected = (backbone_run_folder('.', stored.get('data_set'), stored.get('arch')) if stage == 'backbone' else
                 dynn_run_folder('.', stored.get('data_set'), stored.get('ce_ic_tradeoff'))).name
     if folder.name != expected or folder.parent.name != 'checkpoint':

@@ -70,11 +70,15 @@ def test_file_as_data_path_is_rejected(tiny, tmp_path):
         resolve_data_path('TINY', str(tmp_path / 'file.txt'))
 
 
-def test_demo_is_generated_when_its_folder_is_missing(tmp_path, monkeypatch):
+def test_demo_is_generated_at_its_default_path_only(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(data_loader_help, 'ensure_demo_dataset', lambda root: calls.append(root) or root.mkdir())
-    assert resolve_data_path('DEMO', str(tmp_path / 'demo')) == tmp_path / 'demo'
+    monkeypatch.setitem(dataset_config.DATASET_CONFIG['DEMO'], 'default_data_path', str(tmp_path / 'demo'))
+    assert resolve_data_path('DEMO', None) == tmp_path / 'demo'
     assert calls == [tmp_path / 'demo']
+    with pytest.raises(GFNetDynnError, match=f'{tmp_path / "dmeo"} does not exist.*when --data-path is omitted'):
+        resolve_data_path('DEMO', str(tmp_path / 'dmeo'))
+    assert calls == [tmp_path / 'demo'] and not (tmp_path / 'dmeo').exists()
 
 
 # fixed and random splits

@@ -1,0 +1,64 @@
+"""A hurried user's mistakes, each caught before any work: one `error:` line, exit code 2, and every file that
+existed before (data, checkpoints, results) byte for byte as it was, with nothing new left behind."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataset_config
+from conftest import FAST_FLAGS, folder_checksums, one_error, tiny_entry, write_learnable_folder
+from main_dynn import main
+
+
+def refused(capsys, root: Path, argv: list[str]) -> str:
+    """main(argv) is a user mistake (one `error:` line, exit 2) that leaves every file under root as it was and
+    adds none; returns the error line."""
+    before = folder_checksums(root)
+    line = one_error(capsys, argv)
+    assert folder_checksums(root) == before
+    return line
+
+
+@pytest.fixture
+def finished_backbone(small_data, tmp_path, capsys) -> Path:
+    """The run folder of a finished one-epoch backbone run (best.pth, last.pth)."""
+    assert main(['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path / 'run')]) == 0
+    capsys.readouterr()
+    return tmp_path / 'run' / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn'
+
+
+# --resume continues from last.pth only
+
+def test_resume_of_best_pth_of_a_finished_run_is_refused_and_the_run_kept(finished_backbone, tmp_path, capsys):
+    best = finished_backbone / 'best.pth'
+    line = refused(capsys, tmp_path, ['--resume', str(best), '--num_workers', '0'])
+    assert f'--resume {best}' in line and f'({finished_backbone / "last.pth"}) is finished' in line
+    assert f'--stage backbone --data-set TINY --checkpoint-path {best}' in line and '--output-dir NEW' in line
+
+
+def test_resume_of_a_snapshot_names_the_last_pth_to_pass(finished_backbone, tmp_path, capsys):
+    last = finished_backbone / 'last.pth'
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint['args']['num_epoch'] = 3  # the run stopped after its first epoch
+    torch.save(checkpoint, last)
+    snapshot = finished_backbone / 'ckpt_epoch0.pth'
+    torch.save({key: checkpoint[key] for key in ('model', 'stage', 'args', 'epoch')}, snapshot)
+    line = refused(capsys, tmp_path, ['--resume', str(snapshot), '--num_workers', '0'])
+    assert 'is a per-epoch snapshot' in line and line.endswith(f'pass --resume {last}')
+
+
+def test_nothing_to_resume_hint_of_a_backbone_run_keeps_the_stage(finished_backbone, tmp_path, capsys):
+    line = refused(capsys, tmp_path, ['--resume', str(finished_backbone / 'last.pth'), '--num_workers', '0'])
+    assert 'nothing to resume' in line
+    assert f'--stage backbone --data-set TINY --checkpoint-path {finished_backbone / "best.pth"}' in line
+
+
+# the DEMO generator writes to DEMO's own folder only
+
+def test_a_mistyped_demo_data_path_is_refused_and_nothing_generated(tmp_path, capsys):
+    (tmp_path / 'data').mkdir()
+    typo = tmp_path / 'data' / 'DEOM'
+    line = refused(capsys, tmp_path, ['--stage', 'backbone', '--data-set', 'DEMO', '--data-path', str(typo),
+                                      '--output-dir', str(tmp_path / 'out'), '--num_workers', '0'])
+    assert f'--data-path {typo} does not exist' in line and 'when --data-path is omitted' in line
+    assert not typo.exists()
