@@ -167,7 +167,8 @@ def _hold_out_calibration(scenes: SceneFolder, pool: list[int], request: SplitRe
     if not request.calib_ratio:
         return pool, []
     targets = [scenes.targets[i] for i in pool]
-    keep, held = stratified_split(targets, 1 - request.calib_ratio, request.seed)
+    keep, held = stratified_split(targets, 1 - request.calib_ratio, request.seed, scenes.classes,
+                                  f'holding out --calib-ratio {request.calib_ratio:g} of the training images')
     return [pool[i] for i in keep], [pool[i] for i in held]
 
 
@@ -184,7 +185,7 @@ def _one_folder_split(data_set: str, entry: dict, scenes: SceneFolder, relative:
         return recorded.get('method', 'file'), train, val
     if entry['use_random_split']:
         return 'random', *reference_random_split(len(scenes), request.train_ratio, request.seed)
-    return 'stratified', *stratified_split(scenes.targets, request.train_ratio, request.seed)
+    return 'stratified', *stratified_split(scenes.targets, request.train_ratio, request.seed, scenes.classes)
 
 
 def _check_recorded(record: dict, request: SplitRequest, root: Path) -> None:
@@ -250,10 +251,13 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
 def _scan_folders(data_set: str, layout, skip_bad_images: bool) -> tuple[SceneFolder | None, SceneFolder]:
     """Scan a train/ + val/ layout (train/ may be absent for validation only): same classes in both, and a
     warning when the same files (through links) sit in both."""
-    train_scenes = _scan(data_set, layout.train, skip_bad_images) if layout.train else None
-    val_scenes = _scan(data_set, layout.val, skip_bad_images)
-    if train_scenes is not None:
+    train_scenes = SceneFolder(layout.train, skip_bad_images=skip_bad_images) if layout.train else None
+    val_scenes = SceneFolder(layout.val, skip_bad_images=skip_bad_images)
+    if train_scenes is not None:  # before the class count: a folder in one split only is named, not the count
         _check_same_classes(train_scenes, val_scenes)
+        _check_class_count(data_set, train_scenes)
+    _check_class_count(data_set, val_scenes)
+    if train_scenes is not None:
         shared = len(real_files(train_scenes) & real_files(val_scenes))
         if shared:
             logger.warning('%d validation images are also training images (the same files, through links); '

@@ -304,7 +304,7 @@ def _same(dest: str, value, stored) -> bool:
 def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict]:
     """--resume: the run's own arguments back, in the run's own folder. A flag that would change the run is a
     one-line error; only how it runs (device, workers, data location) may change."""
-    checkpoint = load_resume_checkpoint(args.resume)
+    checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
     stored = checkpoint['args']
     stage = 'backbone' if checkpoint['stage'] == 'backbone' else 'dynn'
     folder = Path(args.resume).resolve().parent

@@ -89,7 +89,7 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
         return keeps_budget(point), point['accuracy'], -point['expected_gflops']
     name, best = max(((n, b['at_budget']) for n, b in baselines.items() if b['at_budget']),
                      key=lambda item: score(item[1]))
-    winner = 'learned gates' if score(learned) >= score(best) else name
+    winner = 'learned gates' if score(learned) > score(best) else 'tie' if score(learned) == score(best) else name
     return {'best_baseline': name, 'baseline_accuracy': best['accuracy'],
             'baseline_gflops': best['expected_gflops'], 'baseline_keeps_budget': keeps_budget(best),
             'gates_accuracy': learned['accuracy'], 'gates_gflops': learned['expected_gflops'],
@@ -215,8 +215,8 @@ def format_results_table(results: dict) -> str:
                                        (versus['best_baseline'], versus['baseline_keeps_budget'])) if not keeps]
     lines.append(f"learned gates vs {versus['best_baseline']} at the same budget: {versus['gates_accuracy']:.2f}% at "
                  f"{versus['gates_gflops']:.3f} GFLOPs vs {versus['baseline_accuracy']:.2f}% at "
-                 f"{versus['baseline_gflops']:.3f} GFLOPs: {versus['winner']} win"
-                 f"{'s' if versus['winner'] != 'learned gates' else ''}"
+                 f"{versus['baseline_gflops']:.3f} GFLOPs: "
+                 + {'tie': 'tie', 'learned gates': 'learned gates win'}.get(versus['winner'], f"{versus['winner']} wins")
                  + (f" ({' and '.join(misses)} miss{'es' if len(misses) == 1 else ''} the budget on the validation "
                     f"images)" if misses else ''))
     conformal = results.get('conformal')

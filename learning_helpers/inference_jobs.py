@@ -15,12 +15,12 @@ from data_loader_help import build_datasets, resolve_data_path
 from data_splits import split_summary
 from errors import GFNetDynnError
 from learning_helpers import model_factory
-from learning_helpers.checkpoint import save_json
+from learning_helpers.checkpoint import save_json, suggested_checkpoint
 from learning_helpers.eval_report import evaluate_early_exit, format_results_table
 from learning_helpers.operating_points import parse_budget
 from learning_helpers.outputs import check_export_folder, check_output_file, replace_folder
-from learning_helpers.run_setup import (build_data, checkpoint_args, recorded_split, resolve_model_shape,
-                                        split_request)
+from learning_helpers.run_setup import (build_data, checkpoint_args, dynn_run_folder, recorded_split,
+                                        resolve_model_shape, split_request)
 from models.flops import exit_gflops
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
@@ -31,7 +31,10 @@ def load_for_inference(args: argparse.Namespace, given: set[str],
     """The early-exit model of --checkpoint-path, built from the checkpoint's own args; also those args and the
     checkpoint itself. A model flag that contradicts the checkpoint, or a checkpoint without trained exits, is
     an error."""
-    checkpoint, source_args = checkpoint_args(args.checkpoint_path)
+    wanted = suggested_checkpoint(args.output_dir, f'checkpoint_{args.data_set}_*_confEE/best.pth',
+                                  "the dynn stage's best.pth",
+                                  dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff) / 'best.pth')
+    checkpoint, source_args = checkpoint_args(args.checkpoint_path, wanted)
     for dest in CHECKPOINT_SHAPE_FLAGS:
         stored = source_args.get(dest)
         if dest in given and stored is not None and getattr(args, dest) != stored:

@@ -74,11 +74,11 @@ def dataset_num_classes(data_set: str) -> int:
     return dataset_entry(data_set)['num_classes']
 
 
-def checkpoint_args(path: str | None) -> tuple[dict, dict]:
+def checkpoint_args(path: str | None, wanted: str = 'a .pth file a run wrote') -> tuple[dict, dict]:
     """(checkpoint, its stored run args) or empty dicts when no checkpoint is given."""
     if not path:
         return {}, {}
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, wanted)
     return checkpoint, checkpoint.get('args', {}) if isinstance(checkpoint.get('args'), dict) else {}
 
 

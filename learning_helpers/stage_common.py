@@ -8,7 +8,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from errors import GFNetDynnError
-from learning_helpers.checkpoint import load_training_checkpoint, save_checkpoint
+from learning_helpers.checkpoint import load_training_checkpoint, save_checkpoint, suggested_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.optim import restore_optimizer
 
@@ -73,10 +73,10 @@ def _check_is_last(path: Path, checkpoint: dict) -> None:
                          f"start a new run from its weights: {extend_hint(stage, args.get('data_set'), path)}")
 
 
-def load_resume_checkpoint(path: str | Path) -> dict:
+def load_resume_checkpoint(path: str | Path, output_dir: str | Path = '.') -> dict:
     """A checkpoint --resume can continue from (a run's last.pth): its stage's training state must be there.
     Per-epoch snapshots (ckpt_epoch*.pth) keep the weights only."""
-    checkpoint = load_training_checkpoint(path)
+    checkpoint = load_training_checkpoint(path, suggested_checkpoint(output_dir, '*/last.pth', "a run's last.pth"))
     _check_is_last(Path(path), checkpoint)
     stage = checkpoint['stage']
     required = RESUME_KEYS + STAGE_STATE[stage] if stage in STAGE_STATE else None

@@ -9,6 +9,7 @@ import torch
 from errors import GFNetDynnError
 from learning_helpers import model_factory
 from learning_helpers.backbone_stage import run_backbone_stage
+from learning_helpers.checkpoint import suggested_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
 from learning_helpers.joint_stage import JointConfig
@@ -56,7 +57,12 @@ def run_config(args: argparse.Namespace, run_folder: Path, run_args: dict) -> Ru
 def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> tuple[torch.nn.Module, dict, dict]:
     """The model of a new run (from --checkpoint-path when given) or of a resumed one (weights come later),
     its shape (architecture, patch and input size) and the split its source checkpoint was trained on."""
-    start, source_args = checkpoint_args(None if resume else args.checkpoint_path)
+    wanted = suggested_checkpoint(args.output_dir, f'backbone_{args.data_set}_*/best.pth',
+                                  'a best.pth of the backbone stage' + (' or official GFNet weights'
+                                                                        if stage == 'backbone' else ''),
+                                  backbone_run_folder(args.output_dir, args.data_set,
+                                                      args.arch or model_factory.DEFAULT_ARCH) / 'best.pth')
+    start, source_args = checkpoint_args(None if resume else args.checkpoint_path, wanted)
     if stage == 'backbone' and start.get('stage') in DYNN_STAGES:
         raise GFNetDynnError(f'--checkpoint-path {args.checkpoint_path} is a dynn-stage checkpoint (exits and gates); '
                              f'--stage backbone starts from a backbone checkpoint or official GFNet weights: pass '

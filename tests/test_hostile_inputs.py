@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dataset_config
-from conftest import FAST_FLAGS, folder_checksums, one_error, tiny_entry, write_learnable_folder
+from conftest import FAST_FLAGS, TINY_FLAGS, folder_checksums, one_error, tiny_entry, write_learnable_folder
 from main_dynn import main
 
 
@@ -62,3 +62,54 @@ def test_a_mistyped_demo_data_path_is_refused_and_nothing_generated(tmp_path, ca
                                       '--output-dir', str(tmp_path / 'out'), '--num_workers', '0'])
     assert f'--data-path {typo} does not exist' in line and 'when --data-path is omitted' in line
     assert not typo.exists()
+
+
+# messages that point the right way
+
+def test_missing_eval_checkpoint_suggests_a_dynn_best_pth(small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, tmp_path, ['--eval', *TINY_FLAGS, '--checkpoint-path', 'nope.pth'])
+    assert "the dynn stage's best.pth (a run writes it to checkpoint/checkpoint_TINY_0.75_confEE/best.pth by " \
+           "default)" in line and 'backbone_' not in line
+    run = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.5_confEE'
+    run.mkdir(parents=True)
+    (run / 'best.pth').write_bytes(b'a dynn run')
+    line = refused(capsys, tmp_path, ['--eval', *TINY_FLAGS, '--checkpoint-path', 'nope.pth'])
+    assert line.endswith("the dynn stage's best.pth, e.g. checkpoint/checkpoint_TINY_0.5_confEE/best.pth")
+
+
+def test_missing_resume_file_suggests_a_last_pth(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn'
+    run.mkdir(parents=True)
+    (run / 'last.pth').write_bytes(b'a backbone run')
+    line = refused(capsys, tmp_path, ['--resume', 'checkpoint/backbone_TINY_GFNet-ti-dynn/lats.pth'])
+    assert line.endswith("pass a run's last.pth, e.g. checkpoint/backbone_TINY_GFNet-ti-dynn/last.pth")
+
+
+def test_a_tie_with_the_best_baseline_is_called_a_tie():
+    from learning_helpers.eval_report import versus_baselines
+    from learning_helpers.operating_points import parse_budget
+    point = {'accuracy': 90.0, 'expected_gflops': 0.2, 'expected_latency_ms': 1.0}
+    versus = versus_baselines(point, {'max_prob': {'at_budget': dict(point)}, 'entropy': {'at_budget': None}},
+                              parse_budget('acc-drop=1'), 90.0)
+    assert versus['winner'] == 'tie'
+    better = versus_baselines({**point, 'expected_gflops': 0.1}, {'max_prob': {'at_budget': point}},
+                              parse_budget('acc-drop=1'), 90.0)
+    assert better['winner'] == 'learned gates'
+
+
+def test_a_class_folder_only_in_val_is_named(small_data, tmp_path, capsys):
+    extra = small_data / 'val' / 'class9'
+    extra.mkdir()
+    (extra / '000.png').write_bytes((small_data / 'val' / 'class0' / '000.png').read_bytes())
+    line = refused(capsys, tmp_path, ['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path / 'out')])
+    assert 'only in val: class9' in line and 'dataset_config.py' not in line
+
+
+def test_one_image_in_a_class_with_calib_ratio_names_the_folder(small_data, tmp_path, capsys):
+    for image in sorted((small_data / 'train' / 'class1').iterdir())[1:]:
+        image.unlink()
+    line = refused(capsys, tmp_path, ['--stage', 'backbone', *FAST_FLAGS, '--calib-ratio', '0.2',
+                                      '--output-dir', str(tmp_path / 'out')])
+    assert 'class folder class1 has 1 image' in line and '--calib-ratio 0.2' in line
