@@ -2,6 +2,7 @@
 or reused, the transforms applied; one-line errors for every data-folder mistake."""
 import copy
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from data_splits import (calib_record, check_train_ratio, find_layout, read_spli
 from data_transforms import build_transform, check_augment
 from demo_data import ensure_demo_dataset
 from errors import GFNetDynnError
-from scene_folder import SceneFolder, real_files
+from scene_folder import BadImages, SceneFolder, real_files
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +108,9 @@ def _check_class_count(data_set: str, folder: SceneFolder) -> None:
                              f'{len(folder.classes)}; fix the folder or the entry')
 
 
-def _scan(data_set: str, folder: Path, skip_bad_images: bool) -> SceneFolder:
+def _scan(data_set: str, folder: Path, skip_bad_images: bool, check_images: bool = False) -> SceneFolder:
     """Scan one class-per-sub-folder directory (no transform yet) and check its class count."""
-    scenes = SceneFolder(folder, skip_bad_images=skip_bad_images)
+    scenes = SceneFolder(folder, skip_bad_images=skip_bad_images, check_images=check_images)
     _check_class_count(data_set, scenes)
     return scenes
 
@@ -207,19 +208,20 @@ def _check_recorded(record: dict, request: SplitRequest, root: Path) -> None:
 
 
 def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, split: SplitRequest = SplitRequest(),
-                   augment: dict | None = None, skip_bad_images: bool = False, need_train: bool = True) -> DataSets:
+                   augment: dict | None = None, skip_bad_images: bool = False, need_train: bool = True,
+                   check_images: bool = False) -> DataSets:
     """The training, validation and (with split.calib_ratio) calibration sets of data_set under data_path, split
     as the layout found and `split` say; with need_train=False no training set (a train/ folder need not exist
-    unless calibration images are recorded)."""
+    unless calibration images are recorded). Every image is checked while scanning (check_images: fully decoded)."""
     entry = dataset_entry(data_set)
     root = Path(data_path)
     layout = find_layout(root, entry, need_train=need_train or bool(split.calib_ratio))
     if layout.kind == 'folders':
-        train_scenes, val_scenes = _scan_folders(data_set, layout, skip_bad_images)
+        train_scenes, val_scenes = _scan_folders(data_set, layout, skip_bad_images, check_images)
         method, pool = 'folders', list(range(len(train_scenes))) if train_scenes is not None else []
         val_idx, ratio, seed = None, None, None
     else:
-        train_scenes = val_scenes = _scan(data_set, layout.train, skip_bad_images)
+        train_scenes = val_scenes = _scan(data_set, layout.train, skip_bad_images, check_images)
         method, pool, val_idx = _one_folder_split(data_set, entry, train_scenes, _relative(train_scenes.samples,
                                                                                             layout.train), split)
         if not pool or not val_idx:
@@ -248,11 +250,20 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
     return DataSets(train_set, val_set, val_scenes.classes, record, calib_set)
 
 
-def _scan_folders(data_set: str, layout, skip_bad_images: bool) -> tuple[SceneFolder | None, SceneFolder]:
+def _scan_folders(data_set: str, layout, skip_bad_images: bool,
+                  check_images: bool = False) -> tuple[SceneFolder | None, SceneFolder]:
     """Scan a train/ + val/ layout (train/ may be absent for validation only): same classes in both, and a
     warning when the same files (through links) sit in both."""
-    train_scenes = SceneFolder(layout.train, skip_bad_images=skip_bad_images) if layout.train else None
-    val_scenes = SceneFolder(layout.val, skip_bad_images=skip_bad_images)
+    scenes, bad = [], []
+    for folder in (layout.train, layout.val):
+        try:
+            scenes.append(SceneFolder(folder, skip_bad_images=skip_bad_images, check_images=check_images)
+                          if folder else None)
+        except BadImages as error:  # scan both folders first: every bad file named in one line
+            bad += error.problems
+    if bad:
+        raise BadImages(bad, Path(os.path.commonpath([f for f in (layout.train, layout.val) if f])))
+    train_scenes, val_scenes = scenes
     if train_scenes is not None:  # before the class count: a folder in one split only is named, not the count
         _check_same_classes(train_scenes, val_scenes)
         _check_class_count(data_set, train_scenes)

@@ -76,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group('data loading')
     data.add_argument('--skip-bad-images', action='store_true',
                       help='drop unreadable images with a warning instead of stopping')
+    data.add_argument('--check-images', action='store_true',
+                      help='fully decode every image before training (slower); without it, headers and file '
+                           'structure are checked')
     data.add_argument('--num_workers', type=int, default=2, help='data-loading worker processes')
 
     model = parser.add_argument_group('model')
@@ -190,7 +193,7 @@ DATA_JOBS = frozenset({'backbone', 'dynn', 'eval'})
 # not listed acts in every job. --arch, --patch-size, --exit-positions and --gate also reach --eval and
 # --export, where they must match the checkpoint.
 # The data flags --export reads with --quantize (calibration images), and only then.
-CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images')
+CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images')
 FLAG_JOBS = {
     **{dest: DATA_JOBS | {'export'} for dest in CALIBRATION_FLAGS}, 'calib_ratio': DATA_JOBS, 'budget': {'eval'},
     **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS},
@@ -209,7 +212,7 @@ FLAG_JOBS = {
     'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
     'seed': DATA_JOBS, 'overwrite': TRAINING_JOBS,
 }
-RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path'})  # how a run runs, not what it is
+RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})  # how a run runs, not what it is
 
 
 def option_names() -> dict[str, str]:

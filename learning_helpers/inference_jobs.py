@@ -115,7 +115,8 @@ def calibration_images(args: argparse.Namespace, input_size: int, recorded: dict
     so that every class is present, preprocessed as the ONNX runner does: (count, 3, size, size) float32."""
     from models.onnx_runner import preprocess
     train_set = build_datasets(args.data_set, resolve_data_path(args.data_set, args.data_path), input_size,
-                               split=split_request(args, recorded), skip_bad_images=args.skip_bad_images).train
+                               split=split_request(args, recorded), skip_bad_images=args.skip_bad_images,
+                               check_images=args.check_images).train
     if isinstance(train_set, Subset):
         paths = [train_set.dataset.samples[i][0] for i in train_set.indices]
     else:

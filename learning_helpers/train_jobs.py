@@ -18,8 +18,8 @@ from learning_helpers.optim import build_optimizer, build_scheduler, optimizer_c
 from learning_helpers.outputs import check_new_run, writable_location
 from learning_helpers.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args,
                                         claim_run, dataset_num_classes, dynn_run_folder, make_writer,
-                                        recorded_split, resolve_model_shape, run_args_dict, save_split,
-                                        warmup_folder)
+                                        recorded_split, removed_on_bad_input, resolve_model_shape, run_args_dict,
+                                        save_split, warmup_folder)
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
 from models.weights import load_state
@@ -99,7 +99,8 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
         criterion.load_learned_state_dict(start.state['criterion'])
     run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    with claim_run([run_folder], args.overwrite and not resume):
+    with removed_on_bad_input([run_folder, split_path, Path(args.output_dir) / 'runs']), \
+            claim_run([run_folder], args.overwrite and not resume):
         save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f"backbone_{args.data_set}_{shape['arch']}")
         summary = run_backbone_stage(train_model, criterion, data.train_loader, data.val_loader, optimizer,
@@ -134,7 +135,8 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
                         args.classifier_loss, args.freeze_backbone)
-    with claim_run([run_folder, heads_dir], args.overwrite and not resume):
+    with removed_on_bad_input([run_folder, heads_dir, split_path, Path(args.output_dir) / 'runs']), \
+            claim_run([run_folder, heads_dir], args.overwrite and not resume):
         save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
         summary = train_dynn(model, data.train_loader, data.val_loader, optimizer, scheduler, device, run, warmup,

@@ -1,9 +1,12 @@
 """A hurried user's mistakes, each caught before any work: one `error:` line, exit code 2, and every file that
 existed before (data, checkpoints, results) byte for byte as it was, with nothing new left behind."""
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import dataset_config
 from conftest import FAST_FLAGS, TINY_FLAGS, folder_checksums, one_error, tiny_entry, write_learnable_folder
@@ -113,3 +116,41 @@ def test_one_image_in_a_class_with_calib_ratio_names_the_folder(small_data, tmp_
     line = refused(capsys, tmp_path, ['--stage', 'backbone', *FAST_FLAGS, '--calib-ratio', '0.2',
                                       '--output-dir', str(tmp_path / 'out')])
     assert 'class folder class1 has 1 image' in line and '--calib-ratio 0.2' in line
+
+
+# bad images: all named before training; a run they stop leaves nothing behind
+
+def write_truncated(path: Path, image_format: str) -> Path:
+    """A 64 px noise image cut to three quarters: it opens (the header is whole), its pixels do not decode."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, image_format)
+    path.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) * 3 // 4])
+    return path
+
+
+def test_every_truncated_png_is_named_in_one_line_before_training(small_data, tmp_path, capsys):
+    bad = [write_truncated(small_data / split / name / 'cut.png', 'PNG')
+           for split, name in (('train', 'class0'), ('train', 'class2'), ('val', 'class1'))]
+    line = refused(capsys, tmp_path, ['--stage', 'backbone', *FAST_FLAGS, '--output-dir', str(tmp_path / 'out')])
+    assert f'3 bad images under {small_data}' in line and all(f'cannot read image {path}' in line for path in bad)
+    assert '--skip-bad-images' in line
+
+
+def test_check_images_decodes_every_image_before_training(small_data, tmp_path, capsys):
+    bad = write_truncated(small_data / 'val' / 'class1' / 'cut.jpg', 'JPEG')  # a JPEG header check cannot see it
+    line = refused(capsys, tmp_path, ['--stage', 'backbone', *FAST_FLAGS, '--check-images',
+                                      '--output-dir', str(tmp_path / 'out')])
+    assert f'cannot read image {bad}' in line
+
+
+@pytest.mark.parametrize('stage', ['backbone', 'dynn'])
+def test_a_run_stopped_by_a_bad_image_leaves_nothing_behind(stage, small_data, tmp_path, capsys):
+    """Found while training (the scan cannot see it): no split file, lock, run folder or TensorBoard events stay."""
+    out = tmp_path / 'out'
+    (out / 'runs' / 'earlier').mkdir(parents=True)
+    (out / 'runs' / 'earlier' / 'events').write_bytes(b'an earlier run')
+    bad = write_truncated(small_data / 'train' / 'class1' / 'cut.jpg', 'JPEG')
+    line = refused(capsys, tmp_path, ['--stage', stage, *FAST_FLAGS, '--batch', '13', '--output-dir', str(out)])
+    assert f'cannot read image {bad}' in line  # one batch: every training image
+    assert [path.relative_to(out).as_posix() for path in sorted(out.rglob('*'))] == [
+        'runs', 'runs/earlier', 'runs/earlier/events']  # no empty folders either
