@@ -165,12 +165,24 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
-def test_truncated_image_fails_at_load_naming_the_file(tiny):
+def test_truncated_png_is_found_by_the_scan_naming_the_file(tiny):
     bad = tiny / 'train' / 'cat_a' / '000.png'
     _truncate(bad)
+    with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
+        build_datasets('TINY', tiny, 32)
+
+
+def test_truncated_jpeg_fails_at_load_naming_the_file(tiny):
+    """A JPEG's structure is not checked without --check-images: decoding finds it."""
+    bad = tiny / 'train' / 'cat_a' / '000.jpg'
+    Image.open(tiny / 'train' / 'cat_a' / '000.png').save(bad)
+    (tiny / 'train' / 'cat_a' / '000.png').unlink()
+    bad.write_bytes(bad.read_bytes()[:-len(bad.read_bytes()) // 4])
     train, _, _, _, _ = build_datasets('TINY', tiny, 32)
     with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
         train[0]
+    with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
+        build_datasets('TINY', tiny, 32, check_images=True)
 
 
 def test_skip_bad_images_drops_a_truncated_file_with_a_warning(tiny, caplog):
