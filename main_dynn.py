@@ -193,11 +193,12 @@ DATA_JOBS = frozenset({'backbone', 'dynn', 'eval'})
 # not listed acts in every job. --arch, --patch-size, --exit-positions and --gate also reach --eval and
 # --export, where they must match the checkpoint.
 # The data flags --export reads with --quantize (calibration images), and only then.
-CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images')
+CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images',
+                     'num_workers')
 FLAG_JOBS = {
     **{dest: DATA_JOBS | {'export'} for dest in CALIBRATION_FLAGS}, 'calib_ratio': DATA_JOBS, 'budget': {'eval'},
     **{dest: TRAINING_JOBS for dest in AUGMENT_FLAGS},
-    'num_workers': DATA_JOBS, 'drop_path': TRAINING_JOBS, 'exit_positions': {'dynn', 'eval', 'export'},
+    'drop_path': TRAINING_JOBS, 'exit_positions': {'dynn', 'eval', 'export'},
     'gate': {'dynn', 'eval', 'export'}, 'stage': TRAINING_JOBS, 'batch': DATA_JOBS, 'num_epoch': TRAINING_JOBS,
     'opt': TRAINING_JOBS, 'lr': TRAINING_JOBS, 'min_lr': TRAINING_JOBS, 'wd': TRAINING_JOBS,
     'warmup_epochs': {'backbone'}, 'smoothing': {'backbone'}, 'amp': DATA_JOBS, 'max_nan_skips': TRAINING_JOBS,

@@ -181,12 +181,18 @@ def table_rows(front: list[dict], chosen: dict, rows: int) -> list[dict]:
     return sorted(front, key=lambda p: -p['threshold'])
 
 
+def partial_note(results: dict) -> str:
+    """'PARTIAL: 96 of 320' when --eval read only some of the validation images (--barely_train), else ''."""
+    return f"PARTIAL: {results['num_val']} of {results['num_val_total']}" if results.get('partial') else ''
+
+
 def format_results_table(results: dict) -> str:
     """The terminal report: per-exit accuracy and batch-1 latency, the sweep rows, the chosen point (which set
     chose it, predicted and measured latency) and the baselines at the same budget."""
     exits = len(results['per_exit_accuracy'])
     lines = [f"{results.get('dataset', '')} {results.get('arch', '')} {results.get('input_size', '')}px, "
-             f"{results['num_val']} validation images, exits after blocks {results['exit_positions']} + final",
+             f"{partial_note(results) or str(results['num_val'])} validation images, exits after blocks "
+             f"{results['exit_positions']} + final",
              'exit          ' + ' '.join(f'{k:>7d}' for k in range(exits)),
              'GFLOPs        ' + ' '.join(f'{g:7.3f}' for g in results['gflops_per_exit']),
              'ms (batch 1)  ' + ' '.join(f'{m:7.2f}' for m in results['latency_table_ms']['cumulative']),

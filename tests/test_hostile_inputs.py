@@ -154,3 +154,99 @@ def test_a_run_stopped_by_a_bad_image_leaves_nothing_behind(stage, small_data, t
     assert f'cannot read image {bad}' in line  # one batch: every training image
     assert [path.relative_to(out).as_posix() for path in sorted(out.rglob('*'))] == [
         'runs', 'runs/earlier', 'runs/earlier/events']  # no empty folders either
+
+
+# --eval of part of the images, and the threshold --export takes from it
+
+@pytest.fixture
+def dynn_best(small_data, tmp_path) -> Path:
+    """An untrained 3-class GFNet-Dynn (16 px, patch 8, exits 3 7) saved as the dynn stage saves best.pth."""
+    from learning_helpers.checkpoint import save_checkpoint
+    from learning_helpers.model_factory import build_dynn
+    torch.manual_seed(0)
+    model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], 'unc')
+    args = {'arch': 'GFNet-ti-dynn', 'patch_size': 8, 'input_size': 16, 'exit_positions': [3, 7], 'gate': 'unc',
+            'data_set': 'TINY', 'ce_ic_tradeoff': 0.75, 'num_epoch': 2, 'batch': 8,
+            'class_names': ['class0', 'class1', 'class2']}
+    return save_checkpoint(tmp_path / 'run' / 'best.pth', {'model': model.state_dict(), 'stage': 'joint',
+                                                           'epoch': 1, 'acc': 50.0, 'best_acc': 50.0, 'args': args})
+
+
+def test_a_partial_eval_is_marked_in_every_output(dynn_best, monkeypatch, capsys):
+    import json
+    from matplotlib.axes import Axes
+    titles = []
+    set_title = Axes.set_title
+    monkeypatch.setattr(Axes, 'set_title', lambda ax, label, *a, **k: titles.append(label) or set_title(ax, label))
+    # batch 1: the 6 validation images are 6 batches, of which --barely_train reads 4
+    assert main(['--eval', *TINY_FLAGS, '--barely_train', '--batch', '1', '--checkpoint-path', str(dynn_best)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(dynn_best.with_name('results.json').read_text())
+    assert results['partial'] is True and (results['num_val'], results['num_val_total']) == (4, 6)
+    assert 'PARTIAL: 4 of 6 validation images' in out.splitlines()[0]
+    assert len(titles) == 3 and all('PARTIAL: 4 of 6 validation images' in title for title in titles)
+
+
+def write_results(checkpoint: Path, **fields) -> None:
+    """A results.json of --eval beside checkpoint, with a chosen threshold of 0.7."""
+    import json
+    results = {'chosen': {'threshold': 0.7}, 'input_size': 16, 'checkpoint': str(checkpoint), 'partial': False,
+               'num_val': 6, 'num_val_total': 6, 'selection': {'set': 'val', 'num_images': 6, 'budget': 'acc-drop=1'},
+               **fields}
+    checkpoint.with_name('results.json').write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize('fields, flags, pattern', [
+    ({'input_size': 32}, [], 'at 32 px, this export at 16 px'),
+    ({}, ['--input-size', '32'], 'at 16 px, this export at 32 px'),
+    ({'partial': True, 'num_val': 4}, [], 'on 4 of 6 validation images'),
+])
+def test_export_refuses_a_threshold_chosen_for_another_evaluation(fields, flags, pattern, dynn_best, tmp_path,
+                                                                  capsys):
+    write_results(dynn_best, **fields)
+    line = refused(capsys, tmp_path, ['--export', 'onnx', '--checkpoint-path', str(dynn_best), '--out',
+                                      str(tmp_path / 'onnx'), *flags])
+    assert f"{dynn_best.with_name('results.json')} chose its threshold {pattern}" in line
+    assert '--exit-threshold' in line
+
+
+def test_export_threshold_of_a_split_with_other_validation_images_is_refused(tmp_path):
+    from errors import GFNetDynnError
+    from learning_helpers.inference_jobs import export_threshold
+    checkpoint = tmp_path / 'best.pth'
+    write_results(checkpoint, split={'val_hash': 'aaaa'})
+    assert export_threshold(str(checkpoint), None, 16, {'val_hash': 'aaaa'})[0] == 0.7
+    with pytest.raises(GFNetDynnError, match="on other validation images than the checkpoint's split"):
+        export_threshold(str(checkpoint), None, 16, {'val_hash': 'bbbb'})
+
+
+@pytest.mark.slow
+def test_export_manifest_records_where_its_threshold_came_from(dynn_best, tmp_path, capsys):
+    import json
+    pytest.importorskip('onnxscript')
+    write_results(dynn_best)
+    assert main(['--export', 'onnx', '--checkpoint-path', str(dynn_best), '--out', str(tmp_path / 'onnx')]) == 0
+    manifest = json.loads((tmp_path / 'onnx' / 'manifest.json').read_text())
+    assert manifest['threshold'] == 0.7 and manifest['input_size'] == 16
+    assert manifest['threshold_source'] == {
+        'from': str(dynn_best.with_name('results.json').resolve()), 'input_size': 16, 'chosen_on': 'val',
+        'num_images': 6, 'rule': 'acc-drop=1', 'split_val_hash': None}
+
+
+# --num_workers with the one export that reads images
+
+def test_num_workers_acts_on_int8_calibration_only(small_data, capsys):
+    export = ['--export', 'onnx', '--checkpoint-path', 'missing.pth', '--out', 'x', '--num_workers', '0']
+    assert 'missing.pth does not exist' in one_error(capsys, [*export, '--quantize', 'int8'])
+    line = one_error(capsys, export)
+    assert '--num_workers' in line and 'add --quantize int8' in line
+
+
+def test_calibration_images_are_the_same_with_loader_workers(small_data):
+    import argparse
+    from learning_helpers.inference_jobs import calibration_images
+    args = argparse.Namespace(data_set='TINY', data_path=None, train_ratio=None, split_seed=None, split_file=None,
+                              calib_ratio=None, skip_bad_images=False, check_images=False)
+    serial = calibration_images(argparse.Namespace(**vars(args), num_workers=0), 16, None, 5)
+    parallel = calibration_images(argparse.Namespace(**vars(args), num_workers=1), 16, None, 5)
+    assert serial.shape == (5, 3, 16, 16) and np.array_equal(serial, parallel)
