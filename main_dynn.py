@@ -213,7 +213,8 @@ FLAG_JOBS = {
     'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
     'seed': DATA_JOBS, 'overwrite': TRAINING_JOBS,
 }
-RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})  # how a run runs, not what it is
+# how a run runs, not what it is
+RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})
 
 
 def option_names() -> dict[str, str]:
@@ -315,7 +316,8 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
     if finished(checkpoint):
         raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch ({checkpoint['epoch']}, "
                              f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
-                             f"run from its best.pth: {extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
+                             f"run from its best.pth: "
+                             f"{extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
     expected = (backbone_run_folder('.', stored.get('data_set'), stored.get('arch')) if stage == 'backbone' else
                 dynn_run_folder('.', stored.get('data_set'), stored.get('ce_ic_tradeoff'))).name
     if folder.name != expected or folder.parent.name != 'checkpoint':

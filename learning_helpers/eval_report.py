@@ -219,10 +219,10 @@ def format_results_table(results: dict) -> str:
     versus = results['versus_baselines']
     misses = [name for name, keeps in (('learned gates', versus['gates_keep_budget']),
                                        (versus['best_baseline'], versus['baseline_keeps_budget'])) if not keeps]
+    verdict = {'tie': 'tie', 'learned gates': 'learned gates win'}.get(versus['winner'], f"{versus['winner']} wins")
     lines.append(f"learned gates vs {versus['best_baseline']} at the same budget: {versus['gates_accuracy']:.2f}% at "
                  f"{versus['gates_gflops']:.3f} GFLOPs vs {versus['baseline_accuracy']:.2f}% at "
-                 f"{versus['baseline_gflops']:.3f} GFLOPs: "
-                 + {'tie': 'tie', 'learned gates': 'learned gates win'}.get(versus['winner'], f"{versus['winner']} wins")
+                 f"{versus['baseline_gflops']:.3f} GFLOPs: {verdict}"
                  + (f" ({' and '.join(misses)} miss{'es' if len(misses) == 1 else ''} the budget on the validation "
                     f"images)" if misses else ''))
     conformal = results.get('conformal')

@@ -169,7 +169,9 @@ def export_threshold(checkpoint_path: str, exit_threshold: float | None, input_s
     differences = []
     if results.get('input_size') != input_size:
         differences.append(f"at {results.get('input_size')} px, this export at {input_size} px")
-    if results.get('checkpoint') and Path(results['checkpoint']).resolve() != Path(checkpoint_path).resolve():
+    evaluated_checkpoint = Path(results.get('checkpoint') or checkpoint_path)  # relative: to --eval's directory
+    if (evaluated_checkpoint.name != Path(checkpoint_path).name or
+            evaluated_checkpoint.is_absolute() and evaluated_checkpoint.resolve() != Path(checkpoint_path).resolve()):
         differences.append(f"for another checkpoint ({results['checkpoint']})")
     evaluated = results.get('split') if isinstance(results.get('split'), dict) else {}
     for key, images in (('val_hash', 'validation'), ('calib_hash', 'calibration')):

@@ -250,3 +250,37 @@ def test_calibration_images_are_the_same_with_loader_workers(small_data):
     serial = calibration_images(argparse.Namespace(**vars(args), num_workers=0), 16, None, 5)
     parallel = calibration_images(argparse.Namespace(**vars(args), num_workers=1), 16, None, 5)
     assert serial.shape == (5, 3, 16, 16) and np.array_equal(serial, parallel)
+
+
+# the batch-1 latency table on a busy machine
+
+class SleepingSegments(torch.nn.Module):
+    """Three segments that take `ms` each (a sleep); `stall` maps (round, segment) to an extra sleep in ms."""
+
+    num_exits = 3
+
+    def __init__(self, ms: float, stall: dict | None = None):
+        super().__init__()
+        self.ms, self.stall, self.calls = ms, stall or {}, 0
+
+    def forward_segment(self, k: int, tokens: torch.Tensor):
+        import time
+        time.sleep((self.ms + self.stall.get((self.calls // self.num_exits, k), 0.0)) / 1000)
+        self.calls += 1
+        return tokens, tokens, None if k == self.num_exits - 1 else torch.zeros(1)
+
+
+def test_a_stall_over_two_rounds_does_not_throw_the_latency_table_off(caplog):
+    from learning_helpers.latency import segment_latency_ms
+    # after the 2 warm-up rounds, segment 1 stalls in two rounds (a median of 3 rounds would be the stall)
+    model = SleepingSegments(2.0, stall={(3, 1): 400.0, (4, 1): 400.0})
+    table = segment_latency_ms(model, torch.zeros(1, 3, 4, 4), torch.device('cpu'), seconds=0.0)
+    assert all(1.5 < ms < 20 for ms in table), table
+    assert 'disagree' not in caplog.text
+
+
+def test_latency_rounds_that_disagree_are_a_warning(caplog):
+    from learning_helpers.latency import segment_latency_ms
+    stalls = {(step, 0): 60.0 for step in range(2, 40, 2)}  # every other round is slow
+    segment_latency_ms(SleepingSegments(2.0, stalls), torch.zeros(1, 3, 4, 4), torch.device('cpu'), seconds=0.0)
+    assert 'latency rounds disagree' in caplog.text
