@@ -242,6 +242,7 @@ def test_num_workers_acts_on_int8_calibration_only(small_data, capsys):
     assert '--num_workers' in line and 'add --quantize int8' in line
 
 
+@pytest.mark.process
 def test_calibration_images_are_the_same_with_loader_workers(small_data):
     import argparse
     from learning_helpers.inference_jobs import calibration_images
