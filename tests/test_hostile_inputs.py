@@ -1,15 +1,25 @@
 """A hurried user's mistakes, each caught before any work: one `error:` line, exit code 2, and every file that
 existed before (data, checkpoints, results) byte for byte as it was, with nothing new left behind."""
+import argparse
 import io
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.axes import Axes
 from PIL import Image
 
-import dataset_config
-from conftest import FAST_FLAGS, TINY_FLAGS, folder_checksums, one_error, tiny_entry, write_learnable_folder
+from conftest import FAST_FLAGS, TINY_FLAGS, folder_checksums, one_error
+from errors import GFNetDynnError
+from learning_helpers.checkpoint import save_checkpoint
+from learning_helpers.eval_report import versus_baselines
+from learning_helpers.inference_jobs import calibration_images, export_threshold
+from learning_helpers.latency import segment_latency_ms
+from learning_helpers.model_factory import build_dynn
+from learning_helpers.operating_points import parse_budget
 from main_dynn import main
 
 
@@ -91,8 +101,6 @@ def test_missing_resume_file_suggests_a_last_pth(tmp_path, monkeypatch, capsys):
 
 
 def test_a_tie_with_the_best_baseline_is_called_a_tie():
-    from learning_helpers.eval_report import versus_baselines
-    from learning_helpers.operating_points import parse_budget
     point = {'accuracy': 90.0, 'expected_gflops': 0.2, 'expected_latency_ms': 1.0}
     versus = versus_baselines(point, {'max_prob': {'at_budget': dict(point)}, 'entropy': {'at_budget': None}},
                               parse_budget('acc-drop=1'), 90.0)
@@ -161,8 +169,6 @@ def test_a_run_stopped_by_a_bad_image_leaves_nothing_behind(stage, small_data, t
 @pytest.fixture
 def dynn_best(small_data, tmp_path) -> Path:
     """An untrained 3-class GFNet-Dynn (16 px, patch 8, exits 3 7) saved as the dynn stage saves best.pth."""
-    from learning_helpers.checkpoint import save_checkpoint
-    from learning_helpers.model_factory import build_dynn
     torch.manual_seed(0)
     model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], 'unc')
     args = {'arch': 'GFNet-ti-dynn', 'patch_size': 8, 'input_size': 16, 'exit_positions': [3, 7], 'gate': 'unc',
@@ -173,8 +179,6 @@ def dynn_best(small_data, tmp_path) -> Path:
 
 
 def test_a_partial_eval_is_marked_in_every_output(dynn_best, monkeypatch, capsys):
-    import json
-    from matplotlib.axes import Axes
     titles = []
     set_title = Axes.set_title
     monkeypatch.setattr(Axes, 'set_title', lambda ax, label, *a, **k: titles.append(label) or set_title(ax, label))
@@ -189,7 +193,6 @@ def test_a_partial_eval_is_marked_in_every_output(dynn_best, monkeypatch, capsys
 
 def write_results(checkpoint: Path, **fields) -> None:
     """A results.json of --eval beside checkpoint, with a chosen threshold of 0.7."""
-    import json
     results = {'chosen': {'threshold': 0.7}, 'input_size': 16, 'checkpoint': str(checkpoint), 'partial': False,
                'num_val': 6, 'num_val_total': 6, 'selection': {'set': 'val', 'num_images': 6, 'budget': 'acc-drop=1'},
                **fields}
@@ -211,8 +214,6 @@ def test_export_refuses_a_threshold_chosen_for_another_evaluation(fields, flags,
 
 
 def test_export_threshold_of_a_split_with_other_validation_images_is_refused(tmp_path):
-    from errors import GFNetDynnError
-    from learning_helpers.inference_jobs import export_threshold
     checkpoint = tmp_path / 'best.pth'
     write_results(checkpoint, split={'val_hash': 'aaaa'})
     assert export_threshold(str(checkpoint), None, 16, {'val_hash': 'aaaa'})[0] == 0.7
@@ -222,7 +223,6 @@ def test_export_threshold_of_a_split_with_other_validation_images_is_refused(tmp
 
 @pytest.mark.slow
 def test_export_manifest_records_where_its_threshold_came_from(dynn_best, tmp_path, capsys):
-    import json
     pytest.importorskip('onnxscript')
     write_results(dynn_best)
     assert main(['--export', 'onnx', '--checkpoint-path', str(dynn_best), '--out', str(tmp_path / 'onnx')]) == 0
@@ -244,8 +244,6 @@ def test_num_workers_acts_on_int8_calibration_only(small_data, capsys):
 
 @pytest.mark.process
 def test_calibration_images_are_the_same_with_loader_workers(small_data):
-    import argparse
-    from learning_helpers.inference_jobs import calibration_images
     args = argparse.Namespace(data_set='TINY', data_path=None, train_ratio=None, split_seed=None, split_file=None,
                               calib_ratio=None, skip_bad_images=False, check_images=False)
     serial = calibration_images(argparse.Namespace(**vars(args), num_workers=0), 16, None, 5)
@@ -265,14 +263,12 @@ class SleepingSegments(torch.nn.Module):
         self.ms, self.stall, self.calls = ms, stall or {}, 0
 
     def forward_segment(self, k: int, tokens: torch.Tensor):
-        import time
         time.sleep((self.ms + self.stall.get((self.calls // self.num_exits, k), 0.0)) / 1000)
         self.calls += 1
         return tokens, tokens, None if k == self.num_exits - 1 else torch.zeros(1)
 
 
 def test_a_stall_over_two_rounds_does_not_throw_the_latency_table_off(caplog):
-    from learning_helpers.latency import segment_latency_ms
     # after the 2 warm-up rounds, segment 1 stalls in two rounds (a median of 3 rounds would be the stall)
     model = SleepingSegments(2.0, stall={(3, 1): 400.0, (4, 1): 400.0})
     table = segment_latency_ms(model, torch.zeros(1, 3, 4, 4), torch.device('cpu'), seconds=0.0)
@@ -281,7 +277,6 @@ def test_a_stall_over_two_rounds_does_not_throw_the_latency_table_off(caplog):
 
 
 def test_latency_rounds_that_disagree_are_a_warning(caplog):
-    from learning_helpers.latency import segment_latency_ms
     stalls = {(step, 0): 60.0 for step in range(2, 40, 2)}  # every other round is slow
     segment_latency_ms(SleepingSegments(2.0, stalls), torch.zeros(1, 3, 4, 4), torch.device('cpu'), seconds=0.0)
     assert 'latency rounds disagree' in caplog.text
