@@ -2,6 +2,7 @@
 or reused, the transforms applied; one-line errors for every data-folder mistake."""
 import copy
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from data_pipeline.data_splits import (calib_record, check_train_ratio, find_lay
                                        reference_random_split, split_from_names, split_record, stratified_split)
 from data_pipeline.data_transforms import build_transform, check_augment
 from data_pipeline.demo_data import ensure_demo_dataset
-from data_pipeline.scene_folder import SceneFolder, real_files
+from data_pipeline.scene_folder import BadImages, SceneFolder, real_files
 from errors import GFNetDynnError
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,18 @@ def default_train_ratio(data_set: str) -> float:
 
 
 def resolve_data_path(data_set: str, data_path: str | None) -> Path:
-    """The folder to read data_set from: --data-path, else the config default (DEMO is generated if missing)."""
-    path = Path(data_path if data_path is not None else dataset_entry(data_set)['default_data_path'])
-    if data_set == DEMO_DATA_SET and (data_path is None or not path.exists()):
+    """The folder to read data_set from: --data-path, else the config default. DEMO is generated if missing, but
+    only at its own default path: a mistyped --data-path must not fill a new folder with synthetic images."""
+    default = dataset_entry(data_set)['default_data_path']
+    path = Path(data_path if data_path is not None else default)
+    is_demo_home = data_set == DEMO_DATA_SET and default is not None and path.resolve() == Path(default).resolve()
+    if is_demo_home:
         ensure_demo_dataset(path)
     if not path.exists():
-        raise GFNetDynnError(f'--data-path {path} does not exist; pass the folder that holds the {data_set} images')
+        demo = (f' (DEMO generates itself at {default} when --data-path is omitted)'
+                if data_set == DEMO_DATA_SET else '')
+        raise GFNetDynnError(f'--data-path {path} does not exist; pass the folder that holds the {data_set} '
+                             f'images{demo}')
     if not path.is_dir():
         raise GFNetDynnError(f'--data-path {path} is a file; pass the folder that holds the {data_set} images')
     return path
@@ -101,9 +108,9 @@ def _check_class_count(data_set: str, folder: SceneFolder) -> None:
                              f'{len(folder.classes)}; fix the folder or the entry')
 
 
-def _scan(data_set: str, folder: Path, skip_bad_images: bool) -> SceneFolder:
+def _scan(data_set: str, folder: Path, skip_bad_images: bool, check_images: bool = False) -> SceneFolder:
     """Scan one class-per-sub-folder directory (no transform yet) and check its class count."""
-    scenes = SceneFolder(folder, skip_bad_images=skip_bad_images)
+    scenes = SceneFolder(folder, skip_bad_images=skip_bad_images, check_images=check_images)
     _check_class_count(data_set, scenes)
     return scenes
 
@@ -161,7 +168,8 @@ def _hold_out_calibration(scenes: SceneFolder, pool: list[int], request: SplitRe
     if not request.calib_ratio:
         return pool, []
     targets = [scenes.targets[i] for i in pool]
-    keep, held = stratified_split(targets, 1 - request.calib_ratio, request.seed)
+    keep, held = stratified_split(targets, 1 - request.calib_ratio, request.seed, scenes.classes,
+                                  f'holding out --calib-ratio {request.calib_ratio:g} of the training images')
     return [pool[i] for i in keep], [pool[i] for i in held]
 
 
@@ -178,7 +186,7 @@ def _one_folder_split(data_set: str, entry: dict, scenes: SceneFolder, relative:
         return recorded.get('method', 'file'), train, val
     if entry['use_random_split']:
         return 'random', *reference_random_split(len(scenes), request.train_ratio, request.seed)
-    return 'stratified', *stratified_split(scenes.targets, request.train_ratio, request.seed)
+    return 'stratified', *stratified_split(scenes.targets, request.train_ratio, request.seed, scenes.classes)
 
 
 def _check_recorded(record: dict, request: SplitRequest, root: Path) -> None:
@@ -200,19 +208,20 @@ def _check_recorded(record: dict, request: SplitRequest, root: Path) -> None:
 
 
 def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, split: SplitRequest = SplitRequest(),
-                   augment: dict | None = None, skip_bad_images: bool = False, need_train: bool = True) -> DataSets:
+                   augment: dict | None = None, skip_bad_images: bool = False, need_train: bool = True,
+                   check_images: bool = False) -> DataSets:
     """The training, validation and (with split.calib_ratio) calibration sets of data_set under data_path, split
     as the layout found and `split` say; with need_train=False no training set (a train/ folder need not exist
-    unless calibration images are recorded)."""
+    unless calibration images are recorded). Every image is checked while scanning (check_images: fully decoded)."""
     entry = dataset_entry(data_set)
     root = Path(data_path)
     layout = find_layout(root, entry, need_train=need_train or bool(split.calib_ratio))
     if layout.kind == 'folders':
-        train_scenes, val_scenes = _scan_folders(data_set, layout, skip_bad_images)
+        train_scenes, val_scenes = _scan_folders(data_set, layout, skip_bad_images, check_images)
         method, pool = 'folders', list(range(len(train_scenes))) if train_scenes is not None else []
         val_idx, ratio, seed = None, None, None
     else:
-        train_scenes = val_scenes = _scan(data_set, layout.train, skip_bad_images)
+        train_scenes = val_scenes = _scan(data_set, layout.train, skip_bad_images, check_images)
         method, pool, val_idx = _one_folder_split(data_set, entry, train_scenes, _relative(train_scenes.samples,
                                                                                             layout.train), split)
         if not pool or not val_idx:
@@ -241,13 +250,25 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
     return DataSets(train_set, val_set, val_scenes.classes, record, calib_set)
 
 
-def _scan_folders(data_set: str, layout, skip_bad_images: bool) -> tuple[SceneFolder | None, SceneFolder]:
+def _scan_folders(data_set: str, layout, skip_bad_images: bool,
+                  check_images: bool = False) -> tuple[SceneFolder | None, SceneFolder]:
     """Scan a train/ + val/ layout (train/ may be absent for validation only): same classes in both, and a
     warning when the same files (through links) sit in both."""
-    train_scenes = _scan(data_set, layout.train, skip_bad_images) if layout.train else None
-    val_scenes = _scan(data_set, layout.val, skip_bad_images)
-    if train_scenes is not None:
+    scenes, bad = [], []
+    for folder in (layout.train, layout.val):
+        try:
+            scenes.append(SceneFolder(folder, skip_bad_images=skip_bad_images, check_images=check_images)
+                          if folder else None)
+        except BadImages as error:  # scan both folders first: every bad file named in one line
+            bad += error.problems
+    if bad:
+        raise BadImages(bad, Path(os.path.commonpath([f for f in (layout.train, layout.val) if f])))
+    train_scenes, val_scenes = scenes
+    if train_scenes is not None:  # before the class count: a folder in one split only is named, not the count
         _check_same_classes(train_scenes, val_scenes)
+        _check_class_count(data_set, train_scenes)
+    _check_class_count(data_set, val_scenes)
+    if train_scenes is not None:
         shared = len(real_files(train_scenes) & real_files(val_scenes))
         if shared:
             logger.warning('%d validation images are also training images (the same files, through links); '

@@ -25,7 +25,7 @@ from jobs.trained_run import RunArgs
 from learning_helpers.distributed import barrier, init_distributed
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
-from learning_helpers.stage_common import load_resume_checkpoint
+from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
 from models.flops import EXIT_COSTS
 from models.gates import GATES
@@ -87,7 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group('data loading')
     add_flag(data, '--skip-bad-images', action='store_true', jobs=READS_DATA | EXPORT,
              help='drop unreadable images with a warning instead of stopping')
-    add_flag(data, '--num_workers', type=int, default=2, jobs=READS_DATA, check=non_negative,
+    add_flag(data, '--check-images', action='store_true', jobs=READS_DATA | EXPORT,
+             help='fully decode every image before training (slower); without it, headers and file structure are '
+                  'checked')
+    add_flag(data, '--num_workers', type=int, default=2, jobs=READS_DATA | EXPORT, check=non_negative,
              help='data-loading worker processes')
 
     model = parser.add_argument_group('model')
@@ -214,8 +217,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # The data flags --export reads with --quantize (calibration images), and only then.
-CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images')
-RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path'})  # how a run runs, not what it is
+CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images',
+                     'num_workers')
+# how a run runs, not what it is
+RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})
 
 
 def option_names() -> dict[str, str]:
@@ -244,13 +249,17 @@ def _describe_jobs(jobs) -> str:
 
 
 def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> None:
-    """Every flag on the command line acts in this job: none is silently ignored."""
-    names, acts_in = option_names(), flag_jobs(get_args_parser())
-    for dest in sorted(given):
-        jobs = acts_in[dest]
-        if jobs is not None and job not in jobs:
-            raise GFNetDynnError(f'{names[dest]} has no effect with {_describe_jobs({job})}: it applies to '
-                                 f'{_describe_jobs(jobs)}; drop it')
+    """Every flag on the command line acts in this job: none is silently ignored. All the flags that do not are
+    named in one line; one given at its default value changes nothing, so a script may keep it."""
+    parser = get_args_parser()
+    names, acts_in = option_names(), flag_jobs(parser)
+    idle = [dest for dest in sorted(given)
+            if acts_in[dest] is not None and job not in acts_in[dest] and getattr(args, dest) != parser.get_default(dest)]
+    if idle:
+        described = '; '.join(f'{names[dest]} applies to {_describe_jobs(acts_in[dest])}' for dest in idle)
+        raise GFNetDynnError(f"{', '.join(names[dest] for dest in idle)} {'has' if len(idle) == 1 else 'have'} no "
+                             f'effect with {_describe_jobs({job})} ({described}); drop '
+                             f"{'it' if len(idle) == 1 else 'them'}")
     if job == 'backbone' and args.distillation_type == 'none':
         extra = sorted(names[d] for d in given & {'teacher_model', 'teacher_path', 'distillation_alpha',
                                                   'distillation_tau', 'distillation_freq_weight'})
@@ -260,7 +269,8 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
     if job == 'export' and not args.quantize:
-        extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'})
+        extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'}
+                       if getattr(args, d) != parser.get_default(d))
         if extra:
             raise GFNetDynnError(f"{', '.join(extra)} given with --export but without --quantize int8, the only export "
                                  f'that reads images (for calibration): add --quantize int8, or drop them')
@@ -294,15 +304,15 @@ def _same(dest: str, value, stored) -> bool:
 def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict]:
     """--resume: the run's own arguments back, in the run's own folder. A flag that would change the run is a
     one-line error; only how it runs (device, workers, data location) may change."""
-    checkpoint = load_resume_checkpoint(args.resume)
+    checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
     stored = checkpoint['args']
     stage = 'backbone' if checkpoint['stage'] == 'backbone' else 'dynn'
     folder = Path(args.resume).resolve().parent
-    if checkpoint['epoch'] + 1 >= stored['num_epoch']:
+    if finished(checkpoint):
         raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch ({checkpoint['epoch']}, "
                              f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
-                             f"run from its best.pth: --checkpoint-path {folder / 'best.pth'} --num_epoch N "
-                             f'--output-dir NEW')
+                             f"run from its best.pth: "
+                             f"{extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
     recorded = RunArgs.from_dict(stored)
     expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
                 dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name

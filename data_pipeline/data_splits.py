@@ -83,9 +83,11 @@ def split_hash(classes: list[str], train: list[str], val: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stratified_split(targets: list[int], train_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(targets: list[int], train_ratio: float, seed: int, class_names: list[str] | None = None,
+                     purpose: str = 'a split') -> tuple[list[int], list[int]]:
     """Per class, round(ratio x count) images train (at least one, and at least one left to validate),
-    chosen by a generator seeded with `seed`; indices in sample order."""
+    chosen by a generator seeded with `seed`; indices in sample order. `class_names` and `purpose` word the error
+    for a class with a single image."""
     generator = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for index, target in enumerate(targets):
@@ -94,7 +96,9 @@ def stratified_split(targets: list[int], train_ratio: float, seed: int) -> tuple
     for target in sorted(by_class):
         indices = by_class[target]
         if len(indices) < 2:
-            raise GFNetDynnError(f'class {target} has {len(indices)} image; a split needs at least 2 per class')
+            name = f'class folder {class_names[target]}' if class_names else f'class {target}'
+            raise GFNetDynnError(f'{name} has {len(indices)} image; {purpose} needs at least 2 per class: add '
+                                 f'images to it')
         count = min(max(1, round(train_ratio * len(indices))), len(indices) - 1)
         train += generator.sample(indices, count)
     chosen = set(train)

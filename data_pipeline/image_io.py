@@ -66,14 +66,16 @@ def tiff_band_count(path: str | Path) -> int | None:
 
 
 def open_rgb(path: str | Path, header_only: bool = False) -> Image.Image | None:
-    """Fully decode `path` to 8-bit RGB (with header_only, only check what the header says and return None).
-    Raises BandCountError for more than 4 bands, and Pillow's own errors (DECODE_ERRORS) for unreadable files."""
+    """Fully decode `path` to 8-bit RGB (with header_only, only check the header and the file's structure without
+    decoding, e.g. a PNG's chunk checksums, which find a truncated file, and return None). Raises BandCountError
+    for more than 4 bands, and Pillow's own errors (DECODE_ERRORS) for unreadable files."""
     try:
         with Image.open(path) as img:
             bands = len(img.getbands())
             if bands > MAX_BANDS:
                 raise BandCountError(_band_message(path, bands))
             if header_only:
+                img.verify()
                 return None
             img.load()
             return to_rgb(img)

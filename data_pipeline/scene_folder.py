@@ -20,6 +20,19 @@ from errors import GFNetDynnError
 logger = logging.getLogger(__name__)
 
 SKIP_HINT = 'fix or remove it, or pass --skip-bad-images'
+BAD_IMAGES_SHOWN = 3  # bad files a scan names; the others are counted
+
+
+class BadImages(GFNetDynnError):
+    """Every bad file a scan found, in one line: a user fixes them in one go, not one per run."""
+
+    def __init__(self, problems: list[str], where: str | Path):
+        self.problems, self.where = problems, where
+        shown = '; '.join(problems[:BAD_IMAGES_SHOWN])
+        more = f' and {len(problems) - BAD_IMAGES_SHOWN} more' if len(problems) > BAD_IMAGES_SHOWN else ''
+        super().__init__(f'{problems[0]}; {SKIP_HINT}' if len(problems) == 1 else
+                         f'{len(problems)} bad images under {where}: {shown}{more}; fix or remove them, or pass '
+                         f'--skip-bad-images')
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -80,11 +93,14 @@ def _walk_files(folder: Path, above: frozenset, seen_folders: set, skipped: list
 
 class SceneFolder(ImageFolder):
     """ImageFolder that follows links safely, skips hidden entries, decodes to RGB and names the folder or file
-    behind each error. Every non-hidden file must be a readable image: scanning opens each header (cheap), or
-    with skip_bad_images fully decodes each file and drops the bad ones with a warning."""
+    behind each error. Every non-hidden file must be a readable image: scanning checks each header and file
+    structure (cheap), or with check_images or skip_bad_images fully decodes each file; every bad file is
+    reported at once, or with skip_bad_images dropped with a warning."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, skip_bad_images: bool = False):
+    def __init__(self, root: str | Path, transform: Callable | None = None, skip_bad_images: bool = False,
+                 check_images: bool = False):
         self.skip_bad_images = skip_bad_images  # read by make_dataset, which ImageFolder calls while scanning
+        self.full_decode = skip_bad_images or check_images
         super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
         empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
         if empty:
@@ -101,29 +117,26 @@ class SceneFolder(ImageFolder):
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
         """(path, class index) of every readable image, each real file once."""
-        samples, seen_files, seen_folders, skipped = [], set(), set(), []
+        samples, seen_files, seen_folders, skipped, problems = [], set(), set(), [], []
         for name in sorted(class_to_idx):
             for path in _walk_files(Path(directory) / name, frozenset(), seen_folders, skipped):
                 info = os.stat(path)
                 if (info.st_dev, info.st_ino) in seen_files:
                     continue
                 seen_files.add((info.st_dev, info.st_ino))
-                if self._usable(path):
+                problem = image_problem(path, full_decode=self.full_decode)
+                if problem is None:
                     samples.append((path, class_to_idx[name]))
+                elif self.skip_bad_images:
+                    logger.warning('skipping bad image: %s', problem)
+                else:
+                    problems.append(problem)
         if skipped:
             logger.warning('skipped %d entries under %s that are not images (Thumbs.db, desktop.ini, .DS_Store, '
                            '._* files, hidden folders), e.g. %s', len(skipped), directory, skipped[0])
+        if problems:
+            raise BadImages(problems, directory)
         return samples
-
-    def _usable(self, path: str) -> bool:
-        """A readable image; a bad file raises, or with skip_bad_images is dropped with a warning."""
-        problem = image_problem(path, full_decode=self.skip_bad_images)
-        if problem is None:
-            return True
-        if not self.skip_bad_images:
-            raise GFNetDynnError(f'{problem}; {SKIP_HINT}')
-        logger.warning('skipping bad image: %s', problem)
-        return False
 
 
 def real_files(dataset) -> set[tuple[int, int]]:

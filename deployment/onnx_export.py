@@ -136,11 +136,12 @@ def segment_file_name(k: int) -> str:
 
 def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, class_names: list[str],
                     input_size: int, opset: int = OPSET, batch: int | None = None,
-                    checkpoint: str | None = None) -> Path:
+                    checkpoint: str | None = None, threshold_source: dict | None = None) -> Path:
     """Write segment_{k}.onnx for every exit and manifest.json to out_dir; return the manifest's path.
 
     batch None: a dynamic batch axis; an int: graphs fixed to that batch (static shapes throughout, which some
-    runtimes and compilers need). checkpoint: the file the model came from, recorded for benchmarks. The model
+    runtimes and compilers need). checkpoint: the file the model came from, recorded for benchmarks;
+    threshold_source: where the threshold came from (a flag, or the results.json and how it chose). The model
     itself is left untouched: a float32 CPU copy in eval mode is exported.
     """
     if opset not in OPSETS:
@@ -182,6 +183,7 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
         'mean': list(IMAGENET_DEFAULT_MEAN),
         'std': list(IMAGENET_DEFAULT_STD),
         'threshold': float(threshold),
+        'threshold_source': threshold_source,
         'exit_positions': list(model.exit_positions),
         'class_names': list(class_names),
         'segments': file_names,

@@ -96,7 +96,7 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
         return keeps_budget(point), point['accuracy'], -point['expected_gflops']
     name, best = max(((n, b['at_budget']) for n, b in baselines.items() if b['at_budget']),
                      key=lambda item: score(item[1]))
-    winner = 'learned gates' if score(learned) >= score(best) else name
+    winner = 'learned gates' if score(learned) > score(best) else 'tie' if score(learned) == score(best) else name
     return {'best_baseline': name, 'baseline_accuracy': best['accuracy'],
             'baseline_gflops': best['expected_gflops'], 'baseline_keeps_budget': keeps_budget(best),
             'gates_accuracy': learned['accuracy'], 'gates_gflops': learned['expected_gflops'],
@@ -188,12 +188,18 @@ def table_rows(front: list[dict], chosen: dict, rows: int) -> list[dict]:
     return sorted(front, key=lambda p: -p['threshold'])
 
 
+def partial_note(results: dict) -> str:
+    """'PARTIAL: 96 of 320' when --eval read only some of the validation images (--barely_train), else ''."""
+    return f"PARTIAL: {results['num_val']} of {results['num_val_total']}" if results.get('partial') else ''
+
+
 def format_results_table(results: dict) -> str:
     """The terminal report: per-exit accuracy and batch-1 latency, the sweep rows, the chosen point (which set
     chose it, predicted and measured latency) and the baselines at the same budget."""
     exits = len(results['per_exit_accuracy'])
     lines = [f"{results.get('dataset', '')} {results.get('arch', '')} {results.get('input_size', '')}px, "
-             f"{results['num_val']} validation images, exits after blocks {results['exit_positions']} + final",
+             f"{partial_note(results) or str(results['num_val'])} validation images, exits after blocks "
+             f"{results['exit_positions']} + final",
              'exit          ' + ' '.join(f'{k:>7d}' for k in range(exits)),
              'GFLOPs        ' + ' '.join(f'{g:7.3f}' for g in results['gflops_per_exit']),
              'ms (batch 1)  ' + ' '.join(f'{m:7.2f}' for m in results['latency_table_ms']['cumulative']),
@@ -220,10 +226,10 @@ def format_results_table(results: dict) -> str:
     versus = results['versus_baselines']
     misses = [name for name, keeps in (('learned gates', versus['gates_keep_budget']),
                                        (versus['best_baseline'], versus['baseline_keeps_budget'])) if not keeps]
+    verdict = {'tie': 'tie', 'learned gates': 'learned gates win'}.get(versus['winner'], f"{versus['winner']} wins")
     lines.append(f"learned gates vs {versus['best_baseline']} at the same budget: {versus['gates_accuracy']:.2f}% at "
                  f"{versus['gates_gflops']:.3f} GFLOPs vs {versus['baseline_accuracy']:.2f}% at "
-                 f"{versus['baseline_gflops']:.3f} GFLOPs: {versus['winner']} win"
-                 f"{'s' if versus['winner'] != 'learned gates' else ''}"
+                 f"{versus['baseline_gflops']:.3f} GFLOPs: {verdict}"
                  + (f" ({' and '.join(misses)} miss{'es' if len(misses) == 1 else ''} the budget on the validation "
                     f"images)" if misses else ''))
     conformal = results.get('conformal')

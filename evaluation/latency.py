@@ -4,6 +4,7 @@ exit shares, and the measured mean of real early exit over images, to set beside
 A mean, not a median: when most images leave at the first exit the median is the first exit's time and hides
 the slow images, while the mean is what a stream of images costs.
 """
+import logging
 import statistics
 import time
 from itertools import accumulate
@@ -14,13 +15,22 @@ from learning_helpers.distributed import synchronize
 from models.early_exit import EarlyExitEngine
 from models.gfnet_dynn import GFNetDynn
 
+logger = logging.getLogger(__name__)
+
+
+# A round whose total is this factor off the median round's disagrees with it; past a third of the rounds
+# disagreeing, the median itself is doubtful (a few stalled rounds are what the median is there to ignore).
+ROUNDS_DISAGREE = 2.0
+
 
 @torch.inference_mode()
 def segment_latency_ms(model: GFNetDynn, image: torch.Tensor, device: torch.device, seconds: float = 2.0,
-                       repeats: tuple[int, int] = (3, 20), warmup: int = 2) -> list[float]:
+                       repeats: tuple[int, int] = (7, 30), warmup: int = 2) -> list[float]:
     """Median ms of each segment at batch 1, the way the early-exit engine runs it: the blocks up to exit k, its
-    head and gate, and the host-side decision whether the sample leaves. Repeats the whole network between
-    repeats[0] and repeats[1] times, stopping at the first past `seconds`."""
+    head and gate, and the host-side decision whether the sample leaves. Runs rounds over all segments (so a
+    stall of the machine hits one round, not one segment's every sample) between repeats[0] and repeats[1]
+    times, stopping at the first past `seconds`; the median of the rounds ignores a minority of stalled ones,
+    and a warning says when the rounds disagree so much that the median itself is doubtful."""
     model.eval()
     image = image[:1].to(device)
     times = [[] for _ in range(model.num_exits)]
@@ -38,6 +48,14 @@ def segment_latency_ms(model: GFNetDynn, image: torch.Tensor, device: torch.devi
                 times[k].append(1000 * (time.perf_counter() - begin))
         if step + 1 - warmup >= repeats[0] and time.perf_counter() - started > seconds:
             break
+    totals = [sum(round_ms) for round_ms in zip(*times)]
+    middle = statistics.median(totals)
+    off = [t for t in totals if not middle / ROUNDS_DISAGREE <= t <= middle * ROUNDS_DISAGREE]
+    if 3 * len(off) > len(totals):
+        logger.warning('the batch-1 latency rounds disagree (%d of %d rounds more than %gx off the median %.1f ms, '
+                       'from %.1f to %.1f ms): the machine was busy, so the latency table and a --budget latency-ms= '
+                       'choice may be off; evaluate again on an idle machine', len(off), len(totals), ROUNDS_DISAGREE,
+                       middle, min(totals), max(totals))
     return [statistics.median(t) for t in times]
 
 

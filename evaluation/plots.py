@@ -10,6 +10,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 BASELINE_STYLES = {'max_prob': ('max softmax probability', 'tab:orange'), 'entropy': ('entropy', 'tab:green')}
 
 
+def _partial(results: dict) -> str:
+    """A title's mark of an evaluation of only some validation images (--barely_train)."""
+    return (f"\n(PARTIAL: {results['num_val']} of {results['num_val_total']} validation images)"
+            if results.get('partial') else '')
+
+
 def plot_tradeoff(results: dict, path: str | Path) -> Path:
     """Accuracy vs expected GFLOPs per image: the learned gates' front, the confidence baselines' fronts, each
     exit alone, and the chosen point."""
@@ -29,7 +35,7 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path:
             label=f"chosen (t={chosen['threshold']:.3f}, {results.get('selection', {}).get('budget', '')})")
     ax.set_xlabel('expected GFLOPs per image')
     ax.set_ylabel('validation accuracy (%)')
-    ax.set_title(f"{results.get('dataset', '')} {results.get('arch', '')}: accuracy vs compute")
+    ax.set_title(f"{results.get('dataset', '')} {results.get('arch', '')}: accuracy vs compute{_partial(results)}")
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
@@ -54,7 +60,7 @@ def plot_confusion(results: dict, path: str | Path) -> Path:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel('predicted')
         ax.set_ylabel('true')
-        ax.set_title(title)
+        ax.set_title(title + _partial(results))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,12 +4,13 @@ import argparse
 import json
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from data_loader_help import build_datasets, resolve_data_path
 from data_pipeline.data_splits import split_summary
@@ -18,9 +19,9 @@ from errors import GFNetDynnError
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
-from jobs.run_setup import build_data, checkpoint_args, resolve_model_shape, split_request
+from jobs.run_setup import build_data, checkpoint_args, dynn_run_folder, resolve_model_shape, split_request
 from jobs.trained_run import RunArgs, TrainedRun, reopen
-from learning_helpers.checkpoint import save_json
+from learning_helpers.checkpoint import save_json, suggested_checkpoint
 from models.flops import exit_gflops
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
@@ -29,7 +30,10 @@ CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --e
 def load_for_inference(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> TrainedRun:
     """The trained run of --checkpoint-path, its model built from the checkpoint's own args. A model flag that
     contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
-    checkpoint, source_args = checkpoint_args(args.checkpoint_path)
+    wanted = suggested_checkpoint(args.output_dir, f'checkpoint_{args.data_set}_*_confEE/best.pth',
+                                  "the dynn stage's best.pth",
+                                  dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff) / 'best.pth')
+    checkpoint, source_args = checkpoint_args(args.checkpoint_path, wanted)
     for dest in CHECKPOINT_SHAPE_FLAGS:
         stored = source_args.given(dest)
         if dest in given and stored is not None and getattr(args, dest) != stored:
@@ -61,8 +65,10 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
         budget=parse_budget(args.budget), exit_threshold=args.exit_threshold, thresholds=args.thresholds,
         calib_loader=data.calib_loader,
         conformal=checkpoint.get('conformal'), max_batches=4 if args.barely_train else None, amp=args.amp)
+    total = len(val_loader.dataset)
     results = {'dataset': args.data_set, 'arch': model_args.arch, 'input_size': model_args.input_size,
                'checkpoint': str(args.checkpoint_path), 'device': str(device),
+               'partial': results['num_val'] < total, 'num_val_total': total,
                'split': split_summary(data.split, (recorded or {}).get('file')), **results}
     save_json(json_path, results)
     tradeoff_png = plot_tradeoff(results, plot_paths[0])
@@ -82,13 +88,14 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     if args.quantize:  # read the images before the export: a data problem stops the job before the long part
         recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
         calibration = calibration_images(args, model_args.input_size, recorded, args.calib_images)
-    threshold = args.exit_threshold if args.exit_threshold is not None else evaluated_threshold(args.checkpoint_path)
+    threshold, threshold_source = export_threshold(args.checkpoint_path, args.exit_threshold,
+                                                   model_args.input_size, RunArgs.of(checkpoint).split)
     staged = out.with_name(f'.{out.name}.partial')
     shutil.rmtree(staged, ignore_errors=True)
     try:
         EXPORTERS[args.export](model, staged, threshold=threshold, class_names=list(model_args.class_names),
                                input_size=model_args.input_size, checkpoint=str(args.checkpoint_path),
-                               calibration=calibration)
+                               threshold_source=threshold_source, calibration=calibration)
         replace_folder(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -104,7 +111,8 @@ def calibration_images(args: argparse.Namespace, input_size: int, recorded: dict
     so that every class is present, preprocessed as the ONNX runner does: (count, 3, size, size) float32."""
     from deployment.onnx_runner import preprocess
     train_set = build_datasets(args.data_set, resolve_data_path(args.data_set, args.data_path), input_size,
-                               split=split_request(args, recorded), skip_bad_images=args.skip_bad_images).train
+                               split=split_request(args, recorded), skip_bad_images=args.skip_bad_images,
+                               check_images=args.check_images).train
     if isinstance(train_set, Subset):
         paths = [train_set.dataset.samples[i][0] for i in train_set.indices]
     else:
@@ -113,7 +121,11 @@ def calibration_images(args: argparse.Namespace, input_size: int, recorded: dict
         raise GFNetDynnError(f'--calib-images {count}: the training set of {args.data_set} holds {len(paths)} images; '
                              f'pass --calib-images {len(paths)} or fewer')
     chosen = np.linspace(0, len(paths) - 1, count).round().astype(int)
-    return np.stack([preprocess(paths[i], input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) for i in chosen])
+    # batch_size=None: the loader hands each path to collate_fn alone, decoded in --num_workers processes
+    loader = DataLoader([paths[i] for i in chosen], batch_size=None, num_workers=args.num_workers,
+                        collate_fn=partial(preprocess, input_size=input_size, mean=IMAGENET_DEFAULT_MEAN,
+                                           std=IMAGENET_DEFAULT_STD))
+    return np.stack(list(loader))
 
 
 def results_json_path(args: argparse.Namespace, given: set[str]) -> Path:
@@ -130,10 +142,40 @@ def default_results_json(checkpoint_path: str) -> Path:
     return Path(checkpoint_path).parent / 'results.json'
 
 
-def evaluated_threshold(checkpoint_path: str, fallback: float = 0.5) -> float:
-    """The threshold --eval chose for this checkpoint (results.json beside it), else `fallback`."""
+def export_threshold(checkpoint_path: str, exit_threshold: float | None, input_size: int, recorded: dict | None,
+                     fallback: float = 0.5) -> tuple[float, dict]:
+    """The export's threshold and where it came from: --exit-threshold, else the one --eval chose for this
+    checkpoint (results.json beside it), else `fallback`. A results.json chosen at another input size, on other
+    images or on part of them is refused rather than used: its threshold belongs to another operating point, and
+    an export that silently ships it runs at an accuracy nobody measured."""
+    if exit_threshold is not None:
+        return exit_threshold, {'from': '--exit-threshold'}
+    path = default_results_json(checkpoint_path)
     try:
-        return float(json.loads(default_results_json(checkpoint_path).read_text())['chosen']['threshold'])
+        results = json.loads(path.read_text())
+        threshold = float(results['chosen']['threshold'])
     except (OSError, ValueError, KeyError, TypeError):
         logging.info('no --exit-threshold and no results.json beside the checkpoint: exporting with %g', fallback)
-        return fallback
+        return fallback, {'from': f'default {fallback:g} (no --exit-threshold, no results.json of --eval)'}
+    differences = []
+    if results.get('input_size') != input_size:
+        differences.append(f"at {results.get('input_size')} px, this export at {input_size} px")
+    evaluated_checkpoint = Path(results.get('checkpoint') or checkpoint_path)  # relative: to --eval's directory
+    if (evaluated_checkpoint.name != Path(checkpoint_path).name or
+            evaluated_checkpoint.is_absolute() and evaluated_checkpoint.resolve() != Path(checkpoint_path).resolve()):
+        differences.append(f"for another checkpoint ({results['checkpoint']})")
+    evaluated = results.get('split') if isinstance(results.get('split'), dict) else {}
+    for key, images in (('val_hash', 'validation'), ('calib_hash', 'calibration')):
+        if (recorded or {}).get(key) and evaluated.get(key) != recorded[key]:
+            differences.append(f"on other {images} images than the checkpoint's split")
+    if results.get('partial'):
+        differences.append(f"on {results.get('num_val')} of {results.get('num_val_total')} validation images "
+                           f'(--barely_train)')
+    if differences:
+        raise GFNetDynnError(f"{path} chose its threshold {', '.join(differences)}; run --eval --checkpoint-path "
+                             f'{checkpoint_path} --input-size {input_size} (without --barely_train) again, or pass '
+                             f'--exit-threshold')
+    selection = results.get('selection', {})
+    return threshold, {'from': str(path.resolve()), 'input_size': results['input_size'],
+                       'chosen_on': selection.get('set'), 'num_images': selection.get('num_images'),
+                       'rule': selection.get('budget'), 'split_val_hash': evaluated.get('val_hash')}

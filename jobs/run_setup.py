@@ -75,9 +75,10 @@ def dataset_num_classes(data_set: str) -> int:
     return dataset_entry(data_set)['num_classes']
 
 
-def checkpoint_args(path: str | None) -> tuple[dict, RunArgs]:
-    """(checkpoint, its stored run args as a record); an empty dict and the defaults when no checkpoint is given."""
-    checkpoint = read_checkpoint(path) if path else {}
+def checkpoint_args(path: str | None, wanted: str = 'a .pth file a run wrote') -> tuple[dict, RunArgs]:
+    """(checkpoint, its stored run args as a record); an empty dict and the defaults when no checkpoint is given.
+    `wanted` says what the job needs, for the message when the file is missing."""
+    checkpoint = read_checkpoint(path, wanted) if path else {}
     return checkpoint, RunArgs.of(checkpoint)
 
 
@@ -122,7 +123,8 @@ def build_data(args: argparse.Namespace, input_size: int, distributed: bool, rec
     augment = resolve_augment(dataset_entry(args.data_set).get('train_augment'),
                               {flag: getattr(args, flag) for flag in AUGMENT_FLAGS})
     data = build_datasets(args.data_set, data_path, input_size, split=split_request(args, recorded),
-                          augment=augment, skip_bad_images=args.skip_bad_images, need_train=need_train)
+                          augment=augment, skip_bad_images=args.skip_bad_images, need_train=need_train,
+                          check_images=args.check_images)
     given = [flag for flag, value in (('--train-ratio', args.train_ratio), ('--split-seed', args.split_seed),
                                       ('--split-file', args.split_file)) if value is not None]
     if data.split['method'] == 'folders' and given:
@@ -185,6 +187,34 @@ def make_writer(output_dir: Path, name: str) -> SummaryWriter | None:
     if not is_main_process():
         return None
     return SummaryWriter(log_dir=str(output_dir / 'runs' / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+@contextmanager
+def removed_on_bad_input(roots: list[Path]):
+    """A run stopped by a user mistake (a bad image, a bad value) before it saved a checkpoint leaves nothing
+    behind: what the block created under `roots` (split file, lock, run folders, TensorBoard events) and the
+    folders above them it made are removed again. A run that saved a checkpoint keeps everything, to resume."""
+    roots = [Path(root).absolute() for root in roots]
+
+    def tree() -> dict[Path, int]:  # every path under the roots -> its modification time
+        return {path: path.lstat().st_mtime_ns for root in roots if root.exists() for path in [root, *root.rglob('*')]}
+    before = tree()
+    made_parents = {parent for root in roots for parent in root.parents if not parent.exists()}
+    try:
+        yield
+    except GFNetDynnError:
+        after = tree()
+        saved = any(path.suffix == '.pth' and before.get(path) != mtime for path, mtime in after.items())
+        if is_main_process() and not saved:
+            for path in sorted((set(after) - set(before)) | made_parents, key=lambda p: len(p.parts), reverse=True):
+                try:
+                    if path.is_dir() and not path.is_symlink():
+                        path.rmdir()
+                    else:
+                        path.unlink(missing_ok=True)
+                except OSError:  # a folder something else wrote into meanwhile: kept
+                    pass
+        raise
 
 
 @contextmanager

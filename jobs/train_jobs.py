@@ -9,10 +9,11 @@ import torch
 from errors import GFNetDynnError
 from jobs.outputs import check_new_run, writable_location
 from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args, claim_run,
-                            dataset_num_classes, dynn_run_folder, make_writer, resolve_model_shape,
-                            run_args_dict, save_split, warmup_folder)
+                            dataset_num_classes, dynn_run_folder, make_writer, removed_on_bad_input,
+                            resolve_model_shape, run_args_dict, save_split, warmup_folder)
 from jobs.trained_run import RunArgs
 from learning_helpers.backbone_stage import run_backbone_stage
+from learning_helpers.checkpoint import suggested_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
 from learning_helpers.joint_stage import JointConfig
@@ -56,7 +57,12 @@ def run_config(args: argparse.Namespace, run_folder: Path, run_args: dict) -> Ru
 def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> tuple[torch.nn.Module, dict, dict]:
     """The model of a new run (from --checkpoint-path when given) or of a resumed one (weights come later),
     its shape (architecture, patch and input size) and the split its source checkpoint was trained on."""
-    start, source_args = checkpoint_args(None if resume else args.checkpoint_path)
+    wanted = suggested_checkpoint(args.output_dir, f'backbone_{args.data_set}_*/best.pth',
+                                  'a best.pth of the backbone stage' + (' or official GFNet weights'
+                                                                        if stage == 'backbone' else ''),
+                                  backbone_run_folder(args.output_dir, args.data_set,
+                                                      args.arch or model_factory.DEFAULT_ARCH) / 'best.pth')
+    start, source_args = checkpoint_args(None if resume else args.checkpoint_path, wanted)
     if stage == 'backbone' and start.get('stage') in DYNN_STAGES:
         raise GFNetDynnError(f'--checkpoint-path {args.checkpoint_path} is a dynn-stage checkpoint (exits and gates); '
                              f'--stage backbone starts from a backbone checkpoint or official GFNet weights: pass '
@@ -93,7 +99,8 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
         criterion.load_learned_state_dict(start.state['criterion'])
     run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    with claim_run([run_folder], args.overwrite and not resume):
+    with removed_on_bad_input([run_folder, split_path, Path(args.output_dir) / 'runs']), \
+            claim_run([run_folder], args.overwrite and not resume):
         save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f"backbone_{args.data_set}_{shape['arch']}")
         summary = run_backbone_stage(train_model, criterion, data.train_loader, data.val_loader, optimizer,
@@ -128,7 +135,8 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
                         args.classifier_loss, args.freeze_backbone)
-    with claim_run([run_folder, heads_dir], args.overwrite and not resume):
+    with removed_on_bad_input([run_folder, heads_dir, split_path, Path(args.output_dir) / 'runs']), \
+            claim_run([run_folder, heads_dir], args.overwrite and not resume):
         save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
         summary = train_dynn(model, data.train_loader, data.val_loader, optimizer, scheduler, device, run, warmup,

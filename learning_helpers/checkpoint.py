@@ -75,9 +75,18 @@ def save_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def load_training_checkpoint(path: str | Path) -> dict:
+def suggested_checkpoint(output_dir: str | Path, pattern: str, what: str, default: Path | None = None) -> str:
+    """What to pass where a checkpoint is missing: `what`, with an existing file matching `pattern` under
+    OUTPUT/checkpoint/ as the example, else the path a run writes it to by default (said to be the default)."""
+    found = sorted(Path(output_dir).glob(f'checkpoint/{pattern}'))
+    if found:
+        return f'{what}, e.g. {found[0]}'
+    return f'{what} (a run writes it to {default} by default)' if default else what
+
+
+def load_training_checkpoint(path: str | Path, wanted: str = 'a .pth file a run wrote') -> dict:
     """Read a checkpoint this tool wrote, for --resume or --eval; it must carry its stage and args."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, wanted)
     missing = [key for key in ('model', 'stage', 'args') if key not in checkpoint]
     if missing:
         raise GFNetDynnError(f"{path} lacks {', '.join(missing)}: it was not written by main_dynn.py; for "

@@ -8,7 +8,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from errors import GFNetDynnError
-from learning_helpers.checkpoint import load_training_checkpoint, save_checkpoint
+from learning_helpers.checkpoint import load_training_checkpoint, save_checkpoint, suggested_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.optim import restore_optimizer
 
@@ -33,10 +33,51 @@ STAGE_STATE = {'backbone': ('criterion',), 'warmup': ('warmup',),
 RESUME_KEYS = ('epoch', 'best_acc', 'optimizer', 'scheduler')  # and the stage's STAGE_STATE
 
 
-def load_resume_checkpoint(path: str | Path) -> dict:
+def extend_hint(stage: str, data_set: str | None, start: Path) -> str:
+    """How to train a finished run further: a new run from its weights, in a new folder."""
+    stage_flag = '--stage backbone ' if stage == 'backbone' else ''
+    data_flag = f'--data-set {data_set} ' if data_set else ''
+    return (f'python main_dynn.py {stage_flag}{data_flag}--checkpoint-path {start} --num_epoch N '
+            f'--output-dir NEW')
+
+
+def finished(checkpoint: dict) -> bool:
+    """Whether a run's last.pth holds its final epoch (nothing is left to resume)."""
+    args = checkpoint.get('args')
+    return isinstance(args, dict) and 'num_epoch' in args and checkpoint.get('epoch', -1) + 1 >= args['num_epoch']
+
+
+def _check_is_last(path: Path, checkpoint: dict) -> None:
+    """--resume continues from the run's last.pth only: resuming from best.pth or a snapshot would retrain
+    epochs and replace last.pth, which for a finished run loses the trained model. Whether the run finished
+    is read from its last.pth, whatever file was given."""
+    if path.name == 'last.pth':
+        return
+    last = path.parent / 'last.pth'
+    what = ('a per-epoch snapshot' if path.name.startswith('ckpt_epoch') else
+            "the run's best epoch" if path.name == 'best.pth' else "not the run's last.pth")
+    try:
+        run_last = load_training_checkpoint(last) if last.is_file() else None
+    except GFNetDynnError:
+        run_last = None
+    args = checkpoint['args'] if isinstance(checkpoint['args'], dict) else {}
+    stage = 'backbone' if checkpoint['stage'] == 'backbone' else 'dynn'
+    if run_last is not None and finished(run_last):
+        raise GFNetDynnError(f'--resume {path} is {what}; --resume continues a run from its last.pth, and that run '
+                             f'({last}) is finished: to train further, start a new run from its weights: '
+                             f"{extend_hint(stage, args.get('data_set'), path)}")
+    if run_last is not None:
+        raise GFNetDynnError(f'--resume {path} is {what}; --resume continues a run from its last.pth: pass '
+                             f'--resume {last}')
+    raise GFNetDynnError(f'--resume {path} is {what}, and {last} does not exist: there is no run to continue; '
+                         f"start a new run from its weights: {extend_hint(stage, args.get('data_set'), path)}")
+
+
+def load_resume_checkpoint(path: str | Path, output_dir: str | Path = '.') -> dict:
     """A checkpoint --resume can continue from (a run's last.pth): its stage's training state must be there.
     Per-epoch snapshots (ckpt_epoch*.pth) keep the weights only."""
-    checkpoint = load_training_checkpoint(path)
+    checkpoint = load_training_checkpoint(path, suggested_checkpoint(output_dir, '*/last.pth', "a run's last.pth"))
+    _check_is_last(Path(path), checkpoint)
     stage = checkpoint['stage']
     required = RESUME_KEYS + STAGE_STATE[stage] if stage in STAGE_STATE else None
     missing = ['a known stage'] if required is None else [key for key in required if key not in checkpoint]

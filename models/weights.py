@@ -22,12 +22,12 @@ class LoadReport(NamedTuple):
     ignored: list[str]  # in the checkpoint, not in the model (exits loaded into a plain GFNet)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True: a checkpoint is data, it cannot run code on load."""
+def read_checkpoint(path: str | Path, wanted: str = 'a .pth file a run wrote') -> dict:
+    """torch.load with weights_only=True: a checkpoint is data, it cannot run code on load. `wanted`: what the
+    job needs, for the error when the file does not exist."""
     path = Path(path)
     if not path.is_file():
-        raise GFNetDynnError(f'checkpoint {path} does not exist or is not a file; pass a .pth file a run '
-                             f'wrote, e.g. checkpoint/backbone_DEMO_GFNet-ti-dynn/best.pth')
+        raise GFNetDynnError(f'checkpoint {path} does not exist or is not a file; pass {wanted}')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # torch raises many types for a bad file; all mean "not a checkpoint"

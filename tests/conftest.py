@@ -125,3 +125,11 @@ def one_error(capsys, argv: list[str], entry_point: Callable[[list[str]], int] |
     errors = [line for line in err.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'Traceback' not in err, err
     return errors[0]
+
+
+def folder_checksums(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under root (hidden ones included): compare before and after a
+    command to see that it created, changed or removed nothing."""
+    import hashlib
+    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob('*')) if path.is_file()}

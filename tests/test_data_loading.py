@@ -70,11 +70,15 @@ def test_file_as_data_path_is_rejected(tiny, tmp_path):
         resolve_data_path('TINY', str(tmp_path / 'file.txt'))
 
 
-def test_demo_is_generated_when_its_folder_is_missing(tmp_path, monkeypatch):
+def test_demo_is_generated_at_its_default_path_only(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(data_loader_help, 'ensure_demo_dataset', lambda root: calls.append(root) or root.mkdir())
-    assert resolve_data_path('DEMO', str(tmp_path / 'demo')) == tmp_path / 'demo'
+    monkeypatch.setitem(dataset_config.DATASET_CONFIG['DEMO'], 'default_data_path', str(tmp_path / 'demo'))
+    assert resolve_data_path('DEMO', None) == tmp_path / 'demo'
     assert calls == [tmp_path / 'demo']
+    with pytest.raises(GFNetDynnError, match=f'{tmp_path / "dmeo"} does not exist.*when --data-path is omitted'):
+        resolve_data_path('DEMO', str(tmp_path / 'dmeo'))
+    assert calls == [tmp_path / 'demo'] and not (tmp_path / 'dmeo').exists()
 
 
 # fixed and random splits
@@ -161,12 +165,24 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
-def test_truncated_image_fails_at_load_naming_the_file(tiny):
+def test_truncated_png_is_found_by_the_scan_naming_the_file(tiny):
     bad = tiny / 'train' / 'cat_a' / '000.png'
     _truncate(bad)
+    with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
+        build_datasets('TINY', tiny, 32)
+
+
+def test_truncated_jpeg_fails_at_load_naming_the_file(tiny):
+    """A JPEG's structure is not checked without --check-images: decoding finds it."""
+    bad = tiny / 'train' / 'cat_a' / '000.jpg'
+    Image.open(tiny / 'train' / 'cat_a' / '000.png').save(bad)
+    (tiny / 'train' / 'cat_a' / '000.png').unlink()
+    bad.write_bytes(bad.read_bytes()[:-len(bad.read_bytes()) // 4])
     train, _, _, _, _ = build_datasets('TINY', tiny, 32)
     with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
         train[0]
+    with pytest.raises(GFNetDynnError, match=f'{bad}.*--skip-bad-images'):
+        build_datasets('TINY', tiny, 32, check_images=True)
 
 
 def test_skip_bad_images_drops_a_truncated_file_with_a_warning(tiny, caplog):

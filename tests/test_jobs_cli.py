@@ -231,12 +231,13 @@ def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_pat
     assert f'python -m deployment.onnx_runner {out_dir} IMAGE' in out  # the folder the runner takes
 
 
-def test_export_threshold_is_the_one_eval_chose_else_one_half(tmp_path):
-    from jobs.inference_jobs import evaluated_threshold
+def test_export_threshold_is_the_given_one_else_the_one_eval_chose_else_one_half(tmp_path):
+    from jobs.inference_jobs import export_threshold
     checkpoint = tmp_path / 'best.pth'
-    assert evaluated_threshold(str(checkpoint)) == 0.5
-    (tmp_path / 'results.json').write_text(json.dumps({'chosen': {'threshold': 0.7}}))
-    assert evaluated_threshold(str(checkpoint)) == 0.7
+    assert export_threshold(str(checkpoint), None, 32, None)[0] == 0.5
+    (tmp_path / 'results.json').write_text(json.dumps({'chosen': {'threshold': 0.7}, 'input_size': 32}))
+    assert export_threshold(str(checkpoint), None, 32, None)[0] == 0.7
+    assert export_threshold(str(checkpoint), 0.6, 32, None) == (0.6, {'from': '--exit-threshold'})
 
 
 @pytest.mark.slow
