@@ -20,6 +20,7 @@ from learning_helpers.inference_jobs import run_eval, run_export
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES
 from learning_helpers.operating_points import DEFAULT_BUDGET, parse_budget
+from learning_helpers.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
 from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
                                         resolve_device)
 from learning_helpers.stage_common import load_resume_checkpoint
@@ -159,6 +160,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                             help='how --eval picks its threshold: acc-drop=P (cheapest point within P points of the '
                                  'full network), gflops=X (most accurate point with expected GFLOPs <= X) or '
                                  'latency-ms=X (most accurate point with expected batch-1 latency <= X ms here)')
+    evaluation.add_argument('--risk-control', type=str, default='none', choices=RISK_RULES,
+                            help='with --budget acc-drop=P, how the threshold is chosen on the calibration images: '
+                                 'none (cheapest point within P points: no guarantee), crc (conformal risk '
+                                 'control: expected loss <= P/100 on new images) or ltt (learn-then-test: '
+                                 'P(loss <= P/100) >= 1 - --delta)')
+    evaluation.add_argument('--delta', type=float, default=DEFAULT_DELTA,
+                            help='--risk-control ltt: the allowed probability that the loss exceeds P/100, in (0, 1)')
+    evaluation.add_argument('--risk-loss', type=str, default='error', choices=RISK_LOSSES,
+                            help="per-image loss the rule controls: error (the exit wrong where the full network is "
+                                 "right) or consistency (the exit's prediction differs from the full network's; "
+                                 'reads no labels)')
     evaluation.add_argument('--exit-threshold', type=float, default=None,
                             help='threshold of real early exit (--eval) and of the export, instead of --budget\'s; '
                                  "--export's default: the one --eval chose, else 0.5")
@@ -204,7 +216,7 @@ FLAG_JOBS = {
     **{dest: {'dynn'} for dest in ('ce_ic_tradeoff', 'patience', 'max_warmup_epoch', 'bilevel_batch_count',
                                    'phase_counter', 'gate_objective', 'classifier_loss', 'exit_costs',
                                    'transfer_ratio', 'freeze_backbone')},
-    'eval': {'eval'}, 'thresholds': {'eval'}, 'results_json': {'eval'}, 'exit_threshold': {'eval', 'export'},
+    'eval': {'eval'}, 'thresholds': {'eval'}, 'risk_control': {'eval'}, 'delta': {'eval'}, 'risk_loss': {'eval'}, 'results_json': {'eval'}, 'exit_threshold': {'eval', 'export'},
     'export': {'export'}, 'out': {'export'}, 'quantize': {'export'}, 'calib_images': {'export'},
     'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
     'seed': DATA_JOBS, 'overwrite': TRAINING_JOBS,
@@ -253,6 +265,16 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
                                  f'--distillation-type soft, hard or freq, or drop them')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
+    risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
+    if job == 'eval' and risk_flags and 'exit_threshold' in given:
+        raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "
+                             f'one of them')
+    if job == 'eval' and risk_flags and parse_budget(args.budget).kind != 'acc-drop':
+        raise GFNetDynnError(f"{', '.join(risk_flags)} act with --budget acc-drop=P only (the loss they control is "
+                             f'an accuracy drop), not --budget {args.budget}; drop them or use acc-drop')
+    if job == 'eval' and 'delta' in given and args.risk_control != 'ltt':
+        raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
+                             f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
     if job == 'export' and not args.quantize:
         extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'})
         if extra:
@@ -279,6 +301,11 @@ def validate_args(args: argparse.Namespace) -> None:
         (all(0 <= t <= 1 for t in args.thresholds or []), f'--thresholds must lie in [0, 1], got {args.thresholds}'),
         (args.calib_ratio is None or 0 <= args.calib_ratio < 1,
          f'--calib-ratio must lie in [0, 1), e.g. 0.1, got {args.calib_ratio}'),
+        (0 < args.delta < 1, f'--delta must lie in (0, 1), e.g. 0.1, got {args.delta}'),
+        (args.risk_control == 'none' or (parse_budget(args.budget).kind == 'acc-drop'
+                                         and 0 < parse_budget(args.budget).value < 100),
+         f'--risk-control {args.risk_control} needs --budget acc-drop=P with 0 < P < 100 (the loss level P/100), '
+         f'got {args.budget}'),
         (args.exit_threshold is None or 0 <= args.exit_threshold <= 1,
          f'--exit-threshold must lie in [0, 1], got {args.exit_threshold}'),
         (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),

@@ -19,6 +19,7 @@ from learning_helpers.checkpoint import save_json
 from learning_helpers.eval_report import evaluate_early_exit, format_results_table
 from learning_helpers.operating_points import parse_budget
 from learning_helpers.outputs import check_export_folder, check_output_file, replace_folder
+from learning_helpers.risk_control import RiskControl
 from learning_helpers.run_setup import (build_data, checkpoint_args, recorded_split, resolve_model_shape,
                                         split_request)
 from models.flops import exit_gflops
@@ -63,7 +64,8 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     model.to(device)
     results, _ = evaluate_early_exit(
         model, val_loader, device, gflops_per_exit=exit_gflops(model), class_names=class_names,
-        budget=parse_budget(args.budget), exit_threshold=args.exit_threshold, thresholds=args.thresholds,
+        budget=parse_budget(args.budget), risk=RiskControl(args.risk_control, args.delta, args.risk_loss),
+        exit_threshold=args.exit_threshold, thresholds=args.thresholds,
         calib_loader=data.calib_loader,
         conformal=checkpoint.get('conformal'), max_batches=4 if args.barely_train else None, amp=args.amp)
     results = {'dataset': args.data_set, 'arch': model_args['arch'], 'input_size': model_args['input_size'],

@@ -68,9 +68,10 @@ def distinct_thresholds(scores: torch.Tensor) -> torch.Tensor:
 
 def exits_at(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """(T,) thresholds -> (T, N) exit index of every sample: the first k with score >= threshold, else G."""
-    fires = scores.unsqueeze(0) >= thresholds.view(-1, 1, 1).to(scores.dtype)  # (T, G, N)
-    fires = torch.cat([fires, torch.ones_like(fires[:, :1])], dim=1)
-    return fires.to(torch.uint8).argmax(dim=1)  # the first maximal index
+    # the first k with score_k >= t is the number of k whose running maximum max_{j<=k} score_j is below t
+    # (a count, several times faster than the first-index argmax it replaces)
+    running_max = torch.cummax(scores, dim=0).values  # (G, N)
+    return (running_max.unsqueeze(0) < thresholds.view(-1, 1, 1).to(scores.dtype)).sum(dim=1)  # (T, N)
 
 
 def point_table(cache: ExitCache, scores: torch.Tensor, thresholds: torch.Tensor, gflops_per_exit: Sequence[float],
