@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.risk import SLOPE, chosen_thresholds, synthetic_draw
 from conftest import FAST_FLAGS, TINY_FLAGS, one_error
+from learning_helpers.eval_report import risk_line
 from learning_helpers.exit_cache import exit_choice
 from learning_helpers.risk_control import (ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue,
                                            ltt_needed_images, scan, select)
@@ -144,6 +145,17 @@ def test_risk_control_flags_outside_an_accuracy_drop_budget_are_one_line_errors(
     assert '--exit-threshold' in line
     line = one_error(capsys, ['--stage', 'backbone', '--risk-control', 'crc'])
     assert '--risk-control has no effect' in line
+
+
+def test_table_line_says_what_is_promised_and_when_it_does_not_hold_out_of_sample():
+    selection = {'risk_control': 'crc', 'risk_level': 0.02, 'delta': None, 'certified': True, 'needed_images': None,
+                 'out_of_sample': False, 'risk_loss': 'consistency', 'calibration_risk': 0.0125, 'val_risk': 0.0125,
+                 'num_images': 160, 'set': 'val'}
+    line = risk_line(selection)
+    assert 'crc: expected risk <= 0.02 on new images' in line and 'does not hold out of sample' in line
+    assert 'consistency loss 0.0125 on the 160 val images' in line
+    line = risk_line({**selection, 'risk_control': 'ltt', 'delta': 0.1, 'out_of_sample': True})
+    assert 'P(risk <= 0.02) >= 0.9 on new images;' in line
 
 
 @pytest.mark.slow
