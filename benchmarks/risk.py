@@ -23,8 +23,9 @@ from data_loader_help import SplitRequest, build_datasets, build_loaders, resolv
 from errors import GFNetDynnError
 from learning_helpers.exit_cache import ExitCache, collect_exit_outputs
 from learning_helpers.model_factory import load_dynn_checkpoint
-from learning_helpers.operating_points import BASELINE_RULES, distinct_thresholds, exit_scores, exits_at
-from learning_helpers.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES, image_losses, scan, select
+from learning_helpers.operating_points import BASELINE_RULES, exit_scores, exits_at
+from learning_helpers.risk_control import (DEFAULT_DELTA, RISK_LOSSES, RISK_RULES, image_losses, scan,
+                                           scan_thresholds, select)
 from learning_helpers.run_setup import recorded_split
 from models.flops import exit_gflops
 from models.weights import read_checkpoint
@@ -76,7 +77,7 @@ def synthetic_risk(threshold: float) -> float:
 def chosen_thresholds(predictions: torch.Tensor, targets: torch.Tensor, scores: torch.Tensor, levels: list[float],
                       delta: float, loss: str) -> dict[tuple[str, float], tuple[float, bool]]:
     """(selection rule, level) -> (threshold, certified) on one calibration set."""
-    calib = scan(predictions, targets, scores, distinct_thresholds(scores), loss)
+    calib = scan(predictions, targets, scores, scan_thresholds(scores), loss)
     picks = {}
     for level in levels:
         for rule in RISK_RULES:

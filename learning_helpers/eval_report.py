@@ -11,9 +11,10 @@ from learning_helpers.exit_cache import (ExitCache, collect_exit_outputs, condit
                                          gated_predictions, per_exit_accuracy, threshold_sweep)
 from learning_helpers.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
 from learning_helpers.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose,
-                                               choose_single_exit, distinct_thresholds, exit_scores, parse_budget,
-                                               pareto_front, point_table, single_exit_points)
-from learning_helpers.risk_control import GUARANTEES, RiskControl, Selection, ThresholdScan, scan, select
+                                               choose_single_exit, exit_scores, parse_budget, pareto_front,
+                                               point_table, single_exit_points)
+from learning_helpers.risk_control import (GUARANTEES, RiskControl, Selection, ThresholdScan, scan, scan_thresholds,
+                                           select)
 from models.gfnet_dynn import GFNetDynn
 
 
@@ -57,10 +58,10 @@ def point_at(cache: ExitCache, rule: str, threshold: float, gflops: list[float],
 
 
 def risk_scan(cache: ExitCache, rule: str, loss: str, thresholds: torch.Tensor | None = None) -> ThresholdScan:
-    """The per-image losses of `rule` over its distinct thresholds (or the given ones) on one set of images."""
+    """The per-image losses of `rule` over its scan (or the given thresholds) on one set of images."""
     scores = exit_scores(cache, rule)
     return scan(cache.logits.argmax(dim=-1), cache.targets, scores,
-                distinct_thresholds(scores) if thresholds is None else thresholds, loss)
+                scan_thresholds(scores) if thresholds is None else thresholds, loss)
 
 
 def loss_at(cache: ExitCache, rule: str, threshold: float, loss: str) -> float:

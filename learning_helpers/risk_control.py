@@ -24,13 +24,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from learning_helpers.operating_points import MAX_CELLS, exits_at
+from learning_helpers.operating_points import MAX_CELLS, distinct_thresholds, exits_at
 
 RISK_RULES = ('none', 'crc', 'ltt')
 DEFAULT_DELTA = 0.1
 RISK_LOSSES = ('error', 'consistency')
 GUARANTEES = {'none': 'none', 'crc': 'expected risk <= P', 'ltt': 'P(risk <= P) >= 1 - delta'}
 LOSS_BOUND = 1.0  # B: both losses are 0/1
+# Every exit score lies in [0, 1] (gate and max probabilities, 1 - normalised entropy): above the next float32
+# after 1 nobody exits, new images included.
+NO_EXIT = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
 
 
 class RiskControl(NamedTuple):
@@ -67,6 +70,14 @@ def image_losses(exit_predictions: torch.Tensor, full_predictions: torch.Tensor,
     if loss == 'error':  # wrong here while the full network is right: max(0, wrong_exit - wrong_full)
         return (exit_predictions != targets) & (full_predictions == targets)
     raise ValueError(f'unknown risk loss {loss!r}')
+
+
+def scan_thresholds(scores: torch.Tensor) -> torch.Tensor:
+    """The thresholds a scan walks, descending: NO_EXIT, then every distinct score. The first is above any
+    score a new image can have, so an uncertified rule sends new images to the final exit as well."""
+    thresholds = distinct_thresholds(scores)
+    thresholds[0] = max(float(thresholds[0]), NO_EXIT)
+    return thresholds
 
 
 def scan(predictions: torch.Tensor, targets: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor,
@@ -133,24 +144,23 @@ def select(risk_scan: ThresholdScan, rule: str, alpha: float, delta: float) -> S
     index, so the cheapest admissible threshold is the last admissible index."""
     n = risk_scan.n
     if rule == 'none':
-        admissible = risk_scan.accuracy_drop <= alpha * n + 1e-9
-        return _pick(risk_scan, int(np.flatnonzero(admissible)[-1]) if admissible.any() else 0, False, None)
+        admissible = np.flatnonzero(risk_scan.accuracy_drop <= alpha * n + 1e-9)
+        return _pick(risk_scan, int(admissible[-1]) if admissible.size else 0, False, None)
     if rule == 'crc':
-        # running_max never falls along the scan: the admissible indices are a prefix
-        admissible = risk_scan.running_max <= crc_bound(n, alpha) * n + 1e-9 if n else np.zeros(1, dtype=bool)
-        if not admissible[0]:
-            return _pick(risk_scan, 0, False, crc_needed_images(alpha))
-        return _pick(risk_scan, int(np.argmin(admissible)) - 1 if not admissible.all() else len(admissible) - 1,
-                     True, None)
-    if rule == 'ltt':
-        if n == 0:
-            return _pick(risk_scan, 0, False, ltt_needed_images(alpha, delta))
-        rejected = hoeffding_bentkus_pvalue(risk_scan.loss, n, alpha) <= delta
-        if not rejected[0]:
-            return _pick(risk_scan, 0, False, ltt_needed_images(alpha, delta))
-        return _pick(risk_scan, int(np.argmin(rejected)) - 1 if not rejected.all() else len(rejected) - 1,
-                     True, None)
-    raise ValueError(f'unknown risk rule {rule!r}')
+        # running_max never falls along the scan, so the admissible thresholds are a prefix of it
+        admissible = risk_scan.running_max <= (n + 1) * alpha - LOSS_BOUND + 1e-9  # n times crc_bound
+        needed = crc_needed_images(alpha)
+    elif rule == 'ltt':
+        admissible = (hoeffding_bentkus_pvalue(risk_scan.loss, n, alpha) <= delta if n
+                      else np.zeros(len(risk_scan.loss), dtype=bool))
+        needed = ltt_needed_images(alpha, delta)
+    else:
+        raise ValueError(f'unknown risk rule {rule!r}')
+    if not admissible[0]:  # not even the final exit alone: too few images for alpha (and delta)
+        return _pick(risk_scan, 0, False, needed)
+    # fixed-sequence: the last threshold before the first one that fails
+    last = int(np.argmin(admissible)) - 1 if not admissible.all() else len(admissible) - 1
+    return _pick(risk_scan, last, True, None)
 
 
 def _pick(risk_scan: ThresholdScan, index: int, certified: bool, needed: int | None) -> Selection:
