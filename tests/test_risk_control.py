@@ -184,3 +184,12 @@ def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, 
     for rule in ('max_prob', 'entropy'):
         assert results['baselines'][rule]['risk']['needed_images'] == 230
     assert 'nothing certifiable with 3 calibration images' in printed and 'needs at least 230' in printed
+
+    from benchmarks.risk import main as risk_benchmark
+    bench = tmp_path / 'risk.json'
+    assert risk_benchmark(['--checkpoint', str(best), '--data-set', 'TINY', '--resplits', '20', '--acc-drop', '10',
+                           '50', '--json', str(bench)]) == 0
+    written = json.loads(bench.read_text())
+    assert written['benchmark'] == 'risk' and written['calib_size'] + written['test_size'] == 3 + 6
+    assert len(written['rows']) == 3 * 2 * 3  # exit rules x budgets x selection rules
+    assert all(0 <= row['violation_rate'] <= 1 and row['flops_saved'] <= 1 for row in written['rows'])
