@@ -54,7 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--calib-size', type=int, default=None,
                         help='calibration images per re-split; default: half of the held-out images (synthetic: 500)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the re-splits')
-    parser.add_argument('--json', default=None, help='default: bench/risk_{data}.json (synthetic: bench/risk_synthetic.json)')
+    parser.add_argument('--json', default=None,
+                        help='default: bench/risk_{data}.json (synthetic: bench/risk_synthetic.json)')
     return parser
 
 

@@ -138,7 +138,8 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
 
 def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, gflops_per_exit: list[float],
                         class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
-                        risk: RiskControl = RiskControl(), exit_threshold: float | None = None, thresholds: list[float] | None = None,
+                        risk: RiskControl = RiskControl(), exit_threshold: float | None = None,
+                        thresholds: list[float] | None = None,
                         calib_loader=None, conformal: dict | None = None, max_batches: int | None = None,
                         amp: bool = False) -> tuple[dict, ExitCache]:
     """Everything --eval reports (the results dict documented in the README): the threshold picked on the
@@ -223,7 +224,9 @@ def risk_line(selection: dict) -> str:
                 f"{selection['set']} images, {selection['val_risk']:.4f} on the validation images")
     rule, level = selection['risk_control'], selection['risk_level']
     if rule == 'none':
-        return f'selection rule: empirical (--risk-control none), no guarantee; {measured}'
+        how = ('the given --exit-threshold' if selection['budget'].startswith('--exit-threshold')
+               else 'empirical (--risk-control none)')
+        return f'selection rule: {how}, no guarantee; {measured}'
     if not selection['certified']:
         delta = f", delta {selection['delta']:g}" if selection['delta'] is not None else ''
         return (f"selection rule: {rule}: nothing certifiable with {selection['num_images']} calibration images at "
