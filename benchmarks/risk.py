@@ -7,7 +7,8 @@ On a checkpoint: its held-out images (the calibration images it recorded and the
 through every exit; each of --resplits random re-splits calibrates on --calib-size of them and tests on the
 rest. For each exit rule (learned gates, max probability, entropy), budget acc-drop=P and selection rule
 (none: the empirical rule of --eval; crc; ltt): the mean and the 1 - delta quantile of the test loss, how often
-it exceeds P/100 (a violation), how often nothing was certified (no early exit), and the FLOPs saved on the
+it exceeds P/100 (a violation), the mean accuracy drop against the full network and how often it exceeds P
+points (the budget itself broken), how often nothing was certified (no early exit), and the FLOPs saved on the
 test images. --synthetic draws fresh calibration images from a model with a known risk curve and reports
 the true risk of the chosen threshold instead.
 """
@@ -88,31 +89,32 @@ def chosen_thresholds(predictions: torch.Tensor, targets: torch.Tensor, scores: 
 
 
 def summarise(records: dict, levels: list[float], delta: float) -> list[dict]:
-    """One row per (exit rule, level, selection rule): mean and 1 - delta quantile of the test risk, violation
-    and uncertified rates, mean FLOPs saved."""
+    """One row per (exit rule, level, selection rule): mean and 1 - delta quantile of the test risk, how often
+    it and the accuracy drop itself exceed the level, the uncertified rate, mean FLOPs saved."""
     rows = []
     for (exit_rule, level, rule), runs in records.items():
-        risk, saved, certified = (np.array(column) for column in zip(*runs))
+        risk, drop, saved, certified = (np.array(column) for column in zip(*runs))
         rows.append({'exit_rule': exit_rule, 'acc_drop': 100 * level, 'risk_level': level, 'rule': rule,
                      'mean_risk': float(risk.mean()), 'risk_quantile': float(np.quantile(risk, 1 - delta)),
                      'violation_rate': float((risk > level + 1e-12).mean()),
+                     'mean_accuracy_drop': float(drop.mean()),
+                     'accuracy_violation_rate': float((drop > level + 1e-12).mean()),
                      'uncertified_rate': float(1 - certified.mean()), 'flops_saved': float(saved.mean())})
     return rows
 
 
 def run_resplits(resplits: int, seed: int, levels: list[float], delta: float, loss: str,
                  draw: Callable[[np.random.Generator], dict]) -> dict:
-    """draw(rng) -> {exit rule: (calibration (predictions, targets, scores), test(thresholds) -> (risk, saved))};
-    the records of every re-split."""
+    """draw(rng) -> {exit rule: (calibration (predictions, targets, scores), test(thresholds) -> (risk, accuracy
+    drop, FLOPs saved))}; the records of every re-split."""
     rng = np.random.default_rng(seed)
     records: dict = {}
     for _ in range(resplits):
         for exit_rule, (calibration, test) in draw(rng).items():
             picks = chosen_thresholds(*calibration, levels, delta, loss)
             thresholds = [threshold for threshold, _ in picks.values()]
-            risk, saved = test(thresholds)
-            for (key, (_, certified)), r, s in zip(picks.items(), risk, saved):
-                records.setdefault((exit_rule, key[1], key[0]), []).append((r, s, certified))
+            for (key, (_, certified)), *measured in zip(picks.items(), *test(thresholds)):
+                records.setdefault((exit_rule, key[1], key[0]), []).append((*measured, certified))
     return records
 
 
@@ -146,9 +148,12 @@ def checkpoint_study(args: argparse.Namespace, levels: list[float]) -> dict:
         def tester(rule_scores: torch.Tensor):
             def test_at(thresholds: list[float]):
                 exits = exits_at(rule_scores[:, test], torch.tensor(thresholds, dtype=torch.float64))  # (K, n_test)
-                lost = image_losses(predictions[:, test].gather(0, exits), predictions[-1, test], cache.targets[test],
-                                    args.risk_loss)
-                return lost.double().mean(dim=1).tolist(), (1 - cost[exits].mean(dim=1) / cost[-1]).tolist()
+                early = predictions[:, test].gather(0, exits)
+                lost = image_losses(early, predictions[-1, test], cache.targets[test], args.risk_loss)
+                wrong = (early != cache.targets[test]).double().mean(dim=1)
+                drop = wrong - (predictions[-1, test] != cache.targets[test]).double().mean()
+                return (lost.double().mean(dim=1).tolist(), drop.tolist(),
+                        (1 - cost[exits].mean(dim=1) / cost[-1]).tolist())
             return test_at
         return {rule: ((predictions[:, calib], cache.targets[calib], s[:, calib]), tester(s))
                 for rule, s in scores.items()}
@@ -163,7 +168,8 @@ def synthetic_study(args: argparse.Namespace, levels: list[float]) -> dict:
 
     def draw(rng: np.random.Generator) -> dict:
         def test_at(thresholds: list[float]):
-            return ([synthetic_risk(t) for t in thresholds],
+            risk = [synthetic_risk(t) for t in thresholds]  # the final head is never wrong: risk = accuracy drop
+            return (risk, risk,
                     [(1 - min(max(t, 0.0), 1.0)) * (1 - SYNTHETIC_GFLOPS[0] / SYNTHETIC_GFLOPS[1]) for t in thresholds])
         return {'synthetic': (synthetic_draw(calib_size, rng), test_at)}
     records = run_resplits(args.resplits, args.seed, levels, args.delta, args.risk_loss, draw)
@@ -176,10 +182,11 @@ def format_table(result: dict) -> str:
     lines = [f"{result['data_set']}: {result['resplits']} re-splits, {result['calib_size']} "
              f"calibration images, {test}, {result['risk_loss']} loss, delta {result['delta']:g}",
              f"{'exit rule':>9} {'P':>4} {'rule':>5} {'mean risk':>10} {'q(1-d)':>8} {'violations':>10} "
-             f"{'no exit':>8} {'FLOPs saved':>11}"]
+             f"{'acc drop':>8} {'acc violations':>14} {'no exit':>8} {'FLOPs saved':>11}"]
     for row in result['rows']:
         lines.append(f"{row['exit_rule']:>9} {row['acc_drop']:4g} {row['rule']:>5} {row['mean_risk']:10.4f} "
                      f"{row['risk_quantile']:8.4f} {100 * row['violation_rate']:9.1f}% "
+                     f"{100 * row['mean_accuracy_drop']:7.2f}p {100 * row['accuracy_violation_rate']:13.1f}% "
                      f"{100 * row['uncertified_rate']:7.1f}% {100 * row['flops_saved']:10.1f}%")
     return '\n'.join(lines)
 
