@@ -16,6 +16,7 @@ from dataset_config import DATASET_CONFIG
 from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError, OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
+from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
 from jobs.flags import (BACKBONE, DYNN, EVAL, EXPORT, READS_DATA, TRAINING, add_flag, below_one, bounded, check_ranges,
                         flag_jobs, non_negative, positive, probability, split_ratio)
 from jobs.inference_jobs import run_eval, run_export
@@ -189,6 +190,16 @@ def get_args_parser() -> argparse.ArgumentParser:
              help='how --eval picks its threshold: acc-drop=P (cheapest point within P points of the '
                   'full network), gflops=X (most accurate point with expected GFLOPs <= X) or '
                   'latency-ms=X (most accurate point with expected batch-1 latency <= X ms here)')
+    add_flag(evaluation, '--risk-control', type=str, default='none', choices=RISK_RULES, jobs=EVAL,
+             help='with --budget acc-drop=P, how the threshold is chosen on the calibration images: none (cheapest '
+                  'point within P points: no guarantee), crc (conformal risk control: expected loss <= P/100 on '
+                  'new images) or ltt (learn-then-test: P(loss <= P/100) >= 1 - --delta)')
+    add_flag(evaluation, '--delta', type=float, default=DEFAULT_DELTA, jobs=EVAL,
+             check=bounded(0, 1, low_open=True, high_open=True, text='must lie in (0, 1), e.g. 0.1'),
+             help='--risk-control ltt: the allowed probability that the loss exceeds P/100')
+    add_flag(evaluation, '--risk-loss', type=str, default='error', choices=RISK_LOSSES, jobs=EVAL,
+             help="per-image loss the rule controls: error (the exit wrong where the full network is right) or "
+                  "consistency (the exit's prediction differs from the full network's; reads no labels)")
     add_flag(evaluation, '--exit-threshold', type=float, default=None, jobs=EVAL | EXPORT, check=probability,
              help='threshold of real early exit (--eval) and of the export, instead of --budget\'s; '
                   "--export's default: the one --eval chose, else 0.5")
@@ -268,6 +279,26 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
                                  f'--distillation-type soft, hard or freq, or drop them')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
+    risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
+    if job == 'eval' and risk_flags and 'exit_threshold' in given:
+        raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "
+                             f'one of them')
+    if job == 'eval' and risk_flags and parse_budget(args.budget).kind != 'acc-drop':
+        raise GFNetDynnError(f"{', '.join(risk_flags)} act with --budget acc-drop=P only (the loss they control is "
+                             f'an accuracy drop), not --budget {args.budget}; drop them or use acc-drop')
+    if job == 'eval' and 'delta' in given and args.risk_control != 'ltt':
+        raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
+                             f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
+    risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
+    if job == 'eval' and risk_flags and 'exit_threshold' in given:
+        raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "
+                             f'one of them')
+    if job == 'eval' and risk_flags and parse_budget(args.budget).kind != 'acc-drop':
+        raise GFNetDynnError(f"{', '.join(risk_flags)} act with --budget acc-drop=P only (the loss they control is "
+                             f'an accuracy drop), not --budget {args.budget}; drop them or use acc-drop')
+    if job == 'eval' and 'delta' in given and args.risk_control != 'ltt':
+        raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
+                             f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
     if job == 'export' and not args.quantize:
         extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'}
                        if getattr(args, d) != parser.get_default(d))
@@ -282,6 +313,10 @@ def validate_args(args: argparse.Namespace) -> None:
     """Reject impossible values (each flag's declared range, then combinations) with a message naming the flag."""
     check_ranges(get_args_parser(), args)
     checks = [
+        (args.risk_control == 'none' or (parse_budget(args.budget).kind == 'acc-drop'
+                                         and 0 < parse_budget(args.budget).value < 100),
+         f'--risk-control {args.risk_control} needs --budget acc-drop=P with 0 < P < 100 (the loss level P/100), '
+         f'got {args.budget}'),
         (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),
         (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
         (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),

@@ -12,8 +12,8 @@ from evaluation.exit_cache import (ExitCache, collect_exit_outputs, conditional_
 from evaluation.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
 from evaluation.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose, choose_single_exit,
                                          exit_scores, parse_budget, pareto_front, point_table, single_exit_points)
+from evaluation.risk_control import GUARANTEES, RiskControl, Selection, ThresholdScan, scan, scan_thresholds, select
 from models.gfnet_dynn import GFNetDynn
-
 
 
 def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
@@ -63,17 +63,56 @@ def point_at(cache: ExitCache, rule: str, threshold: float, gflops: list[float],
                        latency_ms)[0]
 
 
+def risk_scan(cache: ExitCache, rule: str, loss: str, thresholds: torch.Tensor | None = None) -> ThresholdScan:
+    """The per-image losses of `rule` over its scan (or the given thresholds) on one set of images."""
+    scores = exit_scores(cache, rule)
+    return scan(cache.logits.argmax(dim=-1), cache.targets, scores,
+                scan_thresholds(scores) if thresholds is None else thresholds, loss)
+
+
+def loss_at(cache: ExitCache, rule: str, threshold: float, loss: str) -> float:
+    """The mean per-image loss of `rule` at one threshold."""
+    at = risk_scan(cache, rule, loss, torch.tensor([threshold], dtype=torch.float64))
+    return float(at.loss[0]) / max(at.n, 1)
+
+
+def pick_threshold(selecting: ExitCache, points: list[dict], rule: str, budget: Budget,
+                   risk: RiskControl) -> tuple[float, Selection | None]:
+    """The threshold of `rule` the budget picks on the selecting images: the empirical rule's (`choose`), or
+    the risk-control rule's with its certificate."""
+    if risk.rule == 'none':
+        return choose(points, budget, per_exit_accuracy(selecting)[-1])['threshold'], None
+    picked = select(risk_scan(selecting, rule, risk.loss), risk.rule, budget.value / 100, risk.delta)
+    return picked.threshold, picked
+
+
+def risk_fields(selecting: ExitCache, val: ExitCache, rule: str, threshold: float, budget: Budget,
+                risk: RiskControl, certificate: Selection | None) -> dict:
+    """What the selection rule promises for `rule` at `threshold` and the loss it measures: on the selecting
+    images and on the validation images."""
+    certified = certificate.certified if certificate else None
+    return {'risk_control': risk.rule, 'guarantee': GUARANTEES[risk.rule], 'risk_loss': risk.loss,
+            'risk_level': budget.value / 100 if budget.kind == 'acc-drop' else None,
+            'delta': risk.delta if risk.rule == 'ltt' else None, 'certified': certified,
+            'needed_images': certificate.needed_images if certificate else None,
+            # the final exit, chosen when nothing is certified, loses nothing against itself
+            'risk_bound': None if certificate is None else budget.value / 100 if certified else 0.0,
+            'calibration_risk': loss_at(selecting, rule, threshold, risk.loss),
+            'val_risk': loss_at(val, rule, threshold, risk.loss)}
+
+
 def baselines_report(val: ExitCache, val_points: dict, selecting: ExitCache, selecting_points: dict,
-                     budget: Budget, gflops: list[float], latency_ms: list[float]) -> dict:
+                     budget: Budget, gflops: list[float], latency_ms: list[float], risk: RiskControl) -> dict:
     """Early exit without learned gates, from the same cache: thresholds on max softmax probability and on
-    entropy (their validation fronts and the point the budget picks on the selecting images), and each exit
-    alone."""
+    entropy (their validation fronts, the point the budget picks on the selecting images with the same
+    selection rule as the gates, and its loss), and each exit alone."""
     selecting_full = per_exit_accuracy(selecting)[-1]
     report = {}
     for rule in BASELINE_RULES:
-        threshold = choose(selecting_points[rule], budget, selecting_full)['threshold']
+        threshold, certificate = pick_threshold(selecting, selecting_points[rule], rule, budget, risk)
         report[rule] = {'front': pareto_front(val_points[rule]),
-                        'at_budget': point_at(val, rule, threshold, gflops, latency_ms)}
+                        'at_budget': point_at(val, rule, threshold, gflops, latency_ms),
+                        'risk': risk_fields(selecting, val, rule, threshold, budget, risk, certificate)}
     picked = choose_single_exit(single_exit_points(selecting, gflops, latency_ms), budget, selecting_full)
     points = single_exit_points(val, gflops, latency_ms)
     report['single_exit'] = {'points': points, 'at_budget': points[picked['exit']] if picked else None}
@@ -105,11 +144,13 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
 
 def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, gflops_per_exit: list[float],
                         class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
-                        exit_threshold: float | None = None, thresholds: list[float] | None = None,
+                        risk: RiskControl = RiskControl(), exit_threshold: float | None = None,
+                        thresholds: list[float] | None = None,
                         calib_loader=None, conformal: dict | None = None, max_batches: int | None = None,
                         amp: bool = False) -> tuple[dict, ExitCache]:
     """Everything --eval reports (the results dict documented in the README): the threshold picked on the
-    calibration images (the validation images without them), every number reported on the validation images."""
+    calibration images (the validation images without them) by the budget and the risk rule, every number
+    reported on the validation images."""
     started = time.perf_counter()
     cache = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp)
     if cache.targets.numel() == 0:
@@ -123,13 +164,15 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
     latency = cumulative_ms(segment_ms)
     val_points = points_by_rule(cache, gflops_per_exit, latency)
     selecting_points = val_points if calib_loader is None else points_by_rule(selecting, gflops_per_exit, latency)
-    picked = (choose(selecting_points['gate'], budget, per_exit_accuracy(selecting)[-1]) if exit_threshold is None
-              else point_at(selecting, 'gate', exit_threshold, gflops_per_exit, latency))
+    threshold, certificate = (pick_threshold(selecting, selecting_points['gate'], 'gate', budget, risk)
+                              if exit_threshold is None else (exit_threshold, None))
+    picked = point_at(selecting, 'gate', threshold, gflops_per_exit, latency)
     chosen = point_at(cache, 'gate', picked['threshold'], gflops_per_exit, latency)
     predictions, exits = gated_predictions(cache, chosen['threshold'])
     real = real_early_exit_report(model, images, latency_indices, device, (predictions, exits), chosen, latency,
                                   0.25 * cached_pass_seconds)
-    baselines = baselines_report(cache, val_points, selecting, selecting_points, budget, gflops_per_exit, latency)
+    baselines = baselines_report(cache, val_points, selecting, selecting_points, budget, gflops_per_exit, latency,
+                                 risk)
     points, front = val_points['gate'], pareto_front(val_points['gate'])
     selection = {'set': 'val' if calib_loader is None else 'calibration', 'num_images': int(selecting.targets.numel()),
                  'budget': str(budget) if exit_threshold is None else f'--exit-threshold {exit_threshold:g}',
@@ -137,7 +180,10 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
                  'expected_gflops': chosen['expected_gflops'], 'expected_latency_ms': chosen['expected_latency_ms'],
                  'measured_latency_ms': real['mean_ms'],
                  'on_selection_set': {key: picked[key] for key in ('accuracy', 'expected_gflops',
-                                                                    'expected_latency_ms')}}
+                                                                    'expected_latency_ms')},
+                 **risk_fields(selecting, cache, 'gate', chosen['threshold'], budget, risk, certificate),
+                 # without calibration images the rule chose on the images it is judged on
+                 'out_of_sample': calib_loader is not None}
     accuracies = per_exit_accuracy(cache)
     results = {
         'num_classes': len(class_names), 'class_names': class_names, 'num_val': int(cache.targets.numel()),
@@ -176,6 +222,28 @@ def real_early_exit_report(model: GFNetDynn, images: list[torch.Tensor], indices
     return {'threshold': chosen['threshold'], 'batch': 1, 'images': single['images'],
             'mean_ms': single['mean_ms'], 'median_ms': single['median_ms'], 'predicted_mean_ms': predicted,
             'mismatches_with_cache': mismatches}
+
+
+def risk_line(selection: dict) -> str:
+    """One line: which rule chose the point, what it guarantees, and the loss measured."""
+    measured = (f"{selection['risk_loss']} loss {selection['calibration_risk']:.4f} on the {selection['num_images']} "
+                f"{selection['set']} images, {selection['val_risk']:.4f} on the validation images")
+    rule, level = selection['risk_control'], selection['risk_level']
+    if rule == 'none':
+        how = ('the given --exit-threshold' if selection['budget'].startswith('--exit-threshold')
+               else 'empirical (--risk-control none)')
+        return f'selection rule: {how}, no guarantee; {measured}'
+    if not selection['certified']:
+        delta = f", delta {selection['delta']:g}" if selection['delta'] is not None else ''
+        return (f"selection rule: {rule}: nothing certifiable with {selection['num_images']} calibration images at "
+                f"risk {level:g}{delta} (needs at least {selection['needed_images']}): the final exit is chosen "
+                f"(no early exit); {measured}")
+    promise = (f'expected risk <= {level:g}' if rule == 'crc' else
+               f"P(risk <= {level:g}) >= {1 - selection['delta']:g}")
+    caveat = ('' if selection['out_of_sample'] else
+              ' (calibrated on the validation images themselves: the guarantee does not hold out of sample; '
+              'train with --calib-ratio 0.1)')
+    return f'selection rule: {rule}: {promise} on new images{caveat}; {measured}'
 
 
 def table_rows(front: list[dict], chosen: dict, rows: int) -> list[dict]:
@@ -219,6 +287,7 @@ def format_results_table(results: dict) -> str:
     if selection['set'] == 'val':
         lines.append('  (chosen on the validation images it is reported on, so optimistic: train with '
                      '--calib-ratio 0.1 to choose on held-out images)')
+    lines.append(risk_line(selection))
     lines += [f"batch-1 latency: predicted {selection['expected_latency_ms']:.2f} ms per image, measured "
               f"{real['mean_ms']:.2f} ms mean over {real['images']} images (predicted for them "
               f"{real['predicted_mean_ms']:.2f}); full network {results['latency_table_ms']['cumulative'][-1]:.2f} ms; "

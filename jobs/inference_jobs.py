@@ -20,6 +20,7 @@ from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
 from jobs.run_setup import build_data, checkpoint_args, dynn_run_folder, resolve_model_shape, split_request
+from evaluation.risk_control import RiskControl
 from jobs.trained_run import RunArgs, TrainedRun, reopen
 from learning_helpers.checkpoint import save_json, suggested_checkpoint
 from models.flops import exit_gflops
@@ -62,7 +63,8 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     model.to(device)
     results, _ = evaluate_early_exit(
         model, val_loader, device, gflops_per_exit=exit_gflops(model), class_names=class_names,
-        budget=parse_budget(args.budget), exit_threshold=args.exit_threshold, thresholds=args.thresholds,
+        budget=parse_budget(args.budget), risk=RiskControl(args.risk_control, args.delta, args.risk_loss),
+        exit_threshold=args.exit_threshold, thresholds=args.thresholds,
         calib_loader=data.calib_loader,
         conformal=checkpoint.get('conformal'), max_batches=4 if args.barely_train else None, amp=args.amp)
     total = len(val_loader.dataset)

@@ -14,6 +14,7 @@ def fires(probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
 
 def first_exit(probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """(..., G, N) gate probabilities -> (..., N) exit index: the first k that fires, else G (the final head)."""
-    leaving = fires(probs, threshold)
-    leaving = torch.cat([leaving, torch.ones_like(leaving[..., :1, :])], dim=-2)
-    return leaving.to(torch.uint8).argmax(dim=-2)  # argmax returns the first maximal index
+    # the first k that fires is the count of exits before any has fired: a cumulative max and a sum, several
+    # times faster on CPU than a first-index argmax over a (..., G + 1, N) copy
+    fired_so_far = fires(probs, threshold).to(torch.uint8).cummax(dim=-2).values
+    return (fired_so_far == 0).sum(dim=-2)
