@@ -266,11 +266,13 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
     names, acts_in = option_names(), flag_jobs(parser)
     idle = [dest for dest in sorted(given)
             if acts_in[dest] is not None and job not in acts_in[dest] and getattr(args, dest) != parser.get_default(dest)]
+    if len(idle) == 1:
+        raise GFNetDynnError(f'{names[idle[0]]} has no effect with {_describe_jobs({job})}: it applies to '
+                             f'{_describe_jobs(acts_in[idle[0]])}; drop it')
     if idle:
-        described = '; '.join(f'{names[dest]} applies to {_describe_jobs(acts_in[dest])}' for dest in idle)
-        raise GFNetDynnError(f"{', '.join(names[dest] for dest in idle)} {'has' if len(idle) == 1 else 'have'} no "
-                             f'effect with {_describe_jobs({job})} ({described}); drop '
-                             f"{'it' if len(idle) == 1 else 'them'}")
+        described = '; '.join(f'{names[dest]} to {_describe_jobs(acts_in[dest])}' for dest in idle)
+        raise GFNetDynnError(f"{', '.join(names[dest] for dest in idle)} have no effect with "
+                             f'{_describe_jobs({job})} (they apply: {described}); drop them')
     if job == 'backbone' and args.distillation_type == 'none':
         extra = sorted(names[d] for d in given & {'teacher_model', 'teacher_path', 'distillation_alpha',
                                                   'distillation_tau', 'distillation_freq_weight'})

@@ -146,7 +146,8 @@ def dynn_checkpoint(tmp_path):
     (['--stage', 'backbone', '--teacher-model', 'resnet18'], '--teacher-model given without distillation'),
     (['--stage', 'backbone', '--distillation-alpha', '0.3'], '--distillation-alpha given without distillation'),
     (['--distillation-type', 'soft', '--teacher-model', 'resnet18'],
-     '--distillation-type has no effect with --stage dynn: it applies to --stage backbone'),
+     '--distillation-type, --teacher-model have no effect with --stage dynn (they apply: --distillation-type to '
+     '--stage backbone; --teacher-model to --stage backbone)'),
     (['--stage', 'backbone', '--ce_ic_tradeoff', '2'], '--ce_ic_tradeoff has no effect with --stage backbone'),
     (['--smoothing', '0.2'], '--smoothing has no effect with --stage dynn'),
     (['--thresholds', '0.5'], '--thresholds has no effect with --stage dynn: it applies to --eval'),

@@ -10,9 +10,9 @@ import torch
 from benchmarks.risk import SLOPE, chosen_thresholds, synthetic_draw
 from conftest import FAST_FLAGS, TINY_FLAGS, one_error
 from evaluation.eval_report import risk_line
-from learning_helpers.exit_cache import exit_choice
-from evaluation.risk_control import (ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue,
-                                           ltt_needed_images, scan, select)
+from evaluation.exit_cache import exit_choice
+from evaluation.risk_control import (ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue, ltt_needed_images,
+                                     scan, select)
 from main_dynn import main
 
 

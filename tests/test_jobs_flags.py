@@ -44,3 +44,24 @@ def test_a_flag_knows_its_jobs_where_it_is_defined():
 def test_export_choices_come_from_the_exporter_registry():
     export = next(a for a in get_args_parser()._actions if a.dest == 'export')
     assert export.choices == sorted(EXPORTERS)
+
+
+def test_every_flag_that_does_not_apply_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """A script reusing its training flags for --eval learns every flag to drop at once, not one per run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(['--eval', '--checkpoint-path', 'c.pth', '--num_epoch', '8', '--lr', '0.01',
+                 '--max_warmup_epoch', '4']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and err.startswith('error: --lr, --max_warmup_epoch, --num_epoch have no effect '
+                                                   'with --eval')
+    assert '--max_warmup_epoch to --stage dynn' in err and err.endswith('drop them')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_flag_given_at_its_default_value_is_accepted(tmp_path, monkeypatch, capsys):
+    """--eval with the training run's own --ce_ic_tradeoff 0.75 (the default) changes nothing, so it is not an
+    error: the job goes on to its next check (here, the missing checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(['--eval', '--checkpoint-path', 'missing.pth', '--ce_ic_tradeoff', '0.75', '--num_epoch', '100']) == 2
+    err = capsys.readouterr().err
+    assert 'no effect' not in err and 'missing.pth' in err
