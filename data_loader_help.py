@@ -13,16 +13,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import dataset_config
+import demo_data
 from data_splits import (calib_record, check_train_ratio, find_layout, read_split_file, reference_random_split,
                          split_from_names, split_record, stratified_split)
 from data_transforms import build_transform, check_augment
-from demo_data import ensure_demo_dataset
 from errors import GFNetDynnError
 from scene_folder import SceneFolder, real_files
 
 logger = logging.getLogger(__name__)
 
-DEMO_DATA_SET = 'DEMO'  # the one data set we can generate instead of asking for a folder
 DEFAULT_TRAIN_RATIO = 0.8  # a one-folder data set's training share when its entry names no protocol
 
 
@@ -82,10 +81,12 @@ def default_train_ratio(data_set: str) -> float:
 
 
 def resolve_data_path(data_set: str, data_path: str | None) -> Path:
-    """The folder to read data_set from: --data-path, else the config default (DEMO is generated if missing)."""
+    """The folder to read data_set from: --data-path, else the config default (a built-in data set, DEMO or
+    DIGITS, is generated there if missing or out of date)."""
     path = Path(data_path if data_path is not None else dataset_entry(data_set)['default_data_path'])
-    if data_set == DEMO_DATA_SET and (data_path is None or not path.exists()):
-        ensure_demo_dataset(path)
+    generate = demo_data.GENERATORS.get(data_set)
+    if generate is not None and (data_path is None or not path.exists()):
+        generate(path)
     if not path.exists():
         raise GFNetDynnError(f'--data-path {path} does not exist; pass the folder that holds the {data_set} images')
     if not path.is_dir():

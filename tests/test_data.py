@@ -13,6 +13,7 @@ from torchvision import transforms
 
 import data_loader_help
 import dataset_config
+import demo_data
 from data_loader_help import ShardSampler, SplitRequest, build_datasets, build_loaders, resolve_data_path
 from data_transforms import build_transform
 from errors import GFNetDynnError
@@ -72,7 +73,7 @@ def test_file_as_data_path_is_rejected(tiny, tmp_path):
 
 def test_demo_is_generated_when_its_folder_is_missing(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data_loader_help, 'ensure_demo_dataset', lambda root: calls.append(root) or root.mkdir())
+    monkeypatch.setitem(demo_data.GENERATORS, 'DEMO', lambda root: calls.append(root) or root.mkdir())
     assert resolve_data_path('DEMO', str(tmp_path / 'demo')) == tmp_path / 'demo'
     assert calls == [tmp_path / 'demo']
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import demo_data
 from dataset_config import DATASET_CONFIG
-from demo_data import CLASSES, MARKER, ensure_demo_dataset, render_scene
+from demo_data import CLASSES, GENERATORS, MARKER, ensure_demo_dataset, ensure_digits_dataset, render_scene
 from errors import GFNetDynnError
 
 SMALL = {'train_per_class': 2, 'val_per_class': 1, 'image_size': 32}
@@ -102,3 +102,20 @@ def test_module_entry_point_prints_where_it_wrote(tmp_path):
                           text=True, check=True, cwd=Path(demo_data.__file__).parent)
     assert str((tmp_path / 'cli').resolve()) in done.stdout
     assert (tmp_path / 'cli' / MARKER).is_file()
+
+
+def test_digits_are_written_as_ten_class_folders_split_75_25_per_class(tmp_path):
+    from sklearn.datasets import load_digits
+    per_class = np.bincount(load_digits().target)  # 1797 images, about 180 a class
+    root = ensure_digits_dataset(tmp_path / 'digits', image_size=16)
+    assert GENERATORS['DIGITS'] is ensure_digits_dataset and DATASET_CONFIG['DIGITS']['num_classes'] == 10
+    for split in ('train', 'val'):
+        assert sorted(p.name for p in (root / split).iterdir()) == [str(d) for d in range(10)]
+    train = [len(list((root / 'train' / str(d)).glob('*.png'))) for d in range(10)]
+    val = [len(list((root / 'val' / str(d)).glob('*.png'))) for d in range(10)]
+    assert train == [round(0.75 * n) for n in per_class] and [t + v for t, v in zip(train, val)] == list(per_class)
+    train_names = {p.name for p in (root / 'train').glob('*/*.png')}
+    assert sum(train) + sum(val) == 1797 and not train_names & {p.name for p in (root / 'val').glob('*/*.png')}
+    with Image.open(next((root / 'val' / '3').glob('*.png'))) as img:
+        assert (img.size, img.mode) == ((16, 16), 'RGB')
+    assert _digest(ensure_digits_dataset(tmp_path / 'again', image_size=16)) == _digest(root)  # fixed split
