@@ -18,7 +18,7 @@ from learning_helpers import model_factory
 from learning_helpers.distributed import barrier, init_distributed
 from learning_helpers.inference_jobs import run_eval, run_export
 from learning_helpers.joint_stage import PHASE_COUNTERS
-from learning_helpers.losses import CLASSIFIER_LOSSES
+from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.operating_points import DEFAULT_BUDGET, parse_budget
 from learning_helpers.run_setup import (AUGMENT_FLAGS, PATH_FLAGS, backbone_run_folder, dynn_run_folder,
                                         resolve_device)
@@ -144,6 +144,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     dynn.add_argument('--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES),
                       help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
                            "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
+    dynn.add_argument('--final-exit-loss', type=str, default='auto', choices=FINAL_EXIT_LOSS,
+                      help="auto (ours): when the backbone trains in joint training, the final exit's CE joins the "
+                           "classifier phase, so the full network does not drift; off: the reference's loss alone "
+                           '(--freeze-backbone is always the reference)')
     dynn.add_argument('--exit-costs', type=str, default='flops', choices=sorted(EXIT_COSTS),
                       help="exit costs the gates trade against: flops (true FLOPs) or reference (the reference "
                            "counter's flatter vector, to reproduce its released runs); reported GFLOPs stay true")
@@ -203,13 +207,14 @@ FLAG_JOBS = {
                                        'distillation_tau', 'distillation_freq_weight')},
     **{dest: {'dynn'} for dest in ('ce_ic_tradeoff', 'patience', 'max_warmup_epoch', 'bilevel_batch_count',
                                    'phase_counter', 'gate_objective', 'classifier_loss', 'exit_costs',
-                                   'transfer_ratio', 'freeze_backbone')},
+                                   'transfer_ratio', 'freeze_backbone', 'final_exit_loss')},
     'eval': {'eval'}, 'thresholds': {'eval'}, 'results_json': {'eval'}, 'exit_threshold': {'eval', 'export'},
     'export': {'export'}, 'out': {'export'}, 'quantize': {'export'}, 'calib_images': {'export'},
     'output_dir': {'backbone', 'dynn', 'eval'}, 'device': DATA_JOBS,
     'seed': DATA_JOBS, 'overwrite': TRAINING_JOBS,
 }
 RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path'})  # how a run runs, not what it is
+BEHAVIOUR_BEFORE_FLAG = {'final_exit_loss': 'off'}  # a resumed run that predates the flag trained so
 
 
 def option_names() -> dict[str, str]:
@@ -319,7 +324,8 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
         raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
                              f'continues a run where it was written: put the file back there')
     names = option_names()
-    run_args = {**vars(args), **{k: v for k, v in stored.items() if hasattr(args, k)}}  # flags added since: default
+    # flags added since: their default, or the value that reproduces how runs trained before the flag existed
+    run_args = {**vars(args), **BEHAVIOUR_BEFORE_FLAG, **{k: v for k, v in stored.items() if hasattr(args, k)}}
     run_args.update(stage=stage, output_dir=str(folder.parent.parent))
     for dest in sorted(given - RESUME_MAY_CHANGE):
         if not _same(dest, getattr(args, dest), run_args.get(dest)):
