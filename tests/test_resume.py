@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 import dataset_config
+import main_dynn
 from conftest import TINY_FLAGS, tiny_entry, write_learnable_folder
 from data_loader_help import build_loaders
 from learning_helpers import backbone_stage, joint_stage, warmup_stage
@@ -240,3 +241,16 @@ def test_loading_a_training_sample_leaves_the_callers_random_state_alone():
     torch.manual_seed(7)
     loader.dataset[5]
     assert torch.equal(torch.rand(3), expected)  # dropout in the main process draws as if nothing was loaded
+
+
+def test_a_resumed_run_from_before_final_exit_loss_keeps_the_reference_loss(tmp_path, monkeypatch):
+    """A checkpoint whose args lack --final-exit-loss trained with the reference's loss: it resumes with off."""
+    stored = {'data_set': 'DEMO', 'ce_ic_tradeoff': 0.75, 'num_epoch': 5}
+    monkeypatch.setattr(main_dynn, 'load_resume_checkpoint',
+                        lambda path: {'args': dict(stored), 'stage': 'joint', 'epoch': 1})
+    last = tmp_path / 'checkpoint' / 'checkpoint_DEMO_0.75_confEE' / 'last.pth'
+    args = main_dynn.get_args_parser().parse_args(['--resume', str(last)])
+    assert args.final_exit_loss == 'auto'  # a new run's default
+    assert main_dynn.resumed_args(args, {'resume'})[0].final_exit_loss == 'off'
+    stored['final_exit_loss'] = 'auto'
+    assert main_dynn.resumed_args(args, {'resume'})[0].final_exit_loss == 'auto'
