@@ -17,13 +17,12 @@ import dataset_config
 from data_pipeline.data_splits import (calib_record, check_train_ratio, find_layout, read_split_file,
                                        reference_random_split, split_from_names, split_record, stratified_split)
 from data_pipeline.data_transforms import build_transform, check_augment
-from data_pipeline.demo_data import ensure_demo_dataset
+from data_pipeline.demo_data import GENERATORS
 from data_pipeline.scene_folder import BadImages, SceneFolder, real_files
 from errors import GFNetDynnError
 
 logger = logging.getLogger(__name__)
 
-DEMO_DATA_SET = 'DEMO'  # the one data set we can generate instead of asking for a folder
 DEFAULT_TRAIN_RATIO = 0.8  # a one-folder data set's training share when its entry names no protocol
 
 
@@ -83,18 +82,19 @@ def default_train_ratio(data_set: str) -> float:
 
 
 def resolve_data_path(data_set: str, data_path: str | None) -> Path:
-    """The folder to read data_set from: --data-path, else the config default. DEMO is generated if missing, but
-    only at its own default path: a mistyped --data-path must not fill a new folder with synthetic images."""
+    """The folder to read data_set from: --data-path, else the config default. A built-in data set (DEMO, DIGITS)
+    is generated if missing, but only at its own default path: a mistyped --data-path must not fill a new folder
+    with synthetic images."""
     default = dataset_entry(data_set)['default_data_path']
     path = Path(data_path if data_path is not None else default)
-    is_demo_home = data_set == DEMO_DATA_SET and default is not None and path.resolve() == Path(default).resolve()
-    if is_demo_home:
-        ensure_demo_dataset(path)
+    generate = GENERATORS.get(data_set)
+    if generate is not None and default is not None and path.resolve() == Path(default).resolve():
+        generate(path)
     if not path.exists():
-        demo = (f' (DEMO generates itself at {default} when --data-path is omitted)'
-                if data_set == DEMO_DATA_SET else '')
+        built_in = (f' ({data_set} generates itself at {default} when --data-path is omitted)'
+                    if generate is not None else '')
         raise GFNetDynnError(f'--data-path {path} does not exist; pass the folder that holds the {data_set} '
-                             f'images{demo}')
+                             f'images{built_in}')
     if not path.is_dir():
         raise GFNetDynnError(f'--data-path {path} is a file; pass the folder that holds the {data_set} images')
     return path

@@ -25,7 +25,7 @@ from jobs.train_jobs import run_backbone, run_dynn
 from jobs.trained_run import RunArgs
 from learning_helpers.distributed import barrier, init_distributed
 from learning_helpers.joint_stage import PHASE_COUNTERS
-from learning_helpers.losses import CLASSIFIER_LOSSES
+from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
 from models.flops import EXIT_COSTS
@@ -171,6 +171,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(dynn, '--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES), jobs=DYNN,
              help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
                   "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
+    add_flag(dynn, '--final-exit-loss', type=str, default='auto', choices=FINAL_EXIT_LOSS, jobs=DYNN,
+             help="auto (ours): when the backbone trains in joint training, the final exit's CE joins the "
+                  "classifier phase, so the full network does not drift; off: the reference's loss alone "
+                  '(--freeze-backbone is always the reference)')
     add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
              help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
                   "--ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda exits "
@@ -232,6 +236,8 @@ CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'sk
                      'num_workers')
 # how a run runs, not what it is
 RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})
+# what a resumed run whose checkpoint predates a flag trained with (not the flag's default of today)
+BEHAVIOUR_BEFORE_FLAG = {'final_exit_loss': 'off', 'exit_costs': 'flops'}
 
 
 def option_names() -> dict[str, str]:
@@ -357,7 +363,8 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
         raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
                              f'continues a run where it was written: put the file back there')
     names = option_names()
-    run_args = {**vars(args), **{k: v for k, v in stored.items() if hasattr(args, k)}}  # flags added since: default
+    # flags added since: their default, or the value that reproduces how runs trained before the flag existed
+    run_args = {**vars(args), **BEHAVIOUR_BEFORE_FLAG, **{k: v for k, v in stored.items() if hasattr(args, k)}}
     run_args.update(stage=stage, output_dir=str(folder.parent.parent))
     for dest in sorted(given - RESUME_MAY_CHANGE):
         if not _same(dest, getattr(args, dest), run_args.get(dest)):

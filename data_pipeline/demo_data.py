@@ -1,4 +1,5 @@
-"""Deterministic synthetic remote-sensing scenes (the DEMO data set), so the pipeline runs with no download.
+"""The built-in data sets, written on first use so the pipeline runs with no download: DEMO, deterministic
+synthetic remote-sensing scenes, and DIGITS, scikit-learn's handwritten digits as a small real-image check.
 
 Each class is a texture or structure (field stripes, canopy blobs, house grids, road networks...), not
 just a colour. A per-image difficulty d in [0, 1] adds noise, blur, clutter, a colour shift and a blend
@@ -11,10 +12,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from data_pipeline.data_splits import stratified_split
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
 
@@ -22,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = '.complete'
 FORMAT_VERSION = 1  # bump when the generator changes so old demo folders are rebuilt
+DIGITS_VERSION = 1  # the same for the DIGITS folders
 
 # Colours are RGB in [0, 1].
 GREEN = (0.25, 0.45, 0.2)
@@ -221,36 +225,33 @@ def _write_split(folder: Path, split_id: int, per_class: int, image_size: int, s
 
 
 def _is_complete(root: Path, params: dict) -> bool:
-    """True when root holds a finished demo data set made with these parameters."""
+    """True when root holds a finished generated data set made with these parameters."""
     try:
         return json.loads((root / MARKER).read_text()) == params
     except (OSError, ValueError):
         return False
 
 
-def _check_replaceable(root: Path) -> None:
-    """Refuse to overwrite a root that holds anything but an old demo data set (train/, val/, marker)."""
+def _check_replaceable(root: Path, name: str) -> None:
+    """Refuse to overwrite a root that holds anything but an old generated data set (train/, val/, marker)."""
     if root.exists() and (not root.is_dir() or any(p.name not in ('train', 'val', MARKER) for p in root.iterdir())):
-        raise GFNetDynnError(f'{root} exists but is not a DEMO data set; remove it or pass another --data-path')
+        raise GFNetDynnError(f'{root} exists but is not a {name} data set; remove it or pass another --data-path')
 
 
-def ensure_demo_dataset(root: str | Path, *, train_per_class: int = 120, val_per_class: int = 40,
-                        image_size: int = 64, seed: int = 0) -> Path:
-    """Make sure root/{train,val}/<class>/NNNN.png exist; generate them atomically if not."""
+def ensure_generated(root: str | Path, name: str, params: dict, write: Callable[[Path], None]) -> Path:
+    """The one way a built-in data set reaches disk: if root's marker does not hold `params`, call
+    write(folder) to fill a hidden sibling with train/ and val/, then rename it into place, so an interrupted
+    run never leaves half a data set and a change of parameters rebuilds it."""
     root = Path(root)
-    params = {'version': FORMAT_VERSION, 'train_per_class': train_per_class, 'val_per_class': val_per_class,
-              'image_size': image_size, 'seed': seed}
     if _is_complete(root, params):
         return root
-    _check_replaceable(root)
-    logger.info('generating the DEMO data set in %s', root)
+    _check_replaceable(root, name)
+    logger.info('generating the %s data set in %s', name, root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a hidden sibling and rename it into place: an interrupted run never leaves half a data set.
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.partial-', dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not
     try:
-        _write_split(tmp / 'train', 0, train_per_class, image_size, seed)
-        _write_split(tmp / 'val', 1, val_per_class, image_size, seed)
+        write(tmp)
         (tmp / MARKER).write_text(json.dumps(params))  # last: its presence means the folder is whole
         if not _is_complete(root, params):  # another process may have finished first
             shutil.rmtree(root, ignore_errors=True)
@@ -260,7 +261,51 @@ def ensure_demo_dataset(root: str | Path, *, train_per_class: int = 120, val_per
     return root
 
 
+def ensure_demo_dataset(root: str | Path, *, train_per_class: int = 120, val_per_class: int = 40,
+                        image_size: int = 64, seed: int = 0) -> Path:
+    """Make sure root/{train,val}/<class>/NNNN.png exist; generate them atomically if not."""
+    params = {'version': FORMAT_VERSION, 'train_per_class': train_per_class, 'val_per_class': val_per_class,
+              'image_size': image_size, 'seed': seed}
+
+    def write(folder: Path) -> None:
+        _write_split(folder / 'train', 0, train_per_class, image_size, seed)
+        _write_split(folder / 'val', 1, val_per_class, image_size, seed)
+
+    return ensure_generated(root, 'DEMO', params, write)
+
+
+def _write_digits(folder: Path, image_size: int, val_share: float, seed: int) -> None:
+    """scikit-learn's 1797 8x8 digits (ink 0-16) as grey-on-black RGB PNGs upscaled bicubically to image_size,
+    split per class into train/ and val/ with `seed`; file names keep the digit's index in load_digits."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise GFNetDynnError('the DIGITS data set comes from scikit-learn; pip install scikit-learn') from error
+    digits = load_digits()
+    train, val = stratified_split([int(t) for t in digits.target], 1 - val_share, seed)
+    for split, indices in (('train', train), ('val', val)):
+        for i in indices:
+            class_dir = folder / split / str(int(digits.target[i]))
+            class_dir.mkdir(parents=True, exist_ok=True)
+            grey = Image.fromarray((digits.images[i] * (255 / 16) + 0.5).astype(np.uint8))
+            grey.resize((image_size, image_size), Image.Resampling.BICUBIC).convert('RGB').save(
+                class_dir / f'{i:04d}.png')
+
+
+def ensure_digits_dataset(root: str | Path, *, image_size: int = 32, val_share: float = 0.25,
+                          seed: int = 0) -> Path:
+    """Make sure root/{train,val}/<digit>/NNNN.png exist (a fixed stratified split); generate them if not."""
+    params = {'version': DIGITS_VERSION, 'image_size': image_size, 'val_share': val_share, 'seed': seed}
+    return ensure_generated(root, 'DIGITS', params, lambda folder: _write_digits(folder, image_size, val_share, seed))
+
+
+# --data-set names that are generated, not read from a folder the user provides: name -> ensure(root)
+GENERATORS = {'DEMO': ensure_demo_dataset, 'DIGITS': ensure_digits_dataset}
+
+
 if __name__ == '__main__':
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    out = ensure_demo_dataset(sys.argv[1] if len(sys.argv) > 1 else DATASET_CONFIG['DEMO']['default_data_path'])
-    print(f'DEMO data set ready in {out.resolve()}')
+    # python -m data_pipeline.demo_data [FOLDER [DATA_SET]]: DEMO by default
+    name = sys.argv[2] if len(sys.argv) > 2 else 'DEMO'
+    out = GENERATORS[name](sys.argv[1] if len(sys.argv) > 1 else DATASET_CONFIG[name]['default_data_path'])
+    print(f'{name} data set ready in {out.resolve()}')

@@ -134,7 +134,7 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
-                        args.classifier_loss, args.freeze_backbone)
+                        args.classifier_loss, args.freeze_backbone, args.final_exit_loss)
     with removed_on_bad_input([run_folder, heads_dir, split_path, Path(args.output_dir) / 'runs']), \
             claim_run([run_folder, heads_dir], args.overwrite and not resume):
         save_split(split_path, data.split)

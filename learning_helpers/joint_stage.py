@@ -3,7 +3,8 @@
 Phases alternate every `bilevel_batch_count` batches, gate phase first; the batch counter restarts each epoch
 (the reference) or runs across epochs (`--phase-counter global`). Gate phase: gates learn to fire from the
 exit that minimises CE + lambda * cost onward. Classifier phase: the exits (and the backbone, at
-lr * transfer-ratio, unless frozen) learn with the `--classifier_loss`. docs/METHOD.md has the formulas.
+lr * transfer-ratio, unless frozen) learn with the `--classifier_loss`, plus the final exit's CE when the
+backbone trains (`--final-exit-loss auto`). docs/METHOD.md has the formulas.
 """
 import logging
 import time
@@ -17,7 +18,7 @@ from evaluation.exit_cache import (best_exit_counts, collect_exit_outputs, condi
                                    per_exit_accuracy, updated_pos_weight)
 from learning_helpers.distributed import is_main_process
 from learning_helpers.loop import batches_per_epoch, train_batches
-from learning_helpers.losses import CLASSIFIER_LOSSES, GateLoss
+from learning_helpers.losses import GateLoss, classifier_loss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
@@ -36,6 +37,7 @@ class JointConfig:
     gate_objective: str
     classifier_loss: str
     freeze_backbone: bool
+    final_exit_loss: str  # 'auto': the final exit's CE joins the classifier phase when the backbone trains; 'off'
 
 
 def set_joint_trainable(model: GFNetDynn, freeze_backbone: bool) -> None:
@@ -53,7 +55,8 @@ class JointTrainer:
         self.model, self.optimizer, self.costs, self.config, self.device = model, optimizer, costs, config, device
         self.run = run
         self.gate_loss = GateLoss(config.tradeoff, config.gate_objective)
-        self.classifier_loss = CLASSIFIER_LOSSES[config.classifier_loss]()
+        self.classifier_loss = classifier_loss(config.classifier_loss, config.final_exit_loss,
+                                               backbone_trains=not config.freeze_backbone)
         self.global_step = global_step
         # identity gates have nothing to learn: their phase is skipped
         self.gates_learn = any(True for _ in model.gates.parameters())

@@ -161,6 +161,35 @@ class GateWeightedClassifierLoss(nn.Module):
 
 
 CLASSIFIER_LOSSES = {'boosted': BoostedClassifierLoss, 'gate_weighted': GateWeightedClassifierLoss}
+FINAL_EXIT_LOSS = ('auto', 'off')  # --final-exit-loss
+
+
+class WithFinalExit(nn.Module):
+    """A classifier-phase loss over the G intermediate exits plus the final exit's cross-entropy:
+    loss(exits_0..G-1) + CE(final) / G. The intermediate exits' gradients are exactly those of `loss`; the final
+    exit weighs what one intermediate exit weighs in boosted's mean over exits. It keeps the full network's
+    accuracy when the joint stage trains the shared blocks (see `--final-exit-loss`)."""
+
+    trains_final_exit = True  # takes the (E, B, C) logits of every exit
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        num_gates = exit_logits.shape[0] - 1
+        final = F.cross_entropy(exit_logits[-1].float(), targets)
+        return self.loss(exit_logits[:-1], gate_logits, targets) + final / num_gates
+
+
+def classifier_loss(name: str, final_exit_loss: str = 'off', backbone_trains: bool = False) -> nn.Module:
+    """The `--classifier_loss` module; with final_exit_loss 'auto' and a backbone that trains, a loss that
+    leaves the final exit out gets its cross-entropy added (WithFinalExit). 'off', or a frozen backbone, is the
+    reference's loss exactly."""
+    loss = CLASSIFIER_LOSSES[name]()
+    if final_exit_loss == 'auto' and backbone_trains and not loss.trains_final_exit:
+        return WithFinalExit(loss)
+    return loss
 
 
 class DistillationLoss(nn.Module):

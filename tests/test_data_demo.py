@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import demo_data
-from data_pipeline.demo_data import CLASSES, MARKER, ensure_demo_dataset, render_scene
+from data_pipeline.demo_data import CLASSES, GENERATORS, MARKER, ensure_demo_dataset, ensure_digits_dataset, render_scene
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
 
@@ -103,3 +103,20 @@ def test_module_entry_point_prints_where_it_wrote(tmp_path):
                           capture_output=True, text=True, check=True, cwd=Path(demo_data.__file__).parents[1])
     assert str((tmp_path / 'cli').resolve()) in done.stdout
     assert (tmp_path / 'cli' / MARKER).is_file()
+
+
+def test_digits_are_written_as_ten_class_folders_split_75_25_per_class(tmp_path):
+    from sklearn.datasets import load_digits
+    per_class = np.bincount(load_digits().target)  # 1797 images, about 180 a class
+    root = ensure_digits_dataset(tmp_path / 'digits', image_size=16)
+    assert GENERATORS['DIGITS'] is ensure_digits_dataset and DATASET_CONFIG['DIGITS']['num_classes'] == 10
+    for split in ('train', 'val'):
+        assert sorted(p.name for p in (root / split).iterdir()) == [str(d) for d in range(10)]
+    train = [len(list((root / 'train' / str(d)).glob('*.png'))) for d in range(10)]
+    val = [len(list((root / 'val' / str(d)).glob('*.png'))) for d in range(10)]
+    assert train == [round(0.75 * n) for n in per_class] and [t + v for t, v in zip(train, val)] == list(per_class)
+    train_names = {p.name for p in (root / 'train').glob('*/*.png')}
+    assert sum(train) + sum(val) == 1797 and not train_names & {p.name for p in (root / 'val').glob('*/*.png')}
+    with Image.open(next((root / 'val' / '3').glob('*.png'))) as img:
+        assert (img.size, img.mode) == ((16, 16), 'RGB')
+    assert _digest(ensure_digits_dataset(tmp_path / 'again', image_size=16)) == _digest(root)  # fixed split

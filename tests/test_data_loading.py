@@ -11,8 +11,8 @@ from timm.data.auto_augment import RandAugment
 from torch.utils.data import DistributedSampler, TensorDataset
 from torchvision import transforms
 
-import data_loader_help
 import dataset_config
+from data_pipeline import demo_data
 from data_loader_help import ShardSampler, SplitRequest, build_datasets, build_loaders, resolve_data_path
 from data_pipeline.data_transforms import build_transform
 from errors import GFNetDynnError
@@ -72,7 +72,7 @@ def test_file_as_data_path_is_rejected(tiny, tmp_path):
 
 def test_demo_is_generated_at_its_default_path_only(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data_loader_help, 'ensure_demo_dataset', lambda root: calls.append(root) or root.mkdir())
+    monkeypatch.setitem(demo_data.GENERATORS, 'DEMO', lambda root: calls.append(root) or root.mkdir())
     monkeypatch.setitem(dataset_config.DATASET_CONFIG['DEMO'], 'default_data_path', str(tmp_path / 'demo'))
     assert resolve_data_path('DEMO', None) == tmp_path / 'demo'
     assert calls == [tmp_path / 'demo']

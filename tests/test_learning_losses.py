@@ -11,8 +11,9 @@ from torch.testing import assert_close
 
 import models  # noqa: F401  (registers the GFNet variants with timm)
 from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, FrequencyDistillation, GateLoss,
-                                     GateWeightedClassifierLoss, SoftDistillation, WarmupLoss, aligned_depths,
-                                     best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy)
+                                     GateWeightedClassifierLoss, SoftDistillation, WarmupLoss, WithFinalExit,
+                                     aligned_depths, best_exit, classifier_loss, exit_mass, gate_targets, level_error,
+                                     per_exit_cross_entropy)
 
 
 def _log_softmax_by_hand(logits: torch.Tensor) -> torch.Tensor:
@@ -418,3 +419,24 @@ def test_gate_weighted_loss_sends_no_gradient_to_the_gates():
     GateWeightedClassifierLoss()(exit_logits, gate_logits, torch.tensor([0, 1, 2, 3])).backward()
     assert gate_logits.grad is None
     assert exit_logits.grad is not None and exit_logits.grad.abs().sum() > 0
+
+
+def test_final_exit_loss_adds_the_final_ce_over_g_and_keeps_boosted_gradients_on_the_intermediate_exits():
+    torch.manual_seed(0)
+    exit_logits = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)  # G = 4 gates, E = 5 exits
+    gate_logits, targets = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    loss = classifier_loss('boosted', 'auto', backbone_trains=True)
+    assert isinstance(loss, WithFinalExit) and loss.trains_final_exit
+    boosted = CLASSIFIER_LOSSES['boosted']()(exit_logits[:-1], gate_logits, targets)
+    total = loss(exit_logits, gate_logits, targets)
+    assert_close(total, boosted + F.cross_entropy(exit_logits[-1], targets) / 4)
+    grad, = torch.autograd.grad(total, exit_logits)
+    boosted_grad, = torch.autograd.grad(boosted, exit_logits)
+    assert_close(grad[:-1], boosted_grad[:-1]) and grad[-1].abs().sum() > 0
+
+
+@pytest.mark.parametrize('name, final_exit_loss, backbone_trains', [
+    ('boosted', 'off', True), ('boosted', 'auto', False), ('gate_weighted', 'auto', True)])
+def test_final_exit_loss_leaves_the_loss_as_it_is_when_off_frozen_or_already_there(name, final_exit_loss,
+                                                                                   backbone_trains):
+    assert type(classifier_loss(name, final_exit_loss, backbone_trains)) is CLASSIFIER_LOSSES[name]

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 import dataset_config
+import main_dynn
 from conftest import TINY_FLAGS, tiny_entry, write_learnable_folder
 from data_loader_help import build_loaders
 from learning_helpers import backbone_stage, joint_stage, warmup_stage
@@ -240,3 +241,19 @@ def test_loading_a_training_sample_leaves_the_callers_random_state_alone():
     torch.manual_seed(7)
     loader.dataset[5]
     assert torch.equal(torch.rand(3), expected)  # dropout in the main process draws as if nothing was loaded
+
+
+def test_a_resumed_run_from_before_a_flag_keeps_what_it_trained_with(tmp_path, monkeypatch):
+    """A checkpoint whose args lack --final-exit-loss trained with the reference's loss, and one that lacks
+    --exit-costs with true FLOPs: it resumes so, whatever today's defaults are."""
+    stored = {'data_set': 'DEMO', 'ce_ic_tradeoff': 0.75, 'num_epoch': 5}
+    monkeypatch.setattr(main_dynn, 'load_resume_checkpoint',
+                        lambda path, output_dir: {'args': dict(stored), 'stage': 'joint', 'epoch': 1})
+    last = tmp_path / 'checkpoint' / 'checkpoint_DEMO_0.75_confEE' / 'last.pth'
+    args = main_dynn.get_args_parser().parse_args(['--resume', str(last)])
+    assert (args.final_exit_loss, args.exit_costs) == ('auto', 'reference')  # a new run's defaults
+    resumed = main_dynn.resumed_args(args, {'resume'})[0]
+    assert (resumed.final_exit_loss, resumed.exit_costs) == ('off', 'flops')
+    stored.update(final_exit_loss='auto', exit_costs='reference')
+    resumed = main_dynn.resumed_args(args, {'resume'})[0]
+    assert (resumed.final_exit_loss, resumed.exit_costs) == ('auto', 'reference')

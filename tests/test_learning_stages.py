@@ -196,10 +196,10 @@ def test_warmup_trains_only_the_exit_heads_and_its_loss_falls(tiny_backbone, tin
 
 def joint_trainer(model, freeze_backbone: bool, lr: float = 0.1, ratio: float = 0.01,
                   classifier_loss: str = 'boosted', phase_counter: str = 'global',
-                  bilevel_batch_count: int = 1) -> JointTrainer:
+                  bilevel_batch_count: int = 1, final_exit_loss: str = 'off') -> JointTrainer:
     optimizer = build_optimizer(dynn_param_groups(model, lr, ratio), 'sgd', 5e-4, lr=lr)
     set_joint_trainable(model, freeze_backbone)
-    config = joint_config(freeze_backbone, classifier_loss, phase_counter, bilevel_batch_count)
+    config = joint_config(freeze_backbone, classifier_loss, phase_counter, bilevel_batch_count, final_exit_loss)
     costs = torch.tensor(exit_gflops(model))
     return JointTrainer(model, optimizer, costs / costs[-1], config, RUN, torch.device('cpu'))
 
@@ -208,9 +208,10 @@ RUN = RunConfig(num_epochs=2, seed=0, checkpoint_dir=Path('unused'), run_args={}
 
 
 def joint_config(freeze_backbone: bool = False, classifier_loss: str = 'boosted', phase_counter: str = 'epoch',
-                 bilevel_batch_count: int = 1) -> JointConfig:
+                 bilevel_batch_count: int = 1, final_exit_loss: str = 'off') -> JointConfig:
     return JointConfig(tradeoff=0.75, bilevel_batch_count=bilevel_batch_count, phase_counter=phase_counter,
-                       gate_objective='ce', classifier_loss=classifier_loss, freeze_backbone=freeze_backbone)
+                       gate_objective='ce', classifier_loss=classifier_loss, freeze_backbone=freeze_backbone,
+                       final_exit_loss=final_exit_loss)
 
 
 def one_batch_epoch(trainer: JointTrainer, loader, epoch: int) -> str:
@@ -223,11 +224,14 @@ def is_backbone(name: str) -> bool:
     return not name.startswith(('gates.', 'intermediate_heads.'))
 
 
-@pytest.mark.parametrize('freeze_backbone, classifier_loss', [(False, 'boosted'), (True, 'boosted'),
-                                                               (False, 'gate_weighted')])
-def test_joint_phases_change_only_their_parameters(freeze_backbone, classifier_loss):
+@pytest.mark.parametrize('freeze_backbone, classifier_loss, final_exit_loss', [
+    (False, 'boosted', 'off'), (True, 'boosted', 'off'), (True, 'boosted', 'auto'), (False, 'gate_weighted', 'off'),
+    (False, 'boosted', 'auto')])
+def test_joint_phases_change_only_their_parameters(freeze_backbone, classifier_loss, final_exit_loss):
+    """Off (the reference) and a frozen backbone leave the final head alone; the default (auto) with a
+    training backbone trains it and the blocks after the last exit, as gate_weighted does."""
     model = tiny_model()
-    trainer = joint_trainer(model, freeze_backbone, classifier_loss=classifier_loss)
+    trainer = joint_trainer(model, freeze_backbone, classifier_loss=classifier_loss, final_exit_loss=final_exit_loss)
     loader = random_loader(batches=1)
     start = snapshot(model)
 
@@ -244,10 +248,11 @@ def test_joint_phases_change_only_their_parameters(freeze_backbone, classifier_l
     if freeze_backbone:
         assert not backbone_changed
         assert not any(p.requires_grad for n, p in model.named_parameters() if is_backbone(n))
-    elif classifier_loss == 'boosted':  # the mean CE of the intermediate exits: nothing after the last one moves
+    elif classifier_loss == 'boosted' and final_exit_loss == 'off':  # mean CE of the intermediate exits only:
+        # nothing after the last one moves
         assert {'blocks.0.filter.complex_weight', 'patch_embed.proj.weight', 'norm.weight'} <= backbone_changed
         assert not any(name.startswith(('head.', 'blocks.8.', 'blocks.11.')) for name in backbone_changed)
-    else:  # gate_weighted includes the final head
+    else:  # gate_weighted, or the final exit's CE added (auto), trains the final head
         assert {'head.weight', 'blocks.11.mlp.fc2.weight', 'patch_embed.proj.weight'} <= backbone_changed
 
 
