@@ -80,14 +80,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group('model')
     model.add_argument('--arch', type=str, default=None,
-                       help=f"architecture, one of {', '.join(model_factory.arch_choices())}, or with --stage "
-                            f"backbone any timm model name (resnet50); default: the checkpoint's, else "
-                            f"{model_factory.DEFAULT_ARCH}")
+                       help=f"architecture, one of {', '.join(model_factory.arch_choices())}, a timm ResNet, "
+                            f"EfficientNet, MobileNetV3, ConvNeXt or ViT (resnet18), or with --stage backbone any "
+                            f"timm model name; default: the checkpoint's, else {model_factory.DEFAULT_ARCH}")
     model.add_argument('--patch-size', type=int, default=None,
                        help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
     model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
-    model.add_argument('--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
-                       help='0-based blocks followed by an early exit')
+    model.add_argument('--exit-positions', type=int, nargs='+', default=None,
+                       help="0-based blocks (GFNet, ViT) or stages (CNNs) followed by an early exit; default: the "
+                            f"checkpoint's, else the architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} "
+                            "for GFNet; README lists the others)")
     model.add_argument('--gate', type=str, default='unc', choices=sorted(GATES),
                        help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
     model.add_argument('--checkpoint-path', type=str, default=None,

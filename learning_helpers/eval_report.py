@@ -186,7 +186,7 @@ def format_results_table(results: dict) -> str:
     chose it, predicted and measured latency) and the baselines at the same budget."""
     exits = len(results['per_exit_accuracy'])
     lines = [f"{results.get('dataset', '')} {results.get('arch', '')} {results.get('input_size', '')}px, "
-             f"{results['num_val']} validation images, exits after blocks {results['exit_positions']} + final",
+             f"{results['num_val']} validation images, exits at {results['exit_positions']} + final",
              'exit          ' + ' '.join(f'{k:>7d}' for k in range(exits)),
              'GFLOPs        ' + ' '.join(f'{g:7.3f}' for g in results['gflops_per_exit']),
              'ms (batch 1)  ' + ' '.join(f'{m:7.2f}' for m in results['latency_table_ms']['cumulative']),

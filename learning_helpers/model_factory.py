@@ -10,6 +10,7 @@ import models.registry  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
 from models.gfnet import checkpoint_filter_fn
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
+from models.timm_dynn import SUPPORTED, TimmDynn, has_exit_layout
 from models.weights import load_state, read_checkpoint
 
 _logger = logging.getLogger(__name__)
@@ -28,15 +29,16 @@ def is_gfnet(arch: str) -> bool:
 
 
 def check_arch(arch: str | None, job: str) -> None:
-    """GFNet variants serve every job; any other timm model trains in the backbone stage only."""
+    """GFNet variants serve every job, and so do the timm families with an exit layout (models/timm_dynn.py);
+    any other timm model trains in the backbone stage only."""
     if arch is None or is_gfnet(arch):
         return
-    if job != 'backbone':
-        raise GFNetDynnError(f"--arch {arch}: early exits are GFNet-only, use one of {', '.join(arch_choices())} "
-                             f'(other timm models train in --stage backbone only)')
     if arch not in timm.list_models():
         raise GFNetDynnError(f"--arch {arch} is neither a GFNet variant ({', '.join(arch_choices())}) nor a timm "
                              f'model name; see timm.list_models(), e.g. resnet50 or mobilenetv3_small_100')
+    if job != 'backbone' and not has_exit_layout(arch):
+        raise GFNetDynnError(f'--arch {arch}: early exits run on the GFNet variants and on {SUPPORTED}; '
+                             f'other timm models train in --stage backbone only')
 
 
 def dynn_model_name(arch: str) -> str:
@@ -92,11 +94,17 @@ def build_backbone(arch: str, num_classes: int, input_size: int, patch_size: int
     return model
 
 
-def build_dynn(arch: str, num_classes: int, input_size: int, patch_size: int, drop_path: float,
-               exit_positions: list[int], gate: str) -> nn.Module:
+def build_dynn(arch: str, num_classes: int, input_size: int, patch_size: int | None, drop_path: float,
+               exit_positions: list[int] | None, gate: str) -> nn.Module:
+    """The early-exit model: a GFNet-Dynn variant, or a timm model wrapped with exits (patch_size unused).
+    exit_positions None: the architecture's default."""
     check_arch(arch, 'dynn')  # a checkpoint of another timm model may name its arch here
+    if not is_gfnet(arch):
+        return TimmDynn(build_backbone(arch, num_classes, input_size, None, drop_path), exit_positions, gate,
+                        input_size)
+    positions = {} if exit_positions is None else {'exit_positions': exit_positions}
     return timm.create_model(dynn_model_name(arch), num_classes=num_classes, img_size=input_size,
-                             patch_size=patch_size, drop_path_rate=drop_path, exit_positions=exit_positions, gate=gate)
+                             patch_size=patch_size, drop_path_rate=drop_path, gate=gate, **positions)
 
 
 def build_teacher(name: str, path: str | None, num_classes: int, input_size: int, patch_size: int) -> nn.Module:
@@ -128,8 +136,9 @@ def load_dynn_checkpoint(checkpoint: dict, source: str, *, input_size: int | Non
     Returns (model in eval mode on the CPU, the args used)."""
     stored = {**(fallback or {}), **{k: v for k, v in checkpoint.get('args', {}).items() if v is not None}}
     weights = checkpoint.get('model', checkpoint)
-    head = weights.get('head.weight')
-    if head is None:
+    arch = stored.get('arch', DEFAULT_ARCH)
+    head = weights.get('head.weight') if is_gfnet(arch) else weights.get('intermediate_heads.0.weight')
+    if head is None and is_gfnet(arch):
         raise GFNetDynnError(f'{source} has no head.weight: not a GFNet checkpoint')
     if checkpoint.get('stage') == 'backbone' or not any(key.startswith('intermediate_heads.') for key in weights):
         raise GFNetDynnError(f'{source} has no trained exits (a backbone checkpoint); pass a best.pth of the dynn '
@@ -138,9 +147,9 @@ def load_dynn_checkpoint(checkpoint: dict, source: str, *, input_size: int | Non
         _logger.warning('%s comes from the warm-up: its exits are trained, its gates are not', source)
     num_classes = head.shape[0]
     size = input_size or stored.get('input_size')
-    model = build_dynn(stored.get('arch', DEFAULT_ARCH), num_classes, size,
-                       stored.get('patch_size', DEFAULT_PATCH_SIZE), 0.0,
-                       stored.get('exit_positions', list(DEFAULT_EXIT_POSITIONS)), stored.get('gate', 'unc'))
+    default_positions = list(DEFAULT_EXIT_POSITIONS) if is_gfnet(arch) else None  # None: the family's default
+    model = build_dynn(arch, num_classes, size, stored.get('patch_size', DEFAULT_PATCH_SIZE), 0.0,
+                       stored.get('exit_positions', default_positions), stored.get('gate', 'unc'))
     report = load_state(model, checkpoint, source=source)
     if any(key.startswith('intermediate_heads.') for key in report.fresh):
         raise GFNetDynnError(f'{source} lacks some exits of its own --exit-positions; pass a checkpoint written by '

@@ -108,6 +108,10 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
         'dynn')
+    if args.exit_costs == 'reference' and not model_factory.is_gfnet(shape['arch']):
+        raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; --arch {shape['arch']} "
+                             f'trains with its true FLOPs: drop --exit-costs or pass flops')
+    shape = {**shape, 'exit_positions': list(model.exit_positions)}  # the architecture's default made explicit
     if not resume and not args.checkpoint_path:
         logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '
                         'first with --stage backbone')

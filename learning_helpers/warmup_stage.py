@@ -77,8 +77,8 @@ def train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, e
 
     def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
         with torch.no_grad():
-            pooled = model.forward_pooled(images)  # (E, B, D)
-        loss = criterion(model.heads_and_gates(pooled.float()).logits.float(), targets)
+            pooled = model.forward_pooled(images)  # (E, B, D), or E of (B, D_k) when exit widths differ
+        loss = criterion(model.heads_and_gates([p.float() for p in pooled]).logits.float(), targets)
         return loss, torch.stack([loss.detach().float(), torch.tensor(1.0, device=device)])
 
     loss_sum, steps = train_batches(loader, step_loss, optimizer, desc=f'warm-up epoch {epoch}', epoch=epoch,
