@@ -13,7 +13,7 @@ from learning_helpers.latency import cumulative_ms, measured_early_exit_ms, segm
 from learning_helpers.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose,
                                                choose_single_exit, exit_scores, parse_budget, pareto_front,
                                                point_table, single_exit_points)
-from models.gfnet_dynn import GFNetDynn
+from models.early_exit_net import EarlyExitNetwork
 
 
 
@@ -96,7 +96,7 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
             'gates_keep_budget': keeps_budget(learned), 'winner': winner}
 
 
-def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, gflops_per_exit: list[float],
+def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.device, *, gflops_per_exit: list[float],
                         class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
                         exit_threshold: float | None = None, thresholds: list[float] | None = None,
                         calib_loader=None, conformal: dict | None = None, max_batches: int | None = None,
@@ -154,9 +154,9 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
     return results, cache
 
 
-def real_early_exit_report(model: GFNetDynn, images: list[torch.Tensor], indices: list[int], device: torch.device,
-                           cached: tuple[torch.Tensor, torch.Tensor], chosen: dict, latency: list[float],
-                           seconds: float) -> dict:
+def real_early_exit_report(model: EarlyExitNetwork, images: list[torch.Tensor], indices: list[int],
+                           device: torch.device, cached: tuple[torch.Tensor, torch.Tensor], chosen: dict,
+                           latency: list[float], seconds: float) -> dict:
     """Real early exit at the chosen threshold, batch 1, over `images` (the validation images at `indices`, for
     about `seconds`): mean and median ms beside what the latency table predicts for the same images, and
     agreement with the cache's (predictions, exits) for them."""
