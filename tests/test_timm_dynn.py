@@ -180,10 +180,12 @@ def _val_images(data, size: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('arch, size', [('test_resnet', 16), ('test_vit', 32)])
-def test_stage0_to_onnx_runner_end_to_end(arch, size, small_data, tmp_path, capsys):
+@pytest.mark.parametrize('family, size', [('resnet', 16), ('efficientnet', 32), ('mobilenetv3', 32),
+                                          ('convnext', 32), ('vit', 32)])  # convnext needs 32 px for its 4 stages
+def test_stage0_to_onnx_runner_end_to_end(family, size, small_data, tmp_path, capsys):
     pytest.importorskip('onnxscript')
     from models.onnx_runner import OnnxEarlyExit
+    arch = FAMILIES[family]
     run = ['--data-set', 'TINY', '--num_workers', '0', '--batch', '8', '--device', 'cpu', '--barely_train']
     out = tmp_path / 'out'
     assert main(['--stage', 'backbone', *run, '--arch', arch, '--input-size', str(size), '--num_epoch', '1',
@@ -193,7 +195,6 @@ def test_stage0_to_onnx_runner_end_to_end(arch, size, small_data, tmp_path, caps
                  '--output-dir', str(out)]) == 0
     best = out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
     checkpoint = read_checkpoint(best)
-    family = 'resnet' if arch == 'test_resnet' else 'vit'
     assert checkpoint['args']['arch'] == arch and checkpoint['args']['exit_positions'] == list(DEFAULT_EXITS[family])
     assert any(key.startswith('gates.0.') for key in checkpoint['model'])
 
