@@ -88,8 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate of the last block')
     model.add_argument('--exit-positions', type=int, nargs='+', default=None,
                        help="0-based blocks (GFNet, ViT) or stages (CNNs) followed by an early exit; default: the "
-                            f"checkpoint's, else the architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} "
-                            "for GFNet; README lists the others)")
+                            f"architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} for GFNet; README lists "
+                            "the others), with --eval and --export the checkpoint's")
     model.add_argument('--gate', type=str, default='unc', choices=sorted(GATES),
                        help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
     model.add_argument('--checkpoint-path', type=str, default=None,
