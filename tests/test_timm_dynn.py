@@ -225,3 +225,19 @@ def test_reference_exit_costs_refused_before_training(small_data, tmp_path, caps
     assert re.search(r"--exit-costs reference is the reference's GFNet op counter; --arch test_resnet trains with "
                      r'its true FLOPs', line)
     assert not (tmp_path / 'checkpoint').exists()
+
+
+@pytest.mark.slow
+def test_timm_dynn_run_resumes_in_the_joint_stage(small_data, tmp_path, capsys):
+    run = ['--data-set', 'TINY', '--arch', 'test_resnet', '--num_workers', '0', '--batch', '8', '--device', 'cpu',
+           '--input-size', '16', '--barely_train', '--output-dir', str(tmp_path)]
+    assert main([*run, '--num_epoch', '2', '--max_warmup_epoch', '1']) == 0  # warm-up epoch 0, joint epoch 1
+    last = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'last.pth'
+    checkpoint = torch.load(last, map_location='cpu', weights_only=True)
+    checkpoint['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    assert main(['--resume', str(last)]) == 0
+    assert 'joint epoch 2 |' in capsys.readouterr().out
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == 2 and resumed['args']['exit_positions'] == list(DEFAULT_EXITS['resnet'])
