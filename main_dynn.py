@@ -96,15 +96,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group('model')
     add_flag(model, '--arch', type=str, default=None,
-             help=f"architecture, one of {', '.join(model_factory.arch_choices())}, or with --stage "
-                  f"backbone any timm model name (resnet50); default: the checkpoint's, else "
-                  f"{model_factory.DEFAULT_ARCH}")
+             help=f"architecture, one of {', '.join(model_factory.arch_choices())}, a timm ResNet, EfficientNet, "
+                  f"MobileNetV3, ConvNeXt or ViT (resnet18), or with --stage backbone any timm model name; "
+                  f"default: the checkpoint's, else {model_factory.DEFAULT_ARCH}")
     add_flag(model, '--patch-size', type=int, default=None, check=positive,
              help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
     add_flag(model, '--drop-path', type=float, default=0.0, jobs=TRAINING, check=below_one,
              help='stochastic depth rate of the last block')
-    add_flag(model, '--exit-positions', type=int, nargs='+', default=list(DEFAULT_EXIT_POSITIONS),
-             jobs=DYNN | EVAL | EXPORT, check=non_negative, help='0-based blocks followed by an early exit')
+    add_flag(model, '--exit-positions', type=int, nargs='+', default=None, jobs=DYNN | EVAL | EXPORT,
+             check=non_negative,
+             help="0-based blocks (GFNet, ViT) or stages (CNNs) followed by an early exit; default: the "
+                  f"architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} for GFNet; README lists the "
+                  "others), with --eval and --export the checkpoint's")
     add_flag(model, '--gate', type=str, default='unc', choices=sorted(GATES), jobs=DYNN | EVAL | EXPORT,
              help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
     add_flag(model, '--checkpoint-path', type=str, default=None,
@@ -285,6 +288,10 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
         if extra:
             raise GFNetDynnError(f"{', '.join(extra)} given without distillation (--distillation-type none): pass "
                                  f'--distillation-type soft, hard or freq, or drop them')
+    if (job == 'dynn' and 'exit_costs' in given and args.exit_costs == 'reference' and args.arch
+            and not model_factory.is_gfnet(args.arch)):
+        raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; --arch {args.arch} trains "
+                             f'with its true FLOPs: drop --exit-costs or pass flops')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
     risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})

@@ -1,12 +1,15 @@
-"""GFNet-Dynn against static timm baselines trained with the same recipe and input size: accuracy against
-measured batch-1 CPU latency, against GFLOPs, and parameters, in one process and one run.
+"""GFNet-Dynn against static timm baselines trained with the same recipe and input size, and against each of
+those baselines with exits: accuracy against measured batch-1 CPU latency, against GFLOPs, and parameters, in one
+process and one run.
 
   python -m benchmarks.pareto --data-set DEMO \
       --dynn-results checkpoint/checkpoint_DEMO_0.75_confEE/results.json [--epochs N]
 
 Each baseline is trained by `main_dynn.py --stage backbone --arch NAME` under --output-dir (a finished run is
-reused, an unfinished one resumed). The early-exit points are the --eval front (or its sweep); their latency is
-measured here with the EarlyExitEngine on the same images, so every latency comes from this process.
+reused, an unfinished one resumed). Each timm baseline then gets exits: `main_dynn.py --stage dynn` from its
+checkpoint with the GFNet-Dynn run's own dynn-stage recipe and lambda, then `--eval` (skip with --no-exits). The
+early-exit points are each --eval front (or its sweep); their latency is measured here with the EarlyExitEngine
+on the same images, so every latency comes from this process.
 """
 import argparse
 import json
@@ -24,16 +27,22 @@ from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, exit_code
 from evaluation.latency import spread_indices
 from jobs.outputs import check_output_file
-from jobs.run_setup import backbone_run_folder
+from jobs.run_setup import backbone_run_folder, dynn_run_folder
 from jobs.trained_run import RunArgs, reopen
 from models.early_exit import EarlyExitEngine
 from models.flops import count_flops
+from models.gfnet_dynn import GFNetDynn
 from models.model_factory import build_backbone
 from models.weights import load_state, read_checkpoint
 
 BASELINES = ['mobilenetv3_small_100', 'mobilenetv3_large_100', 'resnet18', 'efficientnet_b0', 'GFNet-ti-dynn']
 # The DEMO backbone recipe of example_usage.sh, for every baseline alike
 RECIPE = ['--batch', '64', '--lr', '2e-3', '--min-lr', '1e-5', '--warmup-epochs', '1']
+# What a baseline's exits are trained with: the GFNet-Dynn run's own values of these (its lambda included)
+DYNN_RECIPE = {'batch': '--batch', 'num_epoch': '--num_epoch', 'max_warmup_epoch': '--max_warmup_epoch',
+               'patience': '--patience', 'lr': '--lr', 'min_lr': '--min-lr', 'opt': '--opt', 'wd': '--wd',
+               'ce_ic_tradeoff': '--ce_ic_tradeoff', 'transfer_ratio': '--transfer-ratio', 'gate': '--gate',
+               'bilevel_batch_count': '--bilevel_batch_count'}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--archs', nargs='+', default=BASELINES,
                         help='static baselines: timm names, or GFNet-*-dynn for the plain GFNet')
     parser.add_argument('--epochs', type=int, default=6, help='training epochs of every baseline')
+    parser.add_argument('--no-exits', action='store_true',
+                        help='only the static baselines: do not train and time each timm baseline with exits')
     parser.add_argument('--output-dir', default=str(DEFAULT_DIR / 'pareto'),
                         help='where the baselines are trained (checkpoint/backbone_{data}_{arch}/)')
     parser.add_argument('--latency-images', type=int, default=100, help='validation images timed at batch 1')
@@ -78,29 +89,54 @@ def dynn_checkpoint(results: dict, results_path: Path) -> Path:
                          f'run the benchmark from the folder --eval ran in')
 
 
-def train_baseline(arch: str, args: argparse.Namespace, input_size: int, patch_size: int) -> Path:
-    """best.pth of `arch` trained by main_dynn.py: reused when finished, resumed when interrupted."""
-    folder = backbone_run_folder(args.output_dir, args.data_set, arch)
+def _run_main_dynn(command: list[str], what: str) -> None:
+    started = time.perf_counter()
+    main_dynn = Path(__file__).resolve().parent.parent / 'main_dynn.py'
+    if subprocess.run([sys.executable, str(main_dynn), *command]).returncode != 0:
+        raise GFNetDynnError(f'{what} failed (see above); fix it and run again: finished runs are reused')
+    print(f'{what}: {time.perf_counter() - started:.0f} s', flush=True)
+
+
+def _train_or_reuse(folder: Path, new_run: list[str], what: str) -> Path:
+    """best.pth of the run in `folder`: reused when finished, resumed when interrupted, else started."""
     last = folder / 'last.pth'
     if last.is_file():
         checkpoint = read_checkpoint(last)
         if checkpoint['epoch'] + 1 >= checkpoint['args']['num_epoch']:
             print(f'reusing {folder} (trained for {checkpoint["args"]["num_epoch"]} epochs)', flush=True)
             return folder / 'best.pth'
-        command = ['--resume', str(last)]
-    else:
-        patch = ['--patch-size', str(patch_size)] if arch.startswith('GFNet-') else []
-        data_path = ['--data-path', args.data_path] if args.data_path else []
-        command = ['--stage', 'backbone', '--data-set', args.data_set, *data_path, '--arch', arch, *patch,
-                   '--input-size', str(input_size), '--num_epoch', str(args.epochs), *RECIPE,
-                   '--output-dir', args.output_dir]
-    started = time.perf_counter()
-    main_dynn = Path(__file__).resolve().parent.parent / 'main_dynn.py'
-    if subprocess.run([sys.executable, str(main_dynn), *command]).returncode != 0:
-        raise GFNetDynnError(f'training the {arch} baseline failed (see above); fix it and run again: finished '
-                             f'baselines are reused')
-    print(f'{arch}: trained in {time.perf_counter() - started:.0f} s', flush=True)
+        new_run = ['--resume', str(last)]
+    _run_main_dynn(new_run, what)
     return folder / 'best.pth'
+
+
+def train_baseline(arch: str, args: argparse.Namespace, input_size: int, patch_size: int) -> Path:
+    """best.pth of `arch` trained by main_dynn.py: reused when finished, resumed when interrupted."""
+    patch = ['--patch-size', str(patch_size)] if arch.startswith('GFNet-') else []
+    data_path = ['--data-path', args.data_path] if args.data_path else []
+    command = ['--stage', 'backbone', '--data-set', args.data_set, *data_path, '--arch', arch, *patch,
+               '--input-size', str(input_size), '--num_epoch', str(args.epochs), *RECIPE,
+               '--output-dir', args.output_dir]
+    return _train_or_reuse(backbone_run_folder(args.output_dir, args.data_set, arch), command,
+                           f'training the {arch} baseline')
+
+
+def train_exits(arch: str, backbone: Path, args: argparse.Namespace, dynn_args: RunArgs) -> Path:
+    """results.json of `arch` with exits: stages 1-2 from its baseline checkpoint with the GFNet-Dynn run's
+    dynn-stage recipe and lambda (under OUTPUT/exits_{arch}/), then --eval; each step reused when done."""
+    output_dir = Path(args.output_dir) / f'exits_{arch}'
+    recipe = [item for dest, flag in DYNN_RECIPE.items() if dynn_args.given(dest) is not None
+              for item in (flag, str(dynn_args.given(dest)))]
+    data_path = ['--data-path', args.data_path] if args.data_path else []
+    command = ['--stage', 'dynn', '--data-set', args.data_set, *data_path, '--checkpoint-path', str(backbone),
+               *recipe, '--output-dir', str(output_dir)]
+    folder = dynn_run_folder(output_dir, args.data_set, dynn_args.ce_ic_tradeoff)
+    best = _train_or_reuse(folder, command, f'training {arch} with exits')
+    results = best.parent / 'results.json'
+    if not results.is_file():
+        _run_main_dynn(['--eval', '--data-set', args.data_set, *data_path, '--checkpoint-path', str(best)],
+                       f'evaluating {arch} with exits')
+    return results
 
 
 def pareto_front(points: list[dict], cost: str) -> set[int]:
@@ -119,6 +155,14 @@ def benchmark(args: argparse.Namespace) -> dict:
     input_size, patch_size = dynn_args.input_size, dynn_args.patch_size
     images, labels = load_validation_images(dynn_args, args.data_set, args.data_path)
     checkpoints = {arch: train_baseline(arch, args, input_size, patch_size) for arch in args.archs}
+    # the early-exit models: GFNet-Dynn, then each timm baseline with exits -> (model, its operating points)
+    dynn_name = 'GFNet-Dynn' if isinstance(dynn, GFNetDynn) else f'{dynn_args.arch} + exits'
+    exit_models = {dynn_name: (dynn, dynn_points)}
+    for arch, path in checkpoints.items():
+        if not args.no_exits and not arch.startswith('GFNet-'):  # the plain GFNet's exits are GFNet-Dynn's
+            exits_results = train_exits(arch, path, args, dynn_args)
+            exit_models[f'{arch} + exits'] = (reopen(str(exits_results.parent / 'best.pth')).model,
+                                              read_dynn_points(exits_results)[1])
     singles = [images[i].unsqueeze(0) for i in spread_indices(len(images), args.latency_images)]
     rows, runners = [], {}
     with torch.inference_mode():
@@ -134,21 +178,22 @@ def benchmark(args: argparse.Namespace) -> dict:
                          'gflops': count_flops(model, singles[0]) / 1e9,
                          'params_m': sum(p.numel() for p in model.parameters()) / 1e6})
             runners[arch] = model
-        thresholds = sorted({p['threshold'] for p in dynn_points})
-        for threshold in thresholds:
-            runners[threshold] = EarlyExitEngine(dynn, threshold)
+        for name, (model, points) in exit_models.items():
+            for threshold in sorted({p['threshold'] for p in points}):
+                runners[(name, threshold)] = EarlyExitEngine(model, threshold)
         latency = {name: float('inf') for name in runners}
         for _ in range(args.rounds):  # interleaved, best of each: no model gains from running first or last
             for name, run in runners.items():
                 latency[name] = min(latency[name], latency_ms(run, singles, torch.device('cpu'), warmup=5)['mean'])
     for row in rows:
         row['latency_ms'] = latency[row['arch']]
-    dynn_params = sum(p.numel() for p in dynn.parameters()) / 1e6
-    for p in dynn_points:
-        rows.append({'model': f"GFNet-Dynn t={p['threshold']:g}", 'arch': dynn_args['arch'], 'kind': 'early_exit',
-                     'threshold': p['threshold'], 'accuracy': p['accuracy'], 'gflops': p['expected_gflops'],
-                     'params_m': dynn_params, 'latency_ms': latency[p['threshold']],
-                     'latency_ms_from_results': p.get('expected_latency_ms')})
+    for name, (model, points) in exit_models.items():
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        for p in points:
+            rows.append({'model': f"{name} t={p['threshold']:g}", 'exit_model': name, 'kind': 'early_exit',
+                         'threshold': p['threshold'], 'accuracy': p['accuracy'], 'gflops': p['expected_gflops'],
+                         'params_m': params, 'latency_ms': latency[(name, p['threshold'])],
+                         'latency_ms_from_results': p.get('expected_latency_ms')})
     for cost in ('latency_ms', 'gflops'):
         front = pareto_front(rows, cost)
         for i, row in enumerate(rows):
@@ -160,33 +205,33 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Plain sentences: where the early-exit model is and is not on each front."""
+    """Plain sentences: where each early-exit model is and is not on each front."""
     lines = []
     for cost, name in (('latency_ms', 'batch-1 CPU latency'), ('gflops', 'GFLOPs')):
-        dynn = [r for r in rows if r['kind'] == 'early_exit']
-        on = [r for r in dynn if r[f'on_{cost}_front']]
         static = [r['model'] for r in rows if r['kind'] == 'static' and r[f'on_{cost}_front']]
-        if on:
-            lines.append(f"accuracy vs {name}: GFNet-Dynn is on the front at {len(on)} of {len(dynn)} thresholds "
-                         f"({', '.join(format(r['threshold'], 'g') for r in on)}); static models on it: "
-                         f"{', '.join(static) or 'none'}")
-        else:
-            best = max(dynn, key=lambda r: r['accuracy'])
-            beaters = [r['model'] for r in rows if r['kind'] == 'static' and r[cost] <= best[cost]
-                       and r['accuracy'] >= best['accuracy']]
-            lines.append(f"accuracy vs {name}: GFNet-Dynn is not on the front; static models on it: "
-                         f"{', '.join(static)}" + (f"; {', '.join(beaters)} beat its most accurate point"
-                                                   if beaters else ''))
+        lines.append(f"accuracy vs {name}: static models on the front: {', '.join(static) or 'none'}")
+        for exit_model in dict.fromkeys(r['exit_model'] for r in rows if r['kind'] == 'early_exit'):
+            points = [r for r in rows if r.get('exit_model') == exit_model]
+            on = [r for r in points if r[f'on_{cost}_front']]
+            if on:
+                lines.append(f"  {exit_model} is on it at {len(on)} of {len(points)} thresholds "
+                             f"({', '.join(format(r['threshold'], 'g') for r in on)})")
+                continue
+            best = max(points, key=lambda r: r['accuracy'])
+            beaters = [r['model'] for r in rows if r[cost] <= best[cost] and r['accuracy'] >= best['accuracy']
+                       and r.get('exit_model') != exit_model]
+            lines.append(f'  {exit_model} is not on it' + (f"; {', '.join(beaters)} beat its most accurate point"
+                                                           if beaters else ''))
     return lines
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['data_set']} at {result['input_size']} px, {result['epochs']} epochs each, "
              f"{result['threads']} threads; * = on the Pareto front",
-             f"{'model':<24} {'acc %':>6} {'ms bs1':>8} {'GFLOPs':>7} {'params M':>8}"]
+             f"{'model':<40} {'acc %':>6} {'ms bs1':>8} {'GFLOPs':>7} {'params M':>8}"]
     for r in result['rows']:
         marks = ['*' if r[f'on_{cost}_front'] else ' ' for cost in ('latency_ms', 'gflops')]
-        lines.append(f"{r['model']:<24} {r['accuracy']:6.2f} {r['latency_ms']:7.2f}{marks[0]} "
+        lines.append(f"{r['model']:<40} {r['accuracy']:6.2f} {r['latency_ms']:7.2f}{marks[0]} "
                      f"{r['gflops']:6.3f}{marks[1]} {r['params_m']:8.2f}")
     return '\n'.join(lines + result['summary'])
 
@@ -197,8 +242,11 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, cost, label in ((axes[0], 'latency_ms', 'batch-1 CPU latency (ms)'), (axes[1], 'gflops', 'GFLOPs')):
-        dynn = sorted((r for r in result['rows'] if r['kind'] == 'early_exit'), key=lambda r: r['threshold'])
-        ax.plot([r[cost] for r in dynn], [r['accuracy'] for r in dynn], 'o-', ms=3, label='GFNet-Dynn (thresholds)')
+        for exit_model in dict.fromkeys(r['exit_model'] for r in result['rows'] if r['kind'] == 'early_exit'):
+            points = sorted((r for r in result['rows'] if r.get('exit_model') == exit_model),
+                            key=lambda r: r['threshold'])
+            ax.plot([r[cost] for r in points], [r['accuracy'] for r in points], 'o-', ms=3,
+                    label=f'{exit_model} (thresholds)')
         for r in result['rows']:
             if r['kind'] == 'static':
                 ax.scatter(r[cost], r['accuracy'], marker='s')
@@ -209,7 +257,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_xscale('log')
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{result['data_set']} at {result['input_size']} px: GFNet-Dynn vs static baselines")
+    fig.suptitle(f"{result['data_set']} at {result['input_size']} px: early-exit models vs static baselines")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,8 +1,10 @@
-"""Export a GFNet-Dynn as one ONNX graph per segment, for real early exit on an edge runtime.
+"""Export an early-exit network (GFNet-Dynn or a timm backbone with exits) as one ONNX graph per segment, for
+real early exit on an edge runtime.
 
-Segment k runs the blocks before exit k and returns that exit's outputs; a runtime
+Segment k runs the blocks (or stages) before exit k and returns that exit's outputs; a runtime
 (`deployment/onnx_runner.py`) chains the segments and feeds only the samples still inside to the next one.
-Graphs come from the dynamo exporter (the TorchScript one rejects rfft2), with each global filter's FFTs
+Between segments travel tokens (B, N, D) or feature maps (B, C, H, W), with a dynamic batch axis either way.
+Graphs come from the dynamo exporter (the TorchScript one rejects rfft2), with each GFNet global filter's FFTs
 written as DFT-matrix products (`MatmulGlobalFilter`) for speed on CPU runtimes.
 """
 import contextlib
@@ -24,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from deployment.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
 from errors import GFNetDynnError
 from models.gfnet import GlobalFilter
-from models.gfnet_dynn import GFNetDynn
+from models.early_exit_net import EarlyExitNetwork
 
 # The exporter writes opset 18; 17 (the newest opset of TensorRT 8.5, JetPack 5) is made from it by moving the
 # axes of each Reduce* node from an input back to an attribute, the only change between them these graphs use.
@@ -94,13 +96,14 @@ class MatmulGlobalFilter(nn.Module):
 
 
 class SegmentGraph(nn.Module):
-    """Segment k of a GFNetDynn as a module of its own: images (segment 0) or tokens -> its blocks -> exit k.
+    """Segment k of an early-exit network as a module of its own: images (segment 0) or the previous segment's
+    features -> its blocks or stages -> exit k.
 
-    Intermediate exits return (tokens (B, N, D), logits (B, C), gate probability (B,)); the final exit returns
+    Intermediate exits return (features, logits (B, C), gate probability (B,)); the final exit returns
     logits only. It holds the model's own submodules, so the export sees the trained weights as they are.
     """
 
-    def __init__(self, model: GFNetDynn, k: int):
+    def __init__(self, model: EarlyExitNetwork, k: int):
         super().__init__()
         self.model = model
         self.k = k
@@ -110,10 +113,10 @@ class SegmentGraph(nn.Module):
         return self.k == len(self.model.exit_positions)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
-        tokens, logits, gate_logits = self.model.forward_segment(self.k, x)  # x: images (k = 0) or tokens
+        features, logits, gate_logits = self.model.forward_segment(self.k, x)  # x: images (k = 0) or features
         if gate_logits is None:
             return logits
-        return tokens, logits, torch.sigmoid(gate_logits)
+        return features, logits, torch.sigmoid(gate_logits)
 
 
 @contextlib.contextmanager
@@ -134,7 +137,7 @@ def segment_file_name(k: int) -> str:
     return f'segment_{k}.onnx'
 
 
-def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, class_names: list[str],
+def export_segments(model: EarlyExitNetwork, out_dir: str | Path, *, threshold: float, class_names: list[str],
                     input_size: int, opset: int = OPSET, batch: int | None = None,
                     checkpoint: str | None = None, threshold_source: dict | None = None) -> Path:
     """Write segment_{k}.onnx for every exit and manifest.json to out_dir; return the manifest's path.
@@ -148,9 +151,9 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
         raise GFNetDynnError(f'opset {opset} is not one this export writes; choose one of {OPSETS}')
     if batch is not None and batch < 1:
         raise GFNetDynnError(f'batch {batch} must be at least 1 (or None for a dynamic batch axis)')
-    if model.patch_embed.img_size != (input_size, input_size):
-        raise GFNetDynnError(f'the model was built for {model.patch_embed.img_size[0]} px images, not '
-                             f'{input_size}; export with --input-size {model.patch_embed.img_size[0]}')
+    if tuple(model.input_size) != (input_size, input_size):
+        raise GFNetDynnError(f'the model was built for {model.input_size[0]} px images, not '
+                             f'{input_size}; export with --input-size {model.input_size[0]}')
     if len(class_names) != model.num_classes:
         raise GFNetDynnError(f'{len(class_names)} class names for a model with {model.num_classes} classes; '
                              f'pass the class names of the data set it was trained on')
@@ -158,8 +161,9 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
     out_dir.mkdir(parents=True, exist_ok=True)
     # A copy, so that the caller's model keeps its device, dtype, mode and autograd state.
     model = copy.deepcopy(model).to(device='cpu', dtype=torch.float32).eval().requires_grad_(False)
-    for block in model.blocks:
-        block.filter = MatmulGlobalFilter(block.filter)
+    for module in list(model.modules()):
+        if isinstance(getattr(module, 'filter', None), GlobalFilter):  # a GFNet block
+            module.filter = MatmulGlobalFilter(module.filter)
     # A dynamic batch is exported from an example of 2: export specialises a dimension whose example size is 1.
     x = torch.randn(2 if batch is None else batch, 3, input_size, input_size)
     dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if batch is None else None
@@ -176,7 +180,7 @@ def export_segments(model: GFNetDynn, out_dir: str | Path, *, threshold: float, 
         _replace_atomically(out_dir / file_names[-1], functools.partial(onnx.save, graph_proto))
         if not graph.is_final:
             with torch.no_grad():
-                x = graph(x)[0]  # this segment's tokens are the next one's example input
+                x = graph(x)[0]  # this segment's features are the next one's example input
     manifest = {
         'format': MANIFEST_FORMAT,
         'input_size': input_size,

@@ -13,7 +13,7 @@ from evaluation.latency import cumulative_ms, measured_early_exit_ms, segment_la
 from evaluation.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose, choose_single_exit,
                                          exit_scores, parse_budget, pareto_front, point_table, single_exit_points)
 from evaluation.risk_control import GUARANTEES, RiskControl, Selection, ThresholdScan, scan, scan_thresholds, select
-from models.gfnet_dynn import GFNetDynn
+from models.early_exit_net import EarlyExitNetwork
 
 
 def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
@@ -142,7 +142,7 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
             'gates_keep_budget': keeps_budget(learned), 'winner': winner}
 
 
-def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, gflops_per_exit: list[float],
+def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.device, *, gflops_per_exit: list[float],
                         class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
                         risk: RiskControl = RiskControl(), exit_threshold: float | None = None,
                         thresholds: list[float] | None = None,
@@ -207,9 +207,9 @@ def evaluate_early_exit(model: GFNetDynn, val_loader, device: torch.device, *, g
     return results, cache
 
 
-def real_early_exit_report(model: GFNetDynn, images: list[torch.Tensor], indices: list[int], device: torch.device,
-                           cached: tuple[torch.Tensor, torch.Tensor], chosen: dict, latency: list[float],
-                           seconds: float) -> dict:
+def real_early_exit_report(model: EarlyExitNetwork, images: list[torch.Tensor], indices: list[int],
+                           device: torch.device, cached: tuple[torch.Tensor, torch.Tensor], chosen: dict,
+                           latency: list[float], seconds: float) -> dict:
     """Real early exit at the chosen threshold, batch 1, over `images` (the validation images at `indices`, for
     about `seconds`): mean and median ms beside what the latency table predicts for the same images, and
     agreement with the cache's (predictions, exits) for them."""
@@ -266,7 +266,7 @@ def format_results_table(results: dict) -> str:
     chose it, predicted and measured latency) and the baselines at the same budget."""
     exits = len(results['per_exit_accuracy'])
     lines = [f"{results.get('dataset', '')} {results.get('arch', '')} {results.get('input_size', '')}px, "
-             f"{partial_note(results) or str(results['num_val'])} validation images, exits after blocks "
+             f"{partial_note(results) or str(results['num_val'])} validation images, exits at "
              f"{results['exit_positions']} + final",
              'exit          ' + ' '.join(f'{k:>7d}' for k in range(exits)),
              'GFLOPs        ' + ' '.join(f'{g:7.3f}' for g in results['gflops_per_exit']),

@@ -13,7 +13,7 @@ import torch
 
 from learning_helpers.distributed import synchronize
 from models.early_exit import EarlyExitEngine
-from models.gfnet_dynn import GFNetDynn
+from models.early_exit_net import EarlyExitNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ ROUNDS_DISAGREE = 2.0
 
 
 @torch.inference_mode()
-def segment_latency_ms(model: GFNetDynn, image: torch.Tensor, device: torch.device, seconds: float = 2.0,
+def segment_latency_ms(model: EarlyExitNetwork, image: torch.Tensor, device: torch.device, seconds: float = 2.0,
                        repeats: tuple[int, int] = (7, 30), warmup: int = 2) -> list[float]:
     """Median ms of each segment at batch 1, the way the early-exit engine runs it: the blocks up to exit k, its
     head and gate, and the host-side decision whether the sample leaves. Runs rounds over all segments (so a
@@ -65,7 +65,7 @@ def cumulative_ms(segment_ms: list[float]) -> list[float]:
 
 
 @torch.inference_mode()
-def measured_early_exit_ms(model: GFNetDynn, images: list[torch.Tensor], device: torch.device, threshold: float,
+def measured_early_exit_ms(model: EarlyExitNetwork, images: list[torch.Tensor], device: torch.device, threshold: float,
                            seconds: float = 5.0, min_images: int = 8, warmup: int = 2) -> dict:
     """Real early exit at batch 1 over `images` (each (1, 3, H, W)), stopping after `seconds` once min_images
     ran: mean and median ms per image, and each image's exit and prediction."""

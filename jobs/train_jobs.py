@@ -115,6 +115,11 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
         'dynn')
+    if args.exit_costs == 'reference' and not model_factory.is_gfnet(shape['arch']):
+        # the reference's op counter exists for GFNet only (an explicit --exit-costs reference is refused earlier)
+        logging.info("exit costs: %s trains against its true FLOPs (--exit-costs reference is GFNet's)", shape['arch'])
+        args = argparse.Namespace(**{**vars(args), 'exit_costs': 'flops'})
+    shape = {**shape, 'exit_positions': list(model.exit_positions)}  # the architecture's default made explicit
     if not resume and not args.checkpoint_path:
         logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '
                         'first with --stage backbone')

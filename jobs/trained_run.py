@@ -10,7 +10,7 @@ import torch.nn as nn
 from data_loader_help import DataSets, SplitRequest, build_datasets, resolve_data_path
 from errors import GFNetDynnError
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
-from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, build_dynn
+from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, build_dynn, is_gfnet
 from models.weights import load_state, read_checkpoint
 
 _logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class RunArgs:
 
 
 class TrainedRun(NamedTuple):
-    model: nn.Module  # the GFNetDynn, in eval mode on the CPU
+    model: nn.Module  # the early-exit network (GFNetDynn or TimmDynn), in eval mode on the CPU
     args: RunArgs  # with input_size and class_names filled in
     checkpoint: dict
 
@@ -69,24 +69,28 @@ def reopen(checkpoint: dict | str, source: str | None = None, *, input_size: int
     if isinstance(checkpoint, str):
         source, checkpoint = checkpoint, read_checkpoint(checkpoint)
     weights = checkpoint.get('model', checkpoint)
-    head = weights.get('head.weight')
-    if head is None:
+    args = RunArgs.of(checkpoint, fallback)
+    gfnet = is_gfnet(args.arch)
+    head = weights.get('head.weight') if gfnet else weights.get('intermediate_heads.0.weight')
+    if head is None and gfnet:
         raise GFNetDynnError(f'{source} has no head.weight: not a GFNet checkpoint')
     if checkpoint.get('stage') == 'backbone' or not any(key.startswith('intermediate_heads.') for key in weights):
         raise GFNetDynnError(f'{source} has no trained exits (a backbone checkpoint); pass a best.pth of the dynn '
                              f'stage, e.g. train one with --checkpoint-path {source}')
     if checkpoint.get('stage') == 'warmup':
         _logger.warning('%s comes from the warm-up: its exits are trained, its gates are not', source)
-    args = RunArgs.of(checkpoint, fallback)
     num_classes = head.shape[0]
     size = input_size or args.input_size
-    model = build_dynn(args.arch, num_classes, size, args.patch_size, 0.0, list(args.exit_positions), args.gate)
+    # a timm backbone's run always stores its positions; without them, the family's default (None)
+    positions = args.given('exit_positions') or (list(DEFAULT_EXIT_POSITIONS) if gfnet else None)
+    model = build_dynn(args.arch, num_classes, size, args.patch_size, 0.0, positions, args.gate)
     report = load_state(model, checkpoint, source=source)
     if any(key.startswith('intermediate_heads.') for key in report.fresh):
         raise GFNetDynnError(f'{source} lacks some exits of its own --exit-positions; pass a checkpoint written by '
                              f'the dynn stage')
     class_names = args.class_names or [str(i) for i in range(num_classes)]
-    return TrainedRun(model.eval(), replace(args, input_size=size, class_names=class_names), checkpoint)
+    return TrainedRun(model.eval(), replace(args, input_size=size, class_names=class_names,
+                                            exit_positions=tuple(model.exit_positions)), checkpoint)
 
 
 def reopen_data(args: RunArgs, data_set: str, data_path: str | None, *, need_train: bool = True) -> DataSets:

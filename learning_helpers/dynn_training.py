@@ -9,13 +9,13 @@ from learning_helpers.joint_stage import JointConfig, run_joint_stage
 from learning_helpers.optim import build_optimizer, build_scheduler
 from learning_helpers.stage_common import RunConfig, StageSummary, StartPoint
 from learning_helpers.warmup_stage import WarmupConfig, run_warmup_stage
+from models.early_exit_net import EarlyExitNetwork
 from models.flops import EXIT_COSTS, normalized_exit_costs
-from models.gfnet_dynn import GFNetDynn
 
 _logger = logging.getLogger(__name__)
 
 
-def dynn_param_groups(model: GFNetDynn, lr: float, transfer_ratio: float) -> list[dict]:
+def dynn_param_groups(model: EarlyExitNetwork, lr: float, transfer_ratio: float) -> list[dict]:
     """Exit heads and gates at lr, the backbone (final head included) at lr * transfer_ratio. Which of them
     train is set by requires_grad: a parameter without a gradient is skipped by the optimizer, weight decay
     and momentum included."""
@@ -25,7 +25,7 @@ def dynn_param_groups(model: GFNetDynn, lr: float, transfer_ratio: float) -> lis
     return [{'params': exit_params, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
 
 
-def dynn_optimizer(model: GFNetDynn, name: str, weight_decay: float, *, lr: float, transfer_ratio: float,
+def dynn_optimizer(model: EarlyExitNetwork, name: str, weight_decay: float, *, lr: float, transfer_ratio: float,
                    min_lr: float, num_epochs: int):
     """The one optimizer of stages 1-2 and its cosine schedule over --num_epoch, stepped after joint epochs
     only (so the warm-up runs at the constant lr)."""
@@ -33,7 +33,7 @@ def dynn_optimizer(model: GFNetDynn, name: str, weight_decay: float, *, lr: floa
     return optimizer, build_scheduler(optimizer, num_epochs, min_lr / lr)
 
 
-def train_dynn(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
+def train_dynn(model: EarlyExitNetwork, train_loader, val_loader, optimizer, scheduler, device: torch.device,
                run: RunConfig, warmup: WarmupConfig, joint: JointConfig, exit_costs: str,
                writer: SummaryWriter | None, start: StartPoint) -> StageSummary:
     """The warm-up (unless the resumed checkpoint is past it), then joint training."""

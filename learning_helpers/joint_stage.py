@@ -22,7 +22,7 @@ from learning_helpers.losses import GateLoss, classifier_loss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
-from models.gfnet_dynn import GFNetDynn
+from models.early_exit_net import EarlyExitNetwork
 
 _logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class JointConfig:
     final_exit_loss: str  # 'auto': the final exit's CE joins the classifier phase when the backbone trains; 'off'
 
 
-def set_joint_trainable(model: GFNetDynn, freeze_backbone: bool) -> None:
+def set_joint_trainable(model: EarlyExitNetwork, freeze_backbone: bool) -> None:
     """Stage 2 trains exits and gates, and the backbone unless frozen."""
     set_requires_grad(model, not freeze_backbone)
     set_requires_grad(model.intermediate_heads, True)
@@ -50,7 +50,7 @@ def set_joint_trainable(model: GFNetDynn, freeze_backbone: bool) -> None:
 class JointTrainer:
     """One epoch of alternating phases; with the global counter the batch counter survives across epochs."""
 
-    def __init__(self, model: GFNetDynn, optimizer, costs: torch.Tensor, config: JointConfig, run: RunConfig,
+    def __init__(self, model: EarlyExitNetwork, optimizer, costs: torch.Tensor, config: JointConfig, run: RunConfig,
                  device: torch.device, global_step: int = 0):
         self.model, self.optimizer, self.costs, self.config, self.device = model, optimizer, costs, config, device
         self.run = run
@@ -107,7 +107,7 @@ class JointTrainer:
         return {'gate_loss': gate_sum / max(gate_batches, 1), 'classifier_loss': cls_sum / max(cls_batches, 1)}
 
 
-def evaluate(model: GFNetDynn, loader, device: torch.device, costs: torch.Tensor, flops_share: list[float],
+def evaluate(model: EarlyExitNetwork, loader, device: torch.device, costs: torch.Tensor, flops_share: list[float],
              config: JointConfig, run: RunConfig) -> dict:
     """One pass over the validation set: gated accuracy under the training-time exit rule, its mean compute
     (a share of the full network's true FLOPs), per-exit accuracy, exit shares, the next pos_weight (from the
@@ -135,7 +135,7 @@ def _warn_if_only_gates_train(config: JointConfig, batches_per_epoch: int, gates
                         batches_per_epoch, config.bilevel_batch_count)
 
 
-def run_joint_stage(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
+def run_joint_stage(model: EarlyExitNetwork, train_loader, val_loader, optimizer, scheduler, device: torch.device,
                     costs: torch.Tensor, flops_share: list[float], run: RunConfig, config: JointConfig,
                     writer: SummaryWriter | None, start: StartPoint) -> StageSummary:
     """Epochs start.epoch..num_epochs-1: train, validate, rebalance the gates, step the schedule, save, log.

@@ -18,7 +18,7 @@ from learning_helpers.losses import WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
-from models.gfnet_dynn import GFNetDynn
+from models.early_exit_net import EarlyExitNetwork
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ExitPatience:
         self.frozen, self.best_state = list(state['frozen']), list(state['best_state'])
 
 
-def train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, epoch: int, guard: NonFiniteGuard,
+def train_one_epoch(model: EarlyExitNetwork, loader, optimizer, device: torch.device, epoch: int, guard: NonFiniteGuard,
                     run: RunConfig) -> dict:
     """Train the exit heads on features the frozen backbone computes without autograd."""
     model.eval()  # frozen backbone: no drop path, no dropout
@@ -77,8 +77,8 @@ def train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, e
 
     def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
         with torch.no_grad():
-            pooled = model.forward_pooled(images)  # (E, B, D)
-        loss = criterion(model.heads_and_gates(pooled.float()).logits.float(), targets)
+            pooled = model.forward_pooled(images)  # (E, B, D), or E of (B, D_k) when exit widths differ
+        loss = criterion(model.heads_and_gates([p.float() for p in pooled]).logits.float(), targets)
         return loss, torch.stack([loss.detach().float(), torch.tensor(1.0, device=device)])
 
     loss_sum, steps = train_batches(loader, step_loss, optimizer, desc=f'warm-up epoch {epoch}', epoch=epoch,
@@ -87,13 +87,13 @@ def train_one_epoch(model: GFNetDynn, loader, optimizer, device: torch.device, e
     return {'loss': loss_sum / max(steps, 1)}
 
 
-def evaluate(model: GFNetDynn, loader, device: torch.device, run: RunConfig) -> dict:
+def evaluate(model: EarlyExitNetwork, loader, device: torch.device, run: RunConfig) -> dict:
     """Validation accuracy (%) of every exit, first to final."""
     cache = collect_exit_outputs(model, loader, device, max_batches=run.max_batches, amp=run.amp)
     return {'exit_acc': per_exit_accuracy(cache)}
 
 
-def run_warmup_stage(model: GFNetDynn, train_loader, val_loader, optimizer, scheduler, device: torch.device,
+def run_warmup_stage(model: EarlyExitNetwork, train_loader, val_loader, optimizer, scheduler, device: torch.device,
                      run: RunConfig, warmup: WarmupConfig, writer: SummaryWriter | None,
                      start: StartPoint) -> StageSummary:
     """Warm up until every exit is frozen or max_epochs pass; next_epoch is where joint training starts. Ends
@@ -133,7 +133,7 @@ def run_warmup_stage(model: GFNetDynn, train_loader, val_loader, optimizer, sche
     return StageSummary(epoch, accuracies[-1], accuracies[-1], None, run.checkpoint_dir / 'last.pth')
 
 
-def _update_patience(model: GFNetDynn, patience: ExitPatience, accuracies: list[float], heads_dir: Path) -> None:
+def _update_patience(model: EarlyExitNetwork, patience: ExitPatience, accuracies: list[float], heads_dir: Path) -> None:
     """Record the epoch's exit accuracies: an improved head is kept (and written to heads_dir), a head out of
     patience goes back to its best weights and freezes."""
     improved, froze = patience.update(accuracies, model.intermediate_heads)

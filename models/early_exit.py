@@ -1,4 +1,4 @@
-"""Real early exit: run a GFNetDynn segment by segment and stop computing for samples that have left.
+"""Real early exit: run an early-exit network segment by segment and stop computing for samples that have left.
 
 The simulated sweep in evaluation computes every exit for every sample; this engine is what saves time.
 A sample leaves at the first intermediate exit whose gate probability is >= threshold, else at the final
@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+from models.early_exit_net import EarlyExitNetwork
 from models.exit_rule import fires
-from models.gfnet_dynn import GFNetDynn
 
 
 class EarlyExitResult(NamedTuple):
@@ -23,7 +23,7 @@ class EarlyExitEngine:
     still inside after each exit (one index-select per exit); at batch 1 it returns at the first exit
     whose gate fires."""
 
-    def __init__(self, model: GFNetDynn, threshold: float):
+    def __init__(self, model: EarlyExitNetwork, threshold: float):
         self.model = model.eval()
         self.threshold = threshold
 
@@ -31,7 +31,7 @@ class EarlyExitEngine:
     def __call__(self, images: torch.Tensor) -> EarlyExitResult:
         model = self.model
         batch = images.shape[0]
-        tokens = images  # segment 0 takes the images, every later one the tokens (B, N, D) before it
+        tokens = images  # segment 0 takes the images, every later one the features before it (tokens or maps)
         remaining = torch.arange(batch, device=images.device)  # original indices of samples still inside
         exit_index = torch.empty(batch, dtype=torch.long, device=images.device)
         out_logits = None

@@ -5,12 +5,16 @@ Element-wise ops (LayerNorm, GELU, softmax) are not counted, as in the stock cou
   real FFT (rfft2) or its inverse over n points: 2.5 * n * log2(n) per channel (half a complex FFT)
   complex FFT over n points:                     5 * n * log2(n) per channel
   complex multiply:                             6 per element (4 multiplies, 2 adds)
+  CPU attention (a ViT's scaled_dot_product_attention): what the stock counter gives its GPU kernels
 """
 import math
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from errors import GFNetDynnError
+from models.gfnet_dynn import GFNetDynn
 
 
 def _raw(formula: Callable) -> Callable:
@@ -46,16 +50,21 @@ def _mul_flops(*args, out_val=None, **kwargs) -> int:
     return 6 * out_val.numel() if isinstance(out_val, torch.Tensor) and out_val.is_complex() else 0
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # QK^T and AV; the stock counter misses this kernel
+
+
 FFT_FLOP_FORMULAS = {
     torch.ops.aten._fft_r2c: _fft_r2c_flops,
     torch.ops.aten._fft_c2r: _fft_c2r_flops,
     torch.ops.aten._fft_c2c: _fft_c2c_flops,
     torch.ops.aten.mul: _mul_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
 }
 
 
 def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode that also counts the global filter."""
+    """A FlopCounterMode that also counts the global filter (and attention on the CPU)."""
     return FlopCounterMode(display=False, custom_mapping=FFT_FLOP_FORMULAS)
 
 
@@ -69,7 +78,7 @@ def count_flops(fn: Callable, *args) -> int:
 
 def _dummy_image(model: torch.nn.Module) -> torch.Tensor:
     param = next(model.parameters())
-    height, width = model.patch_embed.img_size
+    height, width = model.input_size
     return torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
 
 
@@ -107,6 +116,9 @@ _REFERENCE_GATE_OPS = {'unc': lambda num_classes: 9 * num_classes + 6, 'identity
 
 def reference_exit_op_counts(model: torch.nn.Module) -> list[float]:
     """The reference counter's cumulative operations up to each exit (first to final) for a GFNetDynn."""
+    if not isinstance(model, GFNetDynn):
+        raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; a "
+                             f'{type(model).__name__} trains with its true FLOPs: pass --exit-costs flops')
     a, b = _REFERENCE_FFT_GRID
     tokens = model.grid_size[0] * model.grid_size[1]
     dim, classes = model.embed_dim, model.num_classes

@@ -7,6 +7,7 @@ from timm.models import get_pretrained_cfg_value, load_state_dict
 
 from errors import GFNetDynnError
 from models.gfnet import checkpoint_filter_fn
+from models.timm_dynn import SUPPORTED, TimmDynn, has_exit_layout
 from models.weights import load_state, read_checkpoint
 
 DEFAULT_ARCH = 'GFNet-xs-dynn'  # --arch when neither the flag nor a checkpoint says
@@ -23,15 +24,16 @@ def is_gfnet(arch: str) -> bool:
 
 
 def check_arch(arch: str | None, job: str) -> None:
-    """GFNet variants serve every job; any other timm model trains in the backbone stage only."""
+    """GFNet variants serve every job, and so do the timm families with an exit layout (models/timm_dynn.py);
+    any other timm model trains in the backbone stage only."""
     if arch is None or is_gfnet(arch):
         return
-    if job != 'backbone':
-        raise GFNetDynnError(f"--arch {arch}: early exits are GFNet-only, use one of {', '.join(arch_choices())} "
-                             f'(other timm models train in --stage backbone only)')
     if arch not in timm.list_models():
         raise GFNetDynnError(f"--arch {arch} is neither a GFNet variant ({', '.join(arch_choices())}) nor a timm "
                              f'model name; see timm.list_models(), e.g. resnet50 or mobilenetv3_small_100')
+    if job != 'backbone' and not has_exit_layout(arch):
+        raise GFNetDynnError(f'--arch {arch}: early exits run on the GFNet variants and on {SUPPORTED}; '
+                             f'other timm models train in --stage backbone only')
 
 
 def dynn_model_name(arch: str) -> str:
@@ -87,11 +89,17 @@ def build_backbone(arch: str, num_classes: int, input_size: int, patch_size: int
     return model
 
 
-def build_dynn(arch: str, num_classes: int, input_size: int, patch_size: int, drop_path: float,
-               exit_positions: list[int], gate: str) -> nn.Module:
+def build_dynn(arch: str, num_classes: int, input_size: int, patch_size: int | None, drop_path: float,
+               exit_positions: list[int] | None, gate: str) -> nn.Module:
+    """The early-exit model: a GFNet-Dynn variant, or a timm model wrapped with exits (patch_size unused).
+    exit_positions None: the architecture's default."""
     check_arch(arch, 'dynn')  # a checkpoint of another timm model may name its arch here
+    if not is_gfnet(arch):
+        return TimmDynn(build_backbone(arch, num_classes, input_size, None, drop_path), exit_positions, gate,
+                        input_size)
+    positions = {} if exit_positions is None else {'exit_positions': exit_positions}
     return timm.create_model(dynn_model_name(arch), num_classes=num_classes, img_size=input_size,
-                             patch_size=patch_size, drop_path_rate=drop_path, exit_positions=exit_positions, gate=gate)
+                             patch_size=patch_size, drop_path_rate=drop_path, gate=gate, **positions)
 
 
 def build_teacher(name: str, path: str | None, num_classes: int, input_size: int, patch_size: int) -> nn.Module:

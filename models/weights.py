@@ -1,4 +1,4 @@
-"""Reading checkpoint files safely (weights_only) and loading GFNet weights with clear errors."""
+"""Reading checkpoint files safely (weights_only) and loading GFNet (or timm early-exit) weights with clear errors."""
 import logging
 from pathlib import Path
 from typing import NamedTuple
@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from errors import GFNetDynnError
 from models.gfnet import checkpoint_filter_fn
+from models.timm_dynn import TimmDynn, checkpoint_filter_fn as timm_dynn_filter_fn
 
 _logger = logging.getLogger(__name__)
 
@@ -46,17 +47,20 @@ def _key_list(keys: list[str], limit: int = 6) -> str:
 
 def load_state(model: nn.Module, checkpoint: dict, source: str = 'checkpoint') -> LoadReport:
     """Load a `{'model': state_dict}` dict or a bare state dict into `model` (strict, after filtering)."""
+    filter_fn, fresh_ok = checkpoint_filter_fn, _FRESH_OK
+    if isinstance(model, TimmDynn):  # the backbone's keys under 'backbone.', its classifier named by timm
+        filter_fn, fresh_ok = timm_dynn_filter_fn, _FRESH_OK + model.classifier_prefixes
     try:
-        state = checkpoint_filter_fn(checkpoint, model)
+        state = filter_fn(checkpoint, model)
     except ValueError as error:
         raise GFNetDynnError(f'{source}: {error}') from error
     target = model.state_dict()
-    ignored = [k for k in state if k not in target and k.startswith(_FRESH_OK)]
+    ignored = [k for k in state if k not in target and k.startswith(fresh_ok)]
     unexpected = [k for k in state if k not in target and k not in ignored]
     mismatched = [f'{k} {tuple(v.shape)} vs {tuple(target[k].shape)}' for k, v in state.items()
                   if k in target and v.shape != target[k].shape]
     missing = [k for k in target if k not in state]
-    fresh = [k for k in missing if k.startswith(_FRESH_OK)]
+    fresh = [k for k in missing if k.startswith(fresh_ok)]
     absent = [k for k in missing if k not in fresh]
     problems = [f'{label}: {_key_list(keys)}' for label, keys in
                 (('shape mismatch', mismatched), ('missing', absent), ('unexpected', unexpected)) if keys]

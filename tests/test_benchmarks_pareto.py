@@ -1,10 +1,13 @@
-"""benchmarks.pareto: the front rule and reading the --eval results (front first, else the sweep)."""
+"""benchmarks.pareto: the front rule, reading the --eval results (front first, else the sweep), the summary of
+every early-exit model, and how a baseline's exits are trained."""
 import json
 
 import pytest
 
-from benchmarks.pareto import main, pareto_front, read_dynn_points
+from benchmarks import pareto
+from benchmarks.pareto import get_args_parser, main, pareto_front, read_dynn_points, summary, train_exits
 from conftest import one_error
+from jobs.trained_run import RunArgs
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points():
@@ -26,3 +29,38 @@ def test_results_without_thresholds_are_one_line(tmp_path, capsys):
     path.write_text(json.dumps({'sweep': []}))
     line = one_error(capsys, ['--dynn-results', str(path), '--json', str(tmp_path / 'p.json')], main)
     assert 'has no front or sweep' in line
+
+
+def _point(model: str, accuracy: float, latency_ms: float, gflops: float, exit_model: str | None = None) -> dict:
+    kind = {'kind': 'early_exit', 'exit_model': exit_model, 'threshold': 0.5} if exit_model else {'kind': 'static'}
+    return {'model': model, 'accuracy': accuracy, 'latency_ms': latency_ms, 'gflops': gflops, **kind}
+
+
+def test_summary_places_each_early_exit_model_on_each_front():
+    rows = [_point('resnet18', 97.0, 13.0, 0.6), _point('GFNet-Dynn t=0.5', 94.0, 11.0, 0.3, 'GFNet-Dynn'),
+            _point('resnet18 + exits t=0.5', 96.5, 8.0, 0.3, 'resnet18 + exits')]
+    for cost in ('latency_ms', 'gflops'):
+        front = pareto_front(rows, cost)
+        for i, row in enumerate(rows):
+            row[f'on_{cost}_front'] = i in front
+    lines = summary(rows)
+    assert lines[:3] == ['accuracy vs batch-1 CPU latency: static models on the front: resnet18',
+                         '  GFNet-Dynn is not on it; resnet18 + exits t=0.5 beat its most accurate point',
+                         '  resnet18 + exits is on it at 1 of 1 thresholds (0.5)']
+
+
+def test_exits_train_with_the_gfnet_runs_recipe_and_lambda(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(pareto, '_run_main_dynn', lambda command, what: commands.append(command))
+    args = get_args_parser().parse_args(['--dynn-results', 'r.json', '--data-set', 'DEMO',
+                                         '--output-dir', str(tmp_path)])
+    dynn_args = RunArgs.from_dict({'ce_ic_tradeoff': 0.5, 'num_epoch': 8, 'max_warmup_epoch': 2, 'lr': 0.01,
+                                   'opt': None})
+    results = train_exits('resnet18', tmp_path / 'backbone.pth', args, dynn_args)
+    train, evaluate = commands
+    assert train[:2] == ['--stage', 'dynn'] and ' '.join(train[4:]) == (
+        f"--checkpoint-path {tmp_path / 'backbone.pth'} --num_epoch 8 --max_warmup_epoch 2 --lr 0.01 "
+        f"--ce_ic_tradeoff 0.5 --output-dir {tmp_path / 'exits_resnet18'}")
+    best = tmp_path / 'exits_resnet18' / 'checkpoint' / 'checkpoint_DEMO_0.5_confEE' / 'best.pth'
+    assert evaluate == ['--eval', '--data-set', 'DEMO', '--checkpoint-path', str(best)]
+    assert results == best.parent / 'results.json'

@@ -59,8 +59,8 @@ def test_timm_cnn_trains_in_stage_0_and_teaches_a_gfnet(small_data, tmp_path, ca
 
 @pytest.mark.parametrize('flags, pattern', [
     (['--stage', 'backbone', '--arch', 'resnet_nonexistent'], r'--arch resnet_nonexistent is neither a GFNet variant'),
-    (['--stage', 'dynn', '--arch', CNN], r'early exits are GFNet-only'),
-    (['--eval', '--arch', CNN, '--checkpoint-path', 'x.pth'], r'early exits are GFNet-only'),
+    (['--stage', 'dynn', '--arch', 'test_byobnet'], r'--arch test_byobnet: early exits run on the GFNet variants'),
+    (['--eval', '--arch', 'test_byobnet', '--checkpoint-path', 'x.pth'], r'early exits run on the GFNet variants'),
     (['--stage', 'backbone', '--arch', CNN, '--patch-size', '8'], r'--patch-size applies to GFNet archs only'),
     (['--stage', 'backbone', '--arch', CNN, '--pretrained', 'missing.pth'], r'--pretrained missing.pth does not exist'),
     (['--stage', 'dynn', '--pretrained', 'w.pth'], r'--pretrained has no effect with --stage dynn'),

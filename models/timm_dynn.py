@@ -1,0 +1,184 @@
+"""Early exits on a timm classifier: the backbone cut at the ends of its stages (CNNs) or after blocks (ViTs).
+
+A family's `Layout` lists what its `forward_features` runs, in order: a stem, the stages (or blocks) that an exit
+may follow, and a tail; `forward_head` finishes the final exit. Exit k pools the output of stage k (a global
+average over a (B, C, H, W) map; a ViT's tokens go through the model's own final norm and pooling), then a Linear
+head and a gate, as a GFNet-Dynn exit does. The final exit is the backbone's own head.
+
+State-dict keys: the timm model's own, under `backbone.`, plus `intermediate_heads.{k}` and `gates.{k}`. The
+prefix keeps the backbone's names whole (a ViT's `head` cannot meet an exit's) and `checkpoint_filter_fn` adds it
+to a stage-0 checkpoint of the same architecture.
+"""
+import logging
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import get_device_dtype, to_2tuple
+from timm.models import model_entrypoint
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
+
+from errors import GFNetDynnError
+from models.early_exit_net import EarlyExitNetwork, validate_exit_positions
+from models.gates import GATES
+
+_logger = logging.getLogger(__name__)
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _all_but_last(num_stages: int) -> tuple[int, ...]:
+    return tuple(range(num_stages - 1))
+
+
+def _from_third_stage(num_stages: int) -> tuple[int, ...]:
+    # the first two stages of a mobile net have 16-24 channels at full resolution: too little to classify from
+    return tuple(range(min(2, num_stages - 2), num_stages - 1))
+
+
+def _every_second_block(depth: int) -> tuple[int, ...]:
+    # GFNet-Dynn's 3 5 7 9 for 12 blocks: every second block from a quarter of the depth to two before the end
+    return tuple(range(depth // 4, depth - 2, 2)) or (0,)
+
+
+class Layout(NamedTuple):
+    """How one timm family's forward_features runs: stem, stages (or blocks), tail."""
+    unit: str  # what --exit-positions indexes: 'stage' or 'block'
+    parts: Callable[[nn.Module], tuple[list[Step], list[nn.Module], list[Step]]]  # model -> (stem, stages, tail)
+    default_exits: Callable[[int], tuple[int, ...]]  # number of stages -> exit positions
+    tokens: bool = False  # (B, N, D) tokens, pooled by the model's own norm and pooling; else (B, C, H, W) maps
+
+
+LAYOUTS = {
+    ResNet: Layout('stage', lambda m: ([m.conv1, m.bn1, m.act1, m.maxpool],
+                                       [m.layer1, m.layer2, m.layer3, m.layer4], []), _all_but_last),
+    EfficientNet: Layout('stage', lambda m: ([m.conv_stem, m.bn1], list(m.blocks), [m.conv_head, m.bn2]),
+                         _from_third_stage),
+    MobileNetV3: Layout('stage', lambda m: ([m.conv_stem, m.bn1], list(m.blocks), []), _from_third_stage),
+    ConvNeXt: Layout('stage', lambda m: ([m.stem], list(m.stages), [m.norm_pre]), _all_but_last),
+    VisionTransformer: Layout('block', lambda m: ([m.patch_embed, m._pos_embed, m.patch_drop, m.norm_pre],
+                                                  list(m.blocks), [m.norm]), _every_second_block, tokens=True),
+}
+# The timm modules whose models have a layout (deit.py builds VisionTransformers too; its distilled variants are
+# refused when built, their class has no layout).
+LAYOUT_MODULES = ('resnet', 'efficientnet', 'mobilenetv3', 'convnext', 'vision_transformer', 'deit')
+SUPPORTED = ('ResNet, EfficientNet, MobileNetV3, ConvNeXt and ViT/DeiT models (e.g. resnet18, efficientnet_b0, '
+             'mobilenetv3_large_100, convnext_atto, deit_tiny_patch16_224)')
+
+
+def has_exit_layout(name: str) -> bool:
+    """Whether timm model `name` comes from a family with a layout (cheap: nothing is built)."""
+    return model_entrypoint(name).__module__.rsplit('.', 1)[-1] in LAYOUT_MODULES
+
+
+class TimmDynn(EarlyExitNetwork):
+    """A timm classifier with exits after chosen stages (CNNs) or blocks (ViTs); `forward` is the backbone's."""
+
+    def __init__(self, backbone: nn.Module, exit_positions: Sequence[int] | None = None, gate: str = 'unc',
+                 img_size: int | tuple[int, int] = 224):
+        super().__init__()
+        layout = LAYOUTS.get(type(backbone))
+        if layout is None:
+            raise GFNetDynnError(f'a {type(backbone).__name__} has no early-exit layout; exits run on {SUPPORTED}')
+        self.backbone = backbone
+        self.layout = layout
+        depth = len(self._parts()[1])
+        default = layout.default_exits(depth)
+        self.exit_positions = validate_exit_positions(default if exit_positions is None else exit_positions, depth,
+                                                      layout.unit, ' '.join(map(str, default)))
+        self.gate_type = gate
+        self._input_size = to_2tuple(img_size)
+        dd = get_device_dtype(backbone)
+        self.intermediate_heads = nn.ModuleList(nn.Linear(width, backbone.num_classes, **dd)
+                                                for width in self._exit_widths())
+        self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions).to(**dd)
+        self.train(backbone.training)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._input_size
+
+    @property
+    def final_head(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    @property
+    def classifier_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the final classifier: a checkpoint of another class count starts it fresh."""
+        names = self.backbone.pretrained_cfg.get('classifier') or ()
+        return tuple(f'backbone.{name}.' for name in ((names,) if isinstance(names, str) else names))
+
+    def _parts(self) -> tuple[list[Step], list[nn.Module], list[Step]]:
+        return self.layout.parts(self.backbone)
+
+    @torch.no_grad()
+    def _exit_widths(self) -> list[int]:
+        """Width of each intermediate exit's pooled features, from one image through the eval-mode backbone."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        param = next(self.backbone.parameters())
+        features = torch.zeros(1, 3, *self.input_size, device=param.device, dtype=param.dtype)
+        widths = []
+        for k in range(len(self.exit_positions)):
+            features = self.run_segment(k, features)
+            widths.append(self.pool_features(k, features).shape[-1])
+        self.backbone.train(was_training)
+        return widths
+
+    def segments(self) -> list[tuple[int, int]]:
+        """Stage (or block) ranges [start, end) that run before each exit; the last ends at the final head."""
+        ends = [p + 1 for p in self.exit_positions] + [len(self._parts()[1])]
+        return list(zip([0] + ends[:-1], ends))
+
+    def run_segment(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """The stem first (k = 0), then the stages up to exit k, then the tail at the final exit."""
+        stem, stages, tail = self._parts()
+        start, end = self.segments()[k]
+        steps = (stem if k == 0 else []) + stages[start:end] + (tail if k == len(self.exit_positions) else [])
+        for step in steps:
+            x = step(x)
+        return x
+
+    def pool_features(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """(B, D_k): the backbone's own pooling at the final exit; before it, a global average over a feature map,
+        or for tokens the model's final norm and its pooling."""
+        if k == len(self.exit_positions):
+            return self.backbone.forward_head(features, pre_logits=True)
+        if self.layout.tokens:
+            return self.backbone.forward_head(self.backbone.norm(features), pre_logits=True)
+        return features.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's contract: the final head's logits (B, C)."""
+        return self.backbone(x)
+
+
+OWN_PREFIXES = ('backbone.', 'intermediate_heads.', 'gates.')
+
+
+def checkpoint_filter_fn(state_dict: dict, model: TimmDynn) -> dict:
+    """Adapt a checkpoint to `model`: unwrap 'model', strip 'module.', put a plain timm model's keys (a stage-0
+    checkpoint) under 'backbone.', and drop classifier heads, final or exit, whose class count differs."""
+    if 'model' in state_dict and isinstance(state_dict['model'], dict):
+        state_dict = state_dict['model']
+    target = model.state_dict()
+    heads = ('intermediate_heads.', *model.classifier_prefixes)
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix('module.')
+        key = key if key.startswith(OWN_PREFIXES) else f'backbone.{key}'
+        if (key in target and key.startswith(heads) and isinstance(value, torch.Tensor)
+                and value.shape != target[key].shape and value.shape[1:] == target[key].shape[1:]):
+            _logger.info('skipping %s: checkpoint has %d classes, model has %d', key, value.shape[0],
+                         target[key].shape[0])
+            continue
+        out[key] = value  # a real mismatch stays: the loader reports it with its name
+    return out
