@@ -174,10 +174,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(dynn, '--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES), jobs=DYNN,
              help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
                   "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
-    add_flag(dynn, '--final-exit-loss', type=str, default='auto', choices=FINAL_EXIT_LOSS, jobs=DYNN,
-             help="auto (ours): when the backbone trains in joint training, the final exit's CE joins the "
-                  "classifier phase, so the full network does not drift; off: the reference's loss alone "
-                  '(--freeze-backbone is always the reference)')
+    add_flag(dynn, '--final-exit-loss', type=str, default='off', choices=FINAL_EXIT_LOSS, jobs=DYNN,
+             help="off: the reference's classifier-phase loss alone; auto (ours): while the backbone trains in "
+                  "joint training, the final exit's CE joins it, a guard against the full network drifting in "
+                  'long runs (--freeze-backbone is always the reference)')
     add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
              help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
                   "--ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda exits "

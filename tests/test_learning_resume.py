@@ -244,14 +244,14 @@ def test_loading_a_training_sample_leaves_the_callers_random_state_alone():
 
 
 def test_a_resumed_run_from_before_a_flag_keeps_what_it_trained_with(tmp_path, monkeypatch):
-    """A checkpoint whose args lack --final-exit-loss trained with the reference's loss, and one that lacks
-    --exit-costs with true FLOPs: it resumes so, whatever today's defaults are."""
+    """A checkpoint whose args lack --exit-costs trained against true FLOPs (and one that lacks --final-exit-loss
+    with the reference's loss): it resumes so, whatever today's defaults are."""
     stored = {'data_set': 'DEMO', 'ce_ic_tradeoff': 0.75, 'num_epoch': 5}
     monkeypatch.setattr(main_dynn, 'load_resume_checkpoint',
                         lambda path, output_dir: {'args': dict(stored), 'stage': 'joint', 'epoch': 1})
     last = tmp_path / 'checkpoint' / 'checkpoint_DEMO_0.75_confEE' / 'last.pth'
     args = main_dynn.get_args_parser().parse_args(['--resume', str(last)])
-    assert (args.final_exit_loss, args.exit_costs) == ('auto', 'reference')  # a new run's defaults
+    assert (args.final_exit_loss, args.exit_costs) == ('off', 'reference')  # a new run's defaults
     resumed = main_dynn.resumed_args(args, {'resume'})[0]
     assert (resumed.final_exit_loss, resumed.exit_costs) == ('off', 'flops')
     stored.update(final_exit_loss='auto', exit_costs='reference')
