@@ -273,8 +273,8 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
     named in one line; one given at its default value changes nothing, so a script may keep it."""
     parser = get_args_parser()
     names, acts_in = option_names(), flag_jobs(parser)
-    idle = [dest for dest in sorted(given)
-            if acts_in[dest] is not None and job not in acts_in[dest] and getattr(args, dest) != parser.get_default(dest)]
+    idle = [dest for dest in sorted(given) if acts_in[dest] is not None and job not in acts_in[dest]
+            and getattr(args, dest) != parser.get_default(dest)]
     if len(idle) == 1:
         raise GFNetDynnError(f'{names[idle[0]]} has no effect with {_describe_jobs({job})}: it applies to '
                              f'{_describe_jobs(acts_in[idle[0]])}; drop it')
@@ -294,16 +294,6 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
                              f'with its true FLOPs: drop --exit-costs or pass flops')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
-    risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
-    if job == 'eval' and risk_flags and 'exit_threshold' in given:
-        raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "
-                             f'one of them')
-    if job == 'eval' and risk_flags and parse_budget(args.budget).kind != 'acc-drop':
-        raise GFNetDynnError(f"{', '.join(risk_flags)} act with --budget acc-drop=P only (the loss they control is "
-                             f'an accuracy drop), not --budget {args.budget}; drop them or use acc-drop')
-    if job == 'eval' and 'delta' in given and args.risk_control != 'ltt':
-        raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
-                             f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
     risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
     if job == 'eval' and risk_flags and 'exit_threshold' in given:
         raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "

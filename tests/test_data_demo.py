@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from data_pipeline import demo_data
-from data_pipeline.demo_data import CLASSES, GENERATORS, MARKER, ensure_demo_dataset, ensure_digits_dataset, render_scene
+from data_pipeline.demo_data import (CLASSES, GENERATORS, MARKER, ensure_demo_dataset, ensure_digits_dataset,
+                                     render_scene)
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
 
