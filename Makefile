@@ -28,5 +28,5 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.early_exit --checkpoint checkpoint/checkpoint_DEMO_0.75_confEE/best.pth --data-set DEMO
 
 clean:
-	rm -rf runs splits checkpoint_warmup checkpoint_result data/DEMO export bench .pytest_cache
+	rm -rf runs splits checkpoint_warmup checkpoint_result data/DEMO data/DIGITS export bench .pytest_cache
 	find checkpoint -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
