@@ -20,7 +20,7 @@ from data_loader_help import build_transform
 from errors import GFNetDynnError
 from models.early_exit import EarlyExitEngine
 from models.gfnet import GlobalFilter
-from conftest import FAST_FLAGS, one_error
+from conftest import FAST_FLAGS, halve_at_each_exit, one_error
 from deployment.onnx_export import OPSETS, MatmulGlobalFilter, SegmentGraph, export_segments, segment_file_name
 from deployment.onnx_quantize import DFT_TABLES, quantize_segments
 from deployment.onnx_runner import OnnxEarlyExit, image_files, main, preprocess
@@ -45,18 +45,8 @@ def model_and_images():
     torch.manual_seed(0)
     model = _tiny_model()
     images = torch.randn(BATCH, 3, SIZE, SIZE)
-    with torch.no_grad():
-        for head in model.intermediate_heads:
-            head.weight.normal_()  # confident, varied exits instead of near-uniform ones
-        logits = model.eval().forward_exits(images).logits
-        inside = torch.ones(BATCH, dtype=torch.bool)
-        for k, gate in enumerate(model.gates):
-            max_prob = logits[k].softmax(dim=-1).amax(dim=-1)
-            median = torch.quantile(max_prob[inside], 0.5)
-            gate.linear.weight.copy_(torch.tensor([[50.0, 0.0, 0.0, 0.0]]))
-            gate.linear.bias.fill_(-50.0 * median)
-            inside &= max_prob < median
-    return model.train(), images
+    halve_at_each_exit(model.train(), images)
+    return model, images
 
 
 @pytest.fixture(scope='module')

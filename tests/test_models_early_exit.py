@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 import models  # noqa: F401  (registers the GFNet variants with timm)
+from conftest import halve_at_each_exit
 from models.early_exit import EarlyExitEngine
 
 BATCH = 16
@@ -35,17 +36,7 @@ def model_and_images():
     model = timm.create_model('gfnet_ti_dynn', num_classes=5, img_size=32, patch_size=8, depth=4, embed_dim=32,
                               exit_positions=(0, 1, 2)).eval()
     images = torch.randn(BATCH, 3, 32, 32)
-    with torch.no_grad():
-        for head in model.intermediate_heads:
-            head.weight.normal_()  # confident, varied exits instead of near-uniform ones
-        logits = model.forward_exits(images).logits
-        inside = torch.ones(BATCH, dtype=torch.bool)
-        for k, gate in enumerate(model.gates):
-            max_prob = logits[k].softmax(dim=-1).amax(dim=-1)
-            median = torch.quantile(max_prob[inside], 0.5)  # even counts: a midpoint, no sample sits on it
-            gate.linear.weight.copy_(torch.tensor([[50.0, 0.0, 0.0, 0.0]]))
-            gate.linear.bias.fill_(-50.0 * median)
-            inside &= max_prob < median
+    halve_at_each_exit(model, images)
     return model, images
 
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import one_error
+from conftest import halve_at_each_exit, one_error
 from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -45,17 +45,7 @@ def family_model(request) -> tuple[str, TimmDynn, torch.Tensor]:
     family = request.param
     model = _tiny(family)
     images = torch.randn(BATCH, 3, SIZE, SIZE)
-    with torch.no_grad():
-        for head in model.intermediate_heads:
-            head.weight.normal_()  # confident, varied exits instead of near-uniform ones
-        logits = model.forward_exits(images).logits
-        inside = torch.ones(BATCH, dtype=torch.bool)
-        for k, gate in enumerate(model.gates):
-            max_prob = logits[k].softmax(dim=-1).amax(dim=-1)
-            median = torch.quantile(max_prob[inside], 0.5)
-            gate.linear.weight.copy_(torch.tensor([[50.0, 0.0, 0.0, 0.0]]))
-            gate.linear.bias.fill_(-50.0 * median)
-            inside &= max_prob < median
+    halve_at_each_exit(model, images)
     return family, model, images
 
 
