@@ -115,6 +115,18 @@ def small_data(tmp_path, monkeypatch) -> Path:
     return root
 
 
+def train_calibrated_dynn(out: Path) -> Path:
+    """Stage 0 with a quarter of the training images held out for calibration, then a 2-epoch dynn stage (exits
+    after blocks 3 and 7), both on the TINY data of `small_data`, under `out`; the dynn best.pth."""
+    from main_dynn import main
+    common = [*FAST_FLAGS, '--output-dir', str(out)]
+    assert main(['--stage', 'backbone', *common, '--calib-ratio', '0.25']) == 0
+    backbone = out / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn' / 'best.pth'
+    assert main([*common, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
+                 '--exit-positions', '3', '7']) == 0
+    return out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
+
+
 def one_error(capsys, argv: list[str], entry_point: Callable[[list[str]], int] | None = None) -> str:
     """entry_point(argv) (main_dynn.main by default) must fail as a user mistake: exit 2 and exactly one
     `error:` line, no traceback. Returns that line."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAST_FLAGS, TINY_FLAGS, one_error, write_learnable_folder
+from conftest import FAST_FLAGS, TINY_FLAGS, one_error, train_calibrated_dynn, write_learnable_folder
 from data_loader_help import SplitRequest, build_datasets
 from errors import GFNetDynnError
 from evaluation.exit_cache import ExitCache, exit_choice, exit_point
@@ -152,13 +152,7 @@ def test_calibration_images_are_held_out_of_training_and_never_validate(tmp_path
 
 @pytest.mark.slow
 def test_calibrated_eval_chooses_on_held_out_images_within_a_gflops_budget(small_data, tmp_path, capsys):
-    out = tmp_path / 'run'
-    common = [*FAST_FLAGS, '--output-dir', str(out)]
-    assert main(['--stage', 'backbone', *common, '--calib-ratio', '0.25']) == 0
-    backbone = out / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn' / 'best.pth'
-    assert main([*common, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
-                 '--exit-positions', '3', '7']) == 0
-    best = out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
+    best = train_calibrated_dynn(tmp_path / 'run')
     first = tmp_path / 'first.json'
     assert main([*TINY_FLAGS, '--barely_train', '--eval', '--checkpoint-path', str(best), '--results-json',
                  str(first)]) == 0

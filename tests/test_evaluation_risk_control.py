@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.risk import SLOPE, chosen_thresholds, synthetic_draw
-from conftest import FAST_FLAGS, TINY_FLAGS, one_error
+from conftest import TINY_FLAGS, one_error, train_calibrated_dynn
 from evaluation.eval_report import risk_line
 from evaluation.exit_cache import exit_choice
 from evaluation.risk_control import (ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue, ltt_needed_images,
@@ -160,13 +160,7 @@ def test_table_line_says_what_is_promised_and_when_it_does_not_hold_out_of_sampl
 
 @pytest.mark.slow
 def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, tmp_path, capsys):
-    out = tmp_path / 'run'
-    common = [*FAST_FLAGS, '--output-dir', str(out)]
-    assert main(['--stage', 'backbone', *common, '--calib-ratio', '0.25']) == 0
-    backbone = out / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn' / 'best.pth'
-    assert main([*common, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
-                 '--exit-positions', '3', '7']) == 0
-    best = out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
+    best = train_calibrated_dynn(tmp_path / 'run')
     capsys.readouterr()
     results_path = tmp_path / 'results.json'
     assert main([*TINY_FLAGS, '--barely_train', '--eval', '--checkpoint-path', str(best), '--results-json',
