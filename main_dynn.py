@@ -184,6 +184,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                   "earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
     add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
              help='backbone lr = lr * this in joint training')
+    add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=positive,
+             help="the gates' lr (default: --lr, the reference's one group for exits and gates); each gate is 5 "
+                  'numbers read by a sigmoid: at a small lr over a short run they stay near their random start')
     add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,
              help='keep the backbone frozen in joint training')
 

@@ -133,7 +133,7 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     split_path = check_split_file(args.output_dir, data.split)
     model.to(device)
     optimizer, scheduler = dynn_optimizer(model, *optimizer_choice(args.opt, args.wd, 'sgd'), lr=args.lr,
-                                          transfer_ratio=args.transfer_ratio, min_lr=args.min_lr,
+                                          transfer_ratio=args.transfer_ratio, gate_lr=args.gate_lr, min_lr=args.min_lr,
                                           num_epochs=args.num_epoch)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
     run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))

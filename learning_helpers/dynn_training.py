@@ -15,21 +15,25 @@ from models.flops import EXIT_COSTS, normalized_exit_costs
 _logger = logging.getLogger(__name__)
 
 
-def dynn_param_groups(model: EarlyExitNetwork, lr: float, transfer_ratio: float) -> list[dict]:
-    """Exit heads and gates at lr, the backbone (final head included) at lr * transfer_ratio. Which of them
-    train is set by requires_grad: a parameter without a gradient is skipped by the optimizer, weight decay
-    and momentum included."""
-    exit_params = list(model.intermediate_heads.parameters()) + list(model.gates.parameters())
-    exit_ids = {id(p) for p in exit_params}
+def dynn_param_groups(model: EarlyExitNetwork, lr: float, transfer_ratio: float,
+                      gate_lr: float | None = None) -> list[dict]:
+    """Exit heads and gates at lr (the gates at gate_lr, in a group of their own, when given), the backbone (final
+    head included) at lr * transfer_ratio. Which of them train is set by requires_grad: a parameter without a
+    gradient is skipped by the optimizer, weight decay and momentum included."""
+    heads, gates = list(model.intermediate_heads.parameters()), list(model.gates.parameters())
+    exit_ids = {id(p) for p in heads + gates}
     backbone = [p for p in model.parameters() if id(p) not in exit_ids]
-    return [{'params': exit_params, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
+    if gate_lr is None:  # the reference's groups, so a checkpoint's optimizer state loads either way
+        return [{'params': heads + gates, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
+    return [{'params': heads, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio},
+            {'params': gates, 'lr': gate_lr}]
 
 
 def dynn_optimizer(model: EarlyExitNetwork, name: str, weight_decay: float, *, lr: float, transfer_ratio: float,
-                   min_lr: float, num_epochs: int):
+                   min_lr: float, num_epochs: int, gate_lr: float | None = None):
     """The one optimizer of stages 1-2 and its cosine schedule over --num_epoch, stepped after joint epochs
     only (so the warm-up runs at the constant lr)."""
-    optimizer = build_optimizer(dynn_param_groups(model, lr, transfer_ratio), name, weight_decay, lr=lr)
+    optimizer = build_optimizer(dynn_param_groups(model, lr, transfer_ratio, gate_lr), name, weight_decay, lr=lr)
     return optimizer, build_scheduler(optimizer, num_epochs, min_lr / lr)
 
 

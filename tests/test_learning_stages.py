@@ -196,8 +196,9 @@ def test_warmup_trains_only_the_exit_heads_and_its_loss_falls(tiny_backbone, tin
 
 def joint_trainer(model, freeze_backbone: bool, lr: float = 0.1, ratio: float = 0.01,
                   classifier_loss: str = 'boosted', phase_counter: str = 'global',
-                  bilevel_batch_count: int = 1, final_exit_loss: str = 'off') -> JointTrainer:
-    optimizer = build_optimizer(dynn_param_groups(model, lr, ratio), 'sgd', 5e-4, lr=lr)
+                  bilevel_batch_count: int = 1, final_exit_loss: str = 'off',
+                  gate_lr: float | None = None) -> JointTrainer:
+    optimizer = build_optimizer(dynn_param_groups(model, lr, ratio, gate_lr), 'sgd', 5e-4, lr=lr)
     set_joint_trainable(model, freeze_backbone)
     config = joint_config(freeze_backbone, classifier_loss, phase_counter, bilevel_batch_count, final_exit_loss)
     costs = torch.tensor(exit_gflops(model))
@@ -222,6 +223,23 @@ def one_batch_epoch(trainer: JointTrainer, loader, epoch: int) -> str:
 
 def is_backbone(name: str) -> bool:
     return not name.startswith(('gates.', 'intermediate_heads.'))
+
+
+def test_gate_lr_scales_the_gates_step_and_nothing_else():
+    """--gate-lr puts the gates in a group of their own: their first SGD step is gate_lr / lr times the step at
+    the shared lr; without it the groups are the reference's two, so older optimizer states still load."""
+    lr, gate_lr = 0.01, 0.5
+    assert len(dynn_param_groups(tiny_model(), lr, 0.01)) == 2
+    steps = {}
+    for given in (None, gate_lr):
+        model = tiny_model()
+        start = snapshot(model)
+        assert one_batch_epoch(joint_trainer(model, False, lr=lr, gate_lr=given), random_loader(batches=1), 0) == 'gate'
+        after = snapshot(model)
+        assert changed_keys(start, after) == {name for name in start if name.startswith('gates.')}
+        steps[given] = {name: after[name] - start[name] for name in start if name.startswith('gates.')}
+    for name, step in steps[None].items():
+        torch.testing.assert_close(steps[gate_lr][name], step * (gate_lr / lr), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize('freeze_backbone, classifier_loss, final_exit_loss', [
