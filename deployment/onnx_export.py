@@ -170,10 +170,10 @@ def export_segments(model: EarlyExitNetwork, out_dir: str | Path, *, threshold: 
     file_names = []
     for k in range(model.num_exits):
         graph = SegmentGraph(model, k).eval()
-        output_names = ['logits'] if graph.is_final else ['next_tokens', 'logits', 'gate_prob']
+        output_names = ['logits'] if graph.is_final else [f'next_{model.carried}', 'logits', 'gate_prob']
         with _quiet_exporter():
             program = torch.onnx.export(graph, (x,), dynamo=True, opset_version=OPSET, verbose=False,
-                                        input_names=['images' if k == 0 else 'tokens'], output_names=output_names,
+                                        input_names=['images' if k == 0 else model.carried], output_names=output_names,
                                         dynamic_shapes=dynamic_shapes)
         file_names.append(segment_file_name(k))
         graph_proto = program.model_proto if opset == OPSET else to_opset_17(program.model_proto)

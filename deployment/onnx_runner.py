@@ -121,8 +121,8 @@ class OnnxEarlyExit:
         return len(self.sessions)
 
     def run_segment(self, k: int, x: np.ndarray) -> list[np.ndarray]:
-        """Segment k on x (images for k = 0, else the tokens segment k-1 returned): [tokens, logits, gate
-        probability] for an intermediate exit, [logits] for the final head."""
+        """Segment k on x (images for k = 0, else the tokens or feature maps segment k-1 returned): [what it
+        passes on, logits, gate probability] for an intermediate exit, [logits] for the final head."""
         return self.sessions[k].run(None, {self.input_names[k]: x})
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +149,7 @@ class OnnxEarlyExit:
             if k == final:
                 logits, leaving = outputs[0], np.ones(remaining.size, dtype=bool)
             else:
-                x, logits, gate_prob = outputs  # x: (b, N, D) tokens for the next segment
+                x, logits, gate_prob = outputs  # x: tokens or feature maps for the next segment
                 leaving = fires(gate_prob, self.threshold)
             left = remaining[leaving]
             predictions[left] = logits[leaving].argmax(axis=-1)

@@ -103,8 +103,11 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
         shutil.rmtree(staged, ignore_errors=True)
     kinds = 'float and int8' if args.quantize else 'float'
     precision = ' --precision int8' if args.quantize else ''
+    repo = Path(__file__).resolve().parent.parent  # `-m deployment.onnx_runner` resolves from the repository
+    cd = '' if Path.cwd().resolve() == repo else f'cd {repo} && '
     print(f'exported {len(model.exit_positions) + 1} {kinds} ONNX segments (exit threshold {threshold:g}) to '
-          f'{out}; run them with:\n  python -m deployment.onnx_runner{precision} {out} IMAGE_OR_FOLDER [...]')
+          f'{out}; run them with:\n  {cd}python -m deployment.onnx_runner{precision} {out.resolve()} '
+          f'IMAGE_OR_FOLDER [...]')
     return out / 'manifest.json'
 
 

@@ -46,6 +46,7 @@ class EarlyExitNetwork(nn.Module, metaclass=ABCMeta):
     gate_type: str
     intermediate_heads: nn.ModuleList
     gates: nn.ModuleList
+    carried: str = 'tokens'  # what travels between segments, as the exported graphs name it
     # TorchScript compiles properties; these return a module or a tuple and serve the Python side only
     __jit_unused_properties__ = ['input_size', 'final_head']
 

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype, to_2tuple
+from timm.layers import get_device_dtype, resample_abs_pos_embed, to_2tuple
 from timm.models import model_entrypoint
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
@@ -86,6 +86,7 @@ class TimmDynn(EarlyExitNetwork):
             raise GFNetDynnError(f'a {type(backbone).__name__} has no early-exit layout; exits run on {SUPPORTED}')
         self.backbone = backbone
         self.layout = layout
+        self.carried = 'tokens' if layout.tokens else 'feature_maps'
         depth = len(self._parts()[1])
         default = layout.default_exits(depth)
         self.exit_positions = validate_exit_positions(default if exit_positions is None else exit_positions, depth,
@@ -164,9 +165,18 @@ class TimmDynn(EarlyExitNetwork):
 OWN_PREFIXES = ('backbone.', 'intermediate_heads.', 'gates.')
 
 
+def _resampled_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
+    """A ViT's position embedding trained on another grid, interpolated to this model's patch grid (timm's
+    resampling; class and register tokens' entries kept), so a ViT run evaluates at another --input-size."""
+    prefix = 0 if getattr(vit, 'no_embed_class', False) else vit.num_prefix_tokens
+    _logger.info('resampling pos_embed from %d to %d positions', pos_embed.shape[1], vit.pos_embed.shape[1])
+    return resample_abs_pos_embed(pos_embed, new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=prefix)
+
+
 def checkpoint_filter_fn(state_dict: dict, model: TimmDynn) -> dict:
     """Adapt a checkpoint to `model`: unwrap 'model', strip 'module.', put a plain timm model's keys (a stage-0
-    checkpoint) under 'backbone.', and drop classifier heads, final or exit, whose class count differs."""
+    checkpoint) under 'backbone.', resample a ViT's position embedding to this model's grid, and drop classifier
+    heads, final or exit, whose class count differs."""
     if 'model' in state_dict and isinstance(state_dict['model'], dict):
         state_dict = state_dict['model']
     target = model.state_dict()
@@ -175,7 +185,9 @@ def checkpoint_filter_fn(state_dict: dict, model: TimmDynn) -> dict:
     for key, value in state_dict.items():
         key = key.removeprefix('module.')
         key = key if key.startswith(OWN_PREFIXES) else f'backbone.{key}'
-        if (key in target and key.startswith(heads) and isinstance(value, torch.Tensor)
+        if key == 'backbone.pos_embed' and key in target and value.shape != target[key].shape:
+            value = _resampled_pos_embed(value, model.backbone)
+        elif (key in target and key.startswith(heads) and isinstance(value, torch.Tensor)
                 and value.shape != target[key].shape and value.shape[1:] == target[key].shape[1:]):
             _logger.info('skipping %s: checkpoint has %d classes, model has %d', key, value.shape[0],
                          target[key].shape[0])

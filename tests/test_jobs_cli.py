@@ -215,11 +215,12 @@ def test_eval_in_a_subprocess_from_another_directory(dynn_run, tiny_backbone, tm
 
 
 @pytest.mark.slow
-def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_path, capsys):
+def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_path, capsys, monkeypatch):
     pytest.importorskip('onnxscript')
     out_dir = tmp_path / 'onnx'
+    monkeypatch.chdir(tmp_path)  # a user outside the repository, with a relative --out
     rc, out, err = _run(['--data-set', 'TINY', '--export', 'onnx', '--checkpoint-path', str(dynn_run[1] / 'best.pth'),
-                         '--out', str(out_dir)], capsys)
+                         '--out', 'onnx'], capsys)
     assert rc == 0, err
     manifest = json.loads((out_dir / 'manifest.json').read_text())
     run_args = torch.load(dynn_run[1] / 'best.pth', weights_only=True)['args']
@@ -228,7 +229,14 @@ def test_export_onnx_writes_a_manifest_and_segments(dynn_run, tiny_data, tmp_pat
     assert manifest['exit_positions'] == EXITS and manifest['class_names'] == run_args['class_names']
     assert manifest['input_size'] == run_args['input_size'] and 0 <= manifest['threshold'] <= 1
     assert manifest['checkpoint'] == str(dynn_run[1] / 'best.pth')
-    assert f'python -m deployment.onnx_runner {out_dir} IMAGE' in out  # the folder the runner takes
+    # the printed command runs from anywhere: it changes to the repository, where `-m` finds the runner
+    repo = Path(__file__).resolve().parent.parent
+    command = next(line.strip() for line in out.splitlines() if 'deployment.onnx_runner' in line)
+    assert command == f'cd {repo} && python -m deployment.onnx_runner {out_dir.resolve()} IMAGE_OR_FOLDER [...]'
+    image = next(tiny_data.glob('val/*/*.png'))
+    runnable = command.replace('python', sys.executable, 1).replace('IMAGE_OR_FOLDER [...]', str(image))
+    result = subprocess.run(runnable, shell=True, capture_output=True, text=True)
+    assert result.returncode == 0 and str(image) in result.stdout, result.stderr
 
 
 def test_export_threshold_is_the_given_one_else_the_one_eval_chose_else_one_half(tmp_path):

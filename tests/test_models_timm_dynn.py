@@ -129,6 +129,25 @@ def test_stage0_checkpoint_loads_into_the_exit_model(family_model):
     assert all(torch.equal(state[f'backbone.{key}'], value) for key, value in plain.state_dict().items())
 
 
+def test_a_vit_trained_at_one_size_loads_at_another_with_its_position_embedding_resampled():
+    torch.manual_seed(2)
+    trained = build_dynn('test_vit', NUM_CLASSES, SIZE, None, 0.0, None, 'unc').eval()
+    bigger = build_dynn('test_vit', NUM_CLASSES, 2 * SIZE, None, 0.0, None, 'unc').eval()
+    load_state(bigger, {'model': trained.state_dict()}, source='vit.pth')
+    grid = trained.backbone.patch_embed.grid_size
+    # the patch tokens' entries bilinearly upsampled to the doubled grid, the prefix (class token) entries kept
+    old_patches = trained.backbone.pos_embed[:, trained.backbone.num_prefix_tokens:]
+    new_patches = bigger.backbone.pos_embed[:, bigger.backbone.num_prefix_tokens:]
+    assert new_patches.shape[1] == 4 * old_patches.shape[1] == 4 * grid[0] * grid[1]
+    assert_close(bigger.backbone.pos_embed[:, :trained.backbone.num_prefix_tokens],
+                 trained.backbone.pos_embed[:, :trained.backbone.num_prefix_tokens])
+    as_grid = old_patches.reshape(1, *grid, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(as_grid, scale_factor=2, mode='bicubic', antialias=True)
+    assert_close(new_patches, expected.permute(0, 2, 3, 1).flatten(1, 2))
+    with torch.no_grad():
+        assert bigger.forward_exits(torch.randn(2, 3, 2 * SIZE, 2 * SIZE)).logits.shape == (3, 2, NUM_CLASSES)
+
+
 def test_checkpoint_of_another_architecture_names_its_keys():
     other = build_backbone('test_convnext', NUM_CLASSES, SIZE, None, 0.0).state_dict()
     with pytest.raises(GFNetDynnError, match=r'backbone\.pth does not fit this model \(.*missing: backbone\.conv1'):
@@ -202,12 +221,46 @@ def test_stage0_to_onnx_runner_end_to_end(family, size, small_data, tmp_path, ca
     assert f'python -m deployment.onnx_runner {onnx_dir} IMAGE' in capsys.readouterr().out
     runner = OnnxEarlyExit(onnx_dir)
     assert runner.num_exits == len(DEFAULT_EXITS[family]) + 1
+    assert runner.input_names[1] == ('tokens' if family == 'vit' else 'feature_maps')  # what segment 0 passes on
     images = _val_images(small_data, size)
     model = reopen(checkpoint, str(best)).model
     expected = EarlyExitEngine(model, 0.5)(torch.from_numpy(images))
     predictions, exits = runner.predict(images)
     assert exits.tolist() == expected.exit_index.tolist()
     assert predictions.tolist() == expected.predictions.tolist()
+    if family in INT8_FAMILIES:
+        _check_int8_export(best, images, runner, tmp_path / 'onnx_int8', INT8_FAMILIES[family])
+
+
+INT8_FAMILIES = {'resnet': 'Conv', 'vit': 'MatMul'}  # the weight products each family's int8 segments quantise
+
+
+def _final_logits(runner, images: np.ndarray) -> np.ndarray:
+    """Every segment chained on every image: the final head's logits."""
+    x = images
+    for k in range(runner.num_exits):
+        x = runner.run_segment(k, x)[0]
+    return x
+
+
+
+def _check_int8_export(best, images: np.ndarray, float_runner, onnx_dir, weight_op: str) -> None:
+    """--export onnx --quantize int8 on a timm model: every segment has an int8 twin whose weight products read
+    dequantised inputs, and the int8 chain's final logits stay near the float chain's."""
+    import onnx
+    from deployment.onnx_runner import OnnxEarlyExit
+    assert main(['--data-set', 'TINY', '--export', 'onnx', '--quantize', 'int8', '--calib-images', '8',
+                 '--num_workers', '0', '--checkpoint-path', str(best), '--out', str(onnx_dir)]) == 0
+    manifest = json.loads((onnx_dir / 'manifest.json').read_text())
+    assert manifest['int8_segments'] == [f'segment_{k}.int8.onnx' for k in range(float_runner.num_exits)]
+    for name in manifest['int8_segments']:
+        nodes = onnx.load(onnx_dir / name).graph.node
+        dequantized = {out for node in nodes if node.op_type == 'DequantizeLinear' for out in node.output}
+        products = [node for node in nodes if node.op_type == weight_op]
+        assert products and all(set(node.input) & dequantized for node in products), name
+    float_logits, int8_logits = (_final_logits(OnnxEarlyExit(onnx_dir, precision=precision), images)
+                                 for precision in ('float', 'int8'))
+    assert np.abs(int8_logits - float_logits).max() <= 0.1 * np.abs(float_logits).max() + 0.05
 
 
 def test_reference_exit_costs_refused_before_training(small_data, tmp_path, capsys):
