@@ -64,3 +64,42 @@ def test_exits_train_with_the_gfnet_runs_recipe_and_lambda(tmp_path, monkeypatch
     best = tmp_path / 'exits_resnet18' / 'checkpoint' / 'checkpoint_DEMO_0.5_confEE' / 'best.pth'
     assert evaluate == ['--eval', '--data-set', 'DEMO', '--checkpoint-path', str(best)]
     assert results == best.parent / 'results.json'
+
+
+def test_goal_sets_each_choice_against_its_own_static_model():
+    rows = [{**_point('resnet18', 97.0, 12.0, 0.6), 'arch': 'resnet18'},
+            {**_point('convnext_atto', 95.0, 10.0, 0.5), 'arch': 'convnext_atto'},
+            _point('resnet18 + exits t=0.2', 96.5, 8.0, 0.3, 'resnet18 + exits')]
+    selection = {'threshold': 0.2, 'accuracy': 96.5, 'budget': 'acc-drop=1', 'set': 'calibration'}
+    met = pareto.goal_row('resnet18 + exits', selection, 8.0, rows)
+    assert met['speedup'] == 12.0 / 8.0 and met['accuracy_drop'] == 0.5 and met['met']
+    slow = pareto.goal_row('resnet18 + exits', selection, 9.5, rows)  # 1.26x: too little
+    lossy = pareto.goal_row('resnet18 + exits', {**selection, 'accuracy': 95.5}, 8.0, rows)  # 1.5 points lost
+    assert not slow['met'] and not lossy['met']
+    for cost in ('latency_ms', 'gflops'):
+        front = pareto_front(rows, cost)
+        for i, row in enumerate(rows):
+            row[f'on_{cost}_front'] = i in front
+    lines = pareto.goal_summary([met, slow], rows)
+    assert lines[0] == ('resnet18 + exits at its choice (acc-drop=1 on the calibration images): 96.50% at 8.00 ms vs '
+                        'static 97.00% at 12.00 ms: 1.50x, +0.50 points lost: met (goal >= 1.3x, <= 1 point)')
+    assert lines[1].endswith('1.26x, +0.50 points lost: missed (goal >= 1.3x, <= 1 point)')
+    assert lines[2] == ('most accurate early-exit point: resnet18 + exits t=0.2 (96.50% at 8.00 ms): on the latency '
+                        'front against every static model')
+
+
+def test_baselines_hold_out_the_gfnet_runs_calibration_share(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(pareto, '_run_main_dynn', lambda command, what: commands.append(command))
+    args = get_args_parser().parse_args(['--dynn-results', 'r.json', '--output-dir', str(tmp_path)])
+    pareto.train_baseline('resnet18', args, 64, 8, calib_ratio=0.1)
+    pareto.train_baseline('resnet50', args, 64, 8)
+    with_calib, without = commands
+    assert with_calib[with_calib.index('--calib-ratio') + 1] == '0.1' and '--calib-ratio' not in without
+
+
+def test_spread_points_keep_both_ends_of_the_front():
+    points = [{'threshold': 1 - i / 100, 'accuracy': 60 + i} for i in range(40)]
+    picked = pareto.spread_points(points, 5)
+    assert [p['accuracy'] for p in picked] == [60, 70, 80, 89, 99]  # round(i * 39 / 4): 0 10 20 29 39
+    assert pareto.spread_points(points[:3], 5) == sorted(points[:3], key=lambda p: p['accuracy'])
