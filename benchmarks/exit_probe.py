@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import measure_and_write
 from dataset_config import DATASET_CONFIG
+from errors import GFNetDynnError
 from jobs.trained_run import reopen, reopen_data
 from models.early_exit_net import EarlyExitNetwork
 
@@ -21,7 +22,8 @@ from models.early_exit_net import EarlyExitNetwork
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('python -m benchmarks.exit_probe', description=__doc__.split('\n')[0])
     parser.add_argument('--checkpoint', required=True, help='a dynn-stage checkpoint (best.pth of a run)')
-    parser.add_argument('--data-set', default='DEMO', choices=sorted(DATASET_CONFIG), help='its data set')
+    parser.add_argument('--data-set', default=None, choices=sorted(DATASET_CONFIG),
+                        help="default: the data set the checkpoint was trained on")
     parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
     parser.add_argument('--epochs', type=int, default=12, help='probe training epochs over the cached features')
     parser.add_argument('--lr', type=float, default=0.01, help='SGD lr of the probes (momentum 0.9, wd 5e-4)')
@@ -70,7 +72,16 @@ def accuracy(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> 
 def measure(args: argparse.Namespace) -> dict:
     run = reopen(args.checkpoint)
     model = run.model.eval()
-    data = reopen_data(run.args, args.data_set, args.data_path)
+    data_set = args.data_set or run.args.data_set
+    if data_set not in DATASET_CONFIG:
+        raise GFNetDynnError(f'{args.checkpoint} does not say which data set it was trained on; pass --data-set')
+    other_classes = (f'{args.checkpoint} was trained on other classes than those of {data_set}; pass the '
+                     f'--data-set it was trained on ({run.args.data_set})')
+    if DATASET_CONFIG[data_set].get('num_classes', model.num_classes) != model.num_classes:
+        raise GFNetDynnError(other_classes)  # before any data is read (or generated)
+    data = reopen_data(run.args, data_set, args.data_path)
+    if list(data.classes) != list(run.args.class_names or data.classes):
+        raise GFNetDynnError(other_classes)
     train, train_labels = pooled_features(model, data.train, args.train_passes)
     val, val_labels = pooled_features(model, data.val)
     rows = []
@@ -82,7 +93,7 @@ def measure(args: argparse.Namespace) -> dict:
                               seed=args.seed)
             row['probe_norm' if norm else 'probe'] = accuracy(probe, val_k, val_labels)
         rows.append(row)
-    return {'checkpoint': args.checkpoint, 'arch': run.args.arch, 'data_set': args.data_set, 'epochs': args.epochs,
+    return {'checkpoint': args.checkpoint, 'arch': run.args.arch, 'data_set': data_set, 'epochs': args.epochs,
             'lr': args.lr, 'num_val': len(val_labels), 'rows': rows}
 
 

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from torch.utils.data import TensorDataset
 
 from benchmarks.exit_probe import accuracy, fit_probe, main, pooled_features
-from conftest import train_calibrated_dynn
+from conftest import one_error, train_calibrated_dynn
 from models.model_factory import build_dynn
 
 
@@ -54,3 +54,7 @@ def test_exit_probe_runs_on_a_trained_checkpoint(small_data, tmp_path, capsys):
     assert [r['position'] for r in result['rows']] == [3, 7]
     assert all(0 <= r[key] <= 100 for r in result['rows'] for key in ('probe', 'probe_norm'))
     assert 'norm + probe %' in capsys.readouterr().out
+    assert main(['--checkpoint', str(best), '--json', str(path)]) == 0  # the data set from the checkpoint
+    line = one_error(capsys, ['--checkpoint', str(best), '--data-set', 'DEMO', '--json', str(path)], main)
+    assert line.endswith('was trained on other classes than those of DEMO; pass the --data-set it was trained '
+                         'on (TINY)')
