@@ -160,6 +160,15 @@ def spread_points(points: list[dict], count: int) -> list[dict]:
     return [ordered[i] for i in sorted({round(i * (len(ordered) - 1) / max(count - 1, 1)) for i in range(count)})]
 
 
+def timed_points(points: list[dict], selection: dict | None, count: int) -> list[dict]:
+    """The operating points to time for one model: `count` spread over its front, and its --eval choice, which
+    need not be on the validation front."""
+    spread = spread_points(points, count)
+    if selection and selection['threshold'] not in {p['threshold'] for p in spread}:
+        spread.append(selection)
+    return spread
+
+
 def pareto_front(points: list[dict], cost: str) -> set[int]:
     """Indices of the points no other point beats: at most the cost and at least the accuracy, one strictly."""
     return {i for i, p in enumerate(points)
@@ -179,15 +188,15 @@ def benchmark(args: argparse.Namespace) -> dict:
     checkpoints = {arch: train_baseline(arch, args, input_size, patch_size, calib_ratio) for arch in args.archs}
     # the early-exit models: GFNet-Dynn, then each timm baseline with exits -> (model, its operating points)
     dynn_name = 'GFNet-Dynn' if isinstance(dynn, GFNetDynn) else f'{dynn_args.arch} + exits'
-    exit_models = {dynn_name: (dynn, spread_points(dynn_points, args.max_points))}
     chosen = {dynn_name: results.get('selection')}  # each early-exit model's --eval choice
+    exit_models = {dynn_name: (dynn, timed_points(dynn_points, chosen[dynn_name], args.max_points))}
     for arch, path in checkpoints.items():
         if not args.no_exits and not arch.startswith('GFNet-'):  # the plain GFNet's exits are GFNet-Dynn's
             exits_results = train_exits(arch, path, args, dynn_args)
             exit_results, points = read_dynn_points(exits_results)
-            exit_models[f'{arch} + exits'] = (reopen(str(exits_results.parent / 'best.pth')).model,
-                                              spread_points(points, args.max_points))
             chosen[f'{arch} + exits'] = exit_results.get('selection')
+            exit_models[f'{arch} + exits'] = (reopen(str(exits_results.parent / 'best.pth')).model,
+                                              timed_points(points, chosen[f'{arch} + exits'], args.max_points))
     singles = [images[i].unsqueeze(0) for i in spread_indices(len(images), args.latency_images)]
     rows, runners = [], {}
     with torch.inference_mode():
@@ -204,8 +213,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                          'params_m': sum(p.numel() for p in model.parameters()) / 1e6})
             runners[arch] = model
         for name, (model, points) in exit_models.items():
-            selected = [chosen[name]['threshold']] if chosen.get(name) else []
-            for threshold in sorted({p['threshold'] for p in points} | set(selected)):
+            for threshold in sorted({p['threshold'] for p in points}):
                 runners[(name, threshold)] = EarlyExitEngine(model, threshold)
         latency = {name: float('inf') for name in runners}
         for _ in range(args.rounds):  # interleaved, best of each: no model gains from running first or last
@@ -216,8 +224,6 @@ def benchmark(args: argparse.Namespace) -> dict:
     for name, (model, points) in exit_models.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
         selection = chosen.get(name)
-        if selection and selection['threshold'] not in {p['threshold'] for p in points}:
-            points = points + [selection]  # the choice need not be on the validation front
         for p in points:
             rows.append({'model': f"{name} t={p['threshold']:g}", 'exit_model': name, 'kind': 'early_exit',
                          'threshold': p['threshold'], 'accuracy': p['accuracy'], 'gflops': p['expected_gflops'],

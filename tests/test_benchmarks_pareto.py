@@ -103,3 +103,11 @@ def test_spread_points_keep_both_ends_of_the_front():
     picked = pareto.spread_points(points, 5)
     assert [p['accuracy'] for p in picked] == [60, 70, 80, 89, 99]  # round(i * 39 / 4): 0 10 20 29 39
     assert pareto.spread_points(points[:3], 5) == sorted(points[:3], key=lambda p: p['accuracy'])
+
+
+def test_timed_points_add_the_eval_choice_once():
+    points = [{'threshold': 1 - i / 100, 'accuracy': 60 + i} for i in range(40)]
+    off_front = {'threshold': 0.555, 'accuracy': 70.5}
+    assert pareto.timed_points(points, off_front, 5)[-1] == off_front
+    assert len(pareto.timed_points(points, points[10], 5)) == 5  # already among the spread points
+    assert len(pareto.timed_points(points, None, 5)) == 5
