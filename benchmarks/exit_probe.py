@@ -16,6 +16,7 @@ from benchmarks.common import measure_and_write
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
 from jobs.trained_run import reopen, reopen_data
+from learning_helpers.optim import seed_epoch
 from models.early_exit_net import EarlyExitNetwork
 
 
@@ -35,11 +36,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def pooled_features(model: EarlyExitNetwork, dataset, passes: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(per intermediate exit (N, D_k), labels (N,)): what each exit's head reads, over `passes` passes."""
+def pooled_features(model: EarlyExitNetwork, dataset, passes: int = 1,
+                    seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(per intermediate exit (N, D_k), labels (N,)): what each exit's head reads, over `passes` passes, each
+    pass's augmentation seeded from (seed, pass) as a training epoch's is."""
     features, labels = [], []
-    for _ in range(passes):
-        for images, targets in DataLoader(dataset, batch_size=128, num_workers=0):
+    for augmentation_pass in range(passes):
+        loader = DataLoader(dataset, batch_size=128, num_workers=0)
+        seed_epoch(seed, augmentation_pass, loader)
+        for images, targets in loader:
             features.append(model.forward_pooled(images, through_final=False))
             labels.append(targets)
     return [torch.cat([batch[k] for batch in features]) for k in range(len(features[0]))], torch.cat(labels)
@@ -75,14 +80,8 @@ def measure(args: argparse.Namespace) -> dict:
     data_set = args.data_set or run.args.data_set
     if data_set not in DATASET_CONFIG:
         raise GFNetDynnError(f'{args.checkpoint} does not say which data set it was trained on; pass --data-set')
-    other_classes = (f'{args.checkpoint} was trained on other classes than those of {data_set}; pass the '
-                     f'--data-set it was trained on ({run.args.data_set})')
-    if DATASET_CONFIG[data_set].get('num_classes', model.num_classes) != model.num_classes:
-        raise GFNetDynnError(other_classes)  # before any data is read (or generated)
-    data = reopen_data(run.args, data_set, args.data_path)
-    if list(data.classes) != list(run.args.class_names or data.classes):
-        raise GFNetDynnError(other_classes)
-    train, train_labels = pooled_features(model, data.train, args.train_passes)
+    data = reopen_data(run.args, data_set, args.data_path)  # refuses a data set of other classes
+    train, train_labels = pooled_features(model, data.train, args.train_passes, args.seed)
     val, val_labels = pooled_features(model, data.val)
     rows = []
     for k, (train_k, val_k) in enumerate(zip(train, val)):

@@ -8,6 +8,7 @@ from typing import NamedTuple, Sequence
 import torch.nn as nn
 
 from data_loader_help import DataSets, SplitRequest, build_datasets, resolve_data_path
+from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, build_dynn, is_gfnet
@@ -94,6 +95,16 @@ def reopen(checkpoint: dict | str, source: str | None = None, *, input_size: int
 
 
 def reopen_data(args: RunArgs, data_set: str, data_path: str | None, *, need_train: bool = True) -> DataSets:
-    """The images of the split the run trained on (its calibration share included), at the run's input size."""
-    return build_datasets(data_set, resolve_data_path(data_set, data_path), args.input_size,
+    """The images of the split the run trained on (its calibration share included), at the run's input size. A data
+    set of other classes is one line: by their count before any image is read (or generated), by name after."""
+    num_classes = len(args.class_names or [])  # reopen fills in placeholder names where the run stored none
+    other_classes = GFNetDynnError(f'the run was trained on other classes than those of {data_set}; pass the '
+                                   f'--data-set it was trained on ({args.data_set})')
+    if num_classes and DATASET_CONFIG.get(data_set, {}).get('num_classes', num_classes) != num_classes:
+        raise other_classes
+    data = build_datasets(data_set, resolve_data_path(data_set, data_path), args.input_size,
                           split=SplitRequest.reusing(args.recorded_split(data_set)), need_train=need_train)
+    stored_names = args.given('class_names')
+    if (num_classes and len(data.classes) != num_classes) or (stored_names and list(data.classes) != stored_names):
+        raise other_classes
+    return data

@@ -55,6 +55,7 @@ def test_exit_probe_runs_on_a_trained_checkpoint(small_data, tmp_path, capsys):
     assert all(0 <= r[key] <= 100 for r in result['rows'] for key in ('probe', 'probe_norm'))
     assert 'norm + probe %' in capsys.readouterr().out
     assert main(['--checkpoint', str(best), '--json', str(path)]) == 0  # the data set from the checkpoint
+    assert json.loads(path.read_text())['rows'] == result['rows']  # augmentation and probes seeded: the same
     line = one_error(capsys, ['--checkpoint', str(best), '--data-set', 'DEMO', '--json', str(path)], main)
     assert line.endswith('was trained on other classes than those of DEMO; pass the --data-set it was trained '
                          'on (TINY)')
