@@ -63,6 +63,7 @@ class DataRequest:
 
 
 class DataSets(NamedTuple):
+    """What the pass hands back: the parts, the class names and the split record."""
     train: Dataset | None  # None when only validation was asked for
     val: Dataset
     classes: list[str]

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 import dataset_config
-from data_loader_help import SplitRequest, build_datasets
+from data_loader_help import SplitRequest, build_datasets, dataset_entry
+from data_pipeline.data_pass import DataRequest, make_data_sets
 
 CLASS_SIZES = {'a': 6, 'b': 5, 'c': 4}  # uneven, so per-class rounding and the random split both show
 
@@ -47,13 +48,16 @@ def _pass(folders: Path, data_set: str, where: str, split: SplitRequest) -> dict
     return {**parts, 'hashes': [data.split.get(key) for key in ('hash', 'val_hash', 'calib_hash')]}
 
 
+STRATIFIED = SplitRequest(train_ratio=0.6, seed=3, calib_ratio=0.34)
+STRATIFIED_PARTS = {  # per class round(0.6 n) to train, then round(0.66 of those) kept from calibration
+    'train': [('a/01.png', 0), ('a/03.png', 0), ('a/04.png', 0), ('b/03.png', 1), ('b/04.png', 1), ('c/00.png', 2)],
+    'val': [('a/00.png', 0), ('a/02.png', 0), ('b/00.png', 1), ('b/01.png', 1), ('c/01.png', 2), ('c/03.png', 2)],
+    'calib': [('a/05.png', 0), ('b/02.png', 1), ('c/02.png', 2)]}
+
+
 def test_a_stratified_split_with_calibration_holds_these_images_in_this_order(folders):
-    got = _pass(folders, 'STRAT', 'flat', SplitRequest(train_ratio=0.6, seed=3, calib_ratio=0.34))
-    assert got['train'] == [('a/01.png', 0), ('a/03.png', 0), ('a/04.png', 0), ('b/03.png', 1), ('b/04.png', 1),
-                            ('c/00.png', 2)]
-    assert got['val'] == [('a/00.png', 0), ('a/02.png', 0), ('b/00.png', 1), ('b/01.png', 1), ('c/01.png', 2),
-                          ('c/03.png', 2)]
-    assert got['calib'] == [('a/05.png', 0), ('b/02.png', 1), ('c/02.png', 2)]
+    got = _pass(folders, 'STRAT', 'flat', STRATIFIED)
+    assert {part: got[part] for part in STRATIFIED_PARTS} == STRATIFIED_PARTS
     assert got['hashes'] == ['3477f420be74e2cd', '557bcf9ae79b0531', '6c8a45a897688180']
 
 
@@ -87,3 +91,10 @@ def test_train_and_val_folders_without_calibration_are_read_whole_in_folder_orde
                           for i in range(2)]
     assert got['calib'] is None
     assert got['hashes'] == ['be00828325f11cef', '4a4bc9cac5d84474', None]
+
+
+def test_the_pass_reads_the_entry_it_is_handed_not_the_registry(folders, monkeypatch):
+    entry = dataset_entry('STRAT')
+    monkeypatch.delitem(dataset_config.DATASET_CONFIG, 'STRAT')
+    data = make_data_sets(DataRequest('STRAT', entry, folders / 'flat', 8, STRATIFIED))
+    assert {part: _items(getattr(data, part), folders / 'flat') for part in STRATIFIED_PARTS} == STRATIFIED_PARTS
