@@ -11,8 +11,8 @@ from benchmarks.risk import SLOPE, chosen_thresholds, synthetic_draw
 from conftest import TINY_FLAGS, one_error, train_calibrated_dynn
 from evaluation.eval_report import risk_line
 from evaluation.exit_cache import exit_choice
-from evaluation.risk_control import (ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue, ltt_needed_images,
-                                     scan, select)
+from evaluation.risk_control import (GUARANTEES, LTT_GRID, ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue,
+                                     ltt_needed_images, scan, select)
 from main_dynn import main
 
 
@@ -147,15 +147,17 @@ def test_risk_control_flags_outside_an_accuracy_drop_budget_are_one_line_errors(
     assert '--risk-control has no effect' in line
 
 
-def test_table_line_says_what_is_promised_and_when_it_does_not_hold_out_of_sample():
-    selection = {'risk_control': 'crc', 'risk_level': 0.02, 'delta': None, 'certified': True, 'needed_images': None,
+def test_table_line_says_what_is_promised_and_that_an_in_sample_choice_promises_nothing():
+    selection = {'risk_control': 'crc', 'risk_level': 0.02, 'delta': None, 'certified': False, 'needed_images': None,
                  'out_of_sample': False, 'risk_loss': 'consistency', 'calibration_risk': 0.0125, 'val_risk': 0.0125,
                  'num_images': 160, 'set': 'val'}
     line = risk_line(selection)
-    assert 'crc: expected risk <= 0.02 on new images' in line and 'does not hold out of sample' in line
+    assert 'chosen on the validation images themselves: no guarantee' in line
     assert 'consistency loss 0.0125 on the 160 val images' in line
-    line = risk_line({**selection, 'risk_control': 'ltt', 'delta': 0.1, 'out_of_sample': True})
-    assert 'P(risk <= 0.02) >= 0.9 on new images;' in line
+    held_out = {**selection, 'certified': True, 'out_of_sample': True, 'set': 'calibration'}
+    assert 'crc: expected loss on a new image <= 0.02, marginal over the calibration images' in risk_line(held_out)
+    line = risk_line({**held_out, 'risk_control': 'ltt', 'delta': 0.1})
+    assert 'risk (expected loss on new images) <= 0.02 with probability >= 0.9 over the calibration draw;' in line
 
 
 @pytest.mark.slow
@@ -170,7 +172,7 @@ def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, 
     selection = results['selection']
     # 3 calibration images cannot certify a 1% loss at delta 0.1 (230 are needed): no early exit, said so
     assert selection['set'] == 'calibration' and selection['num_images'] == 3 and selection['out_of_sample']
-    assert selection['risk_control'] == 'ltt' and selection['guarantee'] == 'P(risk <= P) >= 1 - delta'
+    assert selection['risk_control'] == 'ltt' and selection['guarantee'] == GUARANTEES['ltt']
     assert selection['risk_level'] == 0.01 and selection['delta'] == 0.1 and selection['risk_loss'] == 'error'
     assert selection['certified'] is False and selection['needed_images'] == 230 and selection['risk_bound'] == 0.0
     assert selection['calibration_risk'] == 0.0 and selection['val_risk'] == 0.0
@@ -186,4 +188,7 @@ def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, 
     written = json.loads(bench.read_text())
     assert written['benchmark'] == 'risk' and written['calib_size'] + written['test_size'] == 3 + 6
     assert len(written['rows']) == 3 * 2 * 3  # exit rules x budgets x selection rules
-    assert all(0 <= row['violation_rate'] <= 1 and row['flops_saved'] <= 1 for row in written['rows'])
+    assert all(0 <= row['exceedance_rate'] <= 1 and row['flops_saved'] <= 1 for row in written['rows'])
+    by_rule = {row['rule']: row for row in written['rows']}
+    assert by_rule['crc']['promise'] == 'mean_risk <= 0.5' and by_rule['ltt']['promise'] == 'exceedance_rate <= 0.1'
+    assert by_rule['none']['keeps_promise'] is None
