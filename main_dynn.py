@@ -102,8 +102,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                   f"default: the checkpoint's, else {model_factory.DEFAULT_ARCH}")
     add_flag(model, '--patch-size', type=int, default=None, check=positive,
              help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
-    add_flag(model, '--drop-path', type=float, default=None, jobs=TRAINING, check=below_one,
-             help=f"stochastic depth rate of the last block; {stage_default_help('drop_path')}")
+    add_flag(model, '--drop-path', type=float, default=0.0, jobs=TRAINING, check=below_one,
+             help="stochastic depth rate of the last block; 0 is GFNet's for XS and Ti (its scripts parse "
+                  "--drop-path 0.1 but fix the rate per model: S 0.15, B 0.25 from scratch, none when fine-tuning) "
+                  "and the reference's model's")
     add_flag(model, '--exit-positions', type=int, nargs='+', default=None, jobs=DYNN | EVAL | EXPORT,
              check=non_negative,
              help="0-based blocks (GFNet, ViT) or stages (CNNs) followed by an early exit; default: the "

@@ -81,8 +81,8 @@ def split_ratio(flag: str, value: float) -> None:
 # fine-tuning command on its script's defaults), the dynn stages the reference's SGD recipe. The help lines and
 # with_stage_defaults read this table; the dynn stages' weight decay follows their optimizer.
 STAGE_DEFAULTS = {
-    'backbone': {'opt': 'adamw', 'lr': 1e-4, 'min_lr': 1e-5, 'wd': 1e-4, 'drop_path': 0.1},
-    'dynn': {'opt': 'sgd', 'lr': 1e-3, 'min_lr': 2e-4, 'wd': None, 'drop_path': 0.0},
+    'backbone': {'opt': 'adamw', 'lr': 1e-4, 'min_lr': 1e-5, 'wd': 1e-4},
+    'dynn': {'opt': 'sgd', 'lr': 1e-3, 'min_lr': 2e-4, 'wd': None},
 }
 DYNN_WEIGHT_DECAY = {'sgd': 5e-4, 'adamw': 0.05}
 

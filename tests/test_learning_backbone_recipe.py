@@ -39,21 +39,21 @@ def test_defaults_are_gfnets_transfer_recipe():
     args, recipe = _recipe()
     assert (recipe.opt, recipe.lr, recipe.lr_base_batch, recipe.weight_decay) == ('adamw', 1e-4, 512, 1e-4)
     assert (recipe.min_lr, recipe.warmup_lr, recipe.warmup_epochs, recipe.cooldown_epochs) == (1e-5, 1e-6, 5, 0)
-    assert (recipe.clip_grad, recipe.smoothing, args.drop_path) == (1.0, 0.1, 0.1)
+    assert (recipe.clip_grad, recipe.smoothing, args.drop_path) == (1.0, 0.1, 0.0)
     assert (recipe.mixup, recipe.cutmix, recipe.mixup_prob, recipe.mixup_switch_prob, recipe.mixup_mode) == (
         0.8, 1.0, 1.0, 0.5, 'batch')
 
 
 def test_dynn_stage_keeps_the_reference_sgd_recipe():
     args = with_stage_defaults(get_args_parser().parse_args([]), 'dynn')
-    assert (args.opt, args.lr, args.min_lr, args.wd, args.drop_path) == ('sgd', 1e-3, 2e-4, 5e-4, 0.0)
+    assert (args.opt, args.lr, args.min_lr, args.wd) == ('sgd', 1e-3, 2e-4, 5e-4)
     adamw = with_stage_defaults(get_args_parser().parse_args(['--opt', 'adamw']), 'dynn')
     assert adamw.wd == 0.05
 
 
 def test_optimizer_exempts_norms_biases_and_pos_embed_from_weight_decay():
     _, recipe = _recipe()
-    model = model_factory.build_backbone('GFNet-ti-dynn', 3, 32, 8, 0.1, None)
+    model = model_factory.build_backbone('GFNet-ti-dynn', 3, 32, 8, 0.0, None)
     optimizer = build_backbone_optimizer(model, torch.nn.Module(), recipe, total_batch=64)
     assert isinstance(optimizer, torch.optim.AdamW)
     by_decay = {group['weight_decay']: {id(p) for p in group['params']} for group in optimizer.param_groups}
