@@ -6,13 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.risk import SLOPE, chosen_thresholds, synthetic_draw
 from conftest import TINY_FLAGS, one_error, train_calibrated_dynn
-from evaluation.eval_report import risk_line
-from evaluation.exit_cache import exit_choice
-from evaluation.risk_control import (GUARANTEES, LTT_GRID, ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue,
-                                     ltt_needed_images, scan, select)
+from evaluation.eval_report import baselines_report, pick_threshold, points_by_rule, risk_fields, risk_line
+from evaluation.exit_cache import ExitCache, exit_choice
+from evaluation.operating_points import parse_budget
+from evaluation.risk_control import (GUARANTEES, LTT_GRID, RiskControl, ThresholdScan, crc_needed_images,
+                                     hoeffding_bentkus_pvalue, ltt_needed_images, scan, select)
 from main_dynn import main
 
 
@@ -192,3 +194,38 @@ def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, 
     by_rule = {row['rule']: row for row in written['rows']}
     assert by_rule['crc']['promise'] == 'mean_risk <= 0.5' and by_rule['ltt']['promise'] == 'exceedance_rate <= 0.1'
     assert by_rule['none']['keeps_promise'] is None
+
+
+def _exit_cache(n: int = 120, seed: int = 0) -> ExitCache:
+    """Two exits over 4 classes: the final one always right, the early one right where its gate is confident."""
+    rng = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 4, (n,), generator=rng)
+    gate = torch.rand(1, n, generator=rng, dtype=torch.float64).float()
+    early = torch.where(torch.rand(n, generator=rng) < gate[0], targets, (targets + 1) % 4)
+    logits = torch.stack([F.one_hot(early, 4).float(), F.one_hot(targets, 4).float()])
+    return ExitCache(logits, gate, targets)
+
+
+def test_a_threshold_chosen_in_sample_promises_nothing():
+    """Without calibration images (the rule chose on the validation images it is judged on): guarantee 'none',
+    certified False, no bound; on other images the rule's own promise, and the baselines say which it was."""
+    val, calib, budget = _exit_cache(), _exit_cache(seed=1), parse_budget('acc-drop=5')
+    risk = RiskControl('crc')
+    for selecting, out_of_sample in ((val, False), (calib, True)):
+        threshold, certificate = pick_threshold(selecting, [], 'gate', budget, risk)
+        assert certificate.certified  # 120 images certify a 5% level
+        fields = risk_fields(selecting, val, 'gate', threshold, budget, risk, certificate)
+        assert fields['out_of_sample'] is out_of_sample and fields['certified'] is out_of_sample
+        assert fields['guarantee'] == (GUARANTEES['crc'] if out_of_sample else 'none')
+        assert fields['risk_bound'] == (0.05 if out_of_sample else None)
+        baselines = baselines_report(val, points_by_rule(val, [0.5, 1.0], [1.0, 2.0]), selecting,
+                                     points_by_rule(selecting, [0.5, 1.0], [1.0, 2.0]), budget, [0.5, 1.0],
+                                     [1.0, 2.0], risk)
+        assert all(baselines[rule]['risk']['out_of_sample'] is out_of_sample for rule in ('max_prob', 'entropy'))
+        assert baselines['single_exit']['out_of_sample'] is out_of_sample
+
+
+def test_ltt_tests_the_grid_fixed_before_calibration():
+    picked = chosen_thresholds(*synthetic_draw(400, np.random.default_rng(3)), [0.05], 0.1, 'error')
+    assert picked['ltt', 0.05][1] and picked['ltt', 0.05][0] in LTT_GRID.tolist()
+    assert LTT_GRID[0] > 1 and torch.all(LTT_GRID[1:] == torch.linspace(1, 0, 1001, dtype=torch.float64))
