@@ -17,8 +17,9 @@ from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError, OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
-from jobs.flags import (BACKBONE, DYNN, EVAL, EXPORT, READS_DATA, TRAINING, add_flag, below_one, bounded, check_ranges,
-                        flag_jobs, non_negative, positive, probability, split_ratio)
+from jobs.flags import (BACKBONE, DYNN, DYNN_WEIGHT_DECAY, EVAL, EXPORT, READS_DATA, STAGE_DEFAULTS, TRAINING, add_flag,
+                        below_one, bounded, check_ranges, flag_jobs, non_negative, positive, probability, split_ratio,
+                        stage_default_help)
 from jobs.inference_jobs import run_eval, run_export
 from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device
 from jobs.train_jobs import run_backbone, run_dynn
@@ -102,7 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(model, '--patch-size', type=int, default=None, check=positive,
              help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
     add_flag(model, '--drop-path', type=float, default=0.0, jobs=TRAINING, check=below_one,
-             help='stochastic depth rate of the last block')
+             help="stochastic depth rate of the last block; 0 is GFNet's for XS and Ti (its scripts parse "
+                  "--drop-path 0.1 but fix the rate per model: S 0.15, B 0.25 from scratch, none when fine-tuning) "
+                  "and the reference's model's")
     add_flag(model, '--exit-positions', type=int, nargs='+', default=None, jobs=DYNN | EVAL | EXPORT,
              check=non_negative,
              help="0-based blocks (GFNet, ViT) or stages (CNNs) followed by an early exit; default: the "
@@ -124,15 +127,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(train, '--num_epoch', type=int, default=100, jobs=TRAINING, check=positive,
              help='epochs of the stage (dynn: warm-up included)')
     add_flag(train, '--opt', type=str, default=None, choices=['adamw', 'sgd'], jobs=TRAINING,
-             help='optimizer; default: adamw for the backbone stage, sgd for dynn')
-    add_flag(train, '--lr', type=float, default=1e-3, jobs=TRAINING, check=positive, help='learning rate')
-    add_flag(train, '--min-lr', type=float, default=2e-4, jobs=TRAINING, check=non_negative,
-             help='cosine schedule floor')
+             help='optimizer; default: adamw for the backbone stage (built by timm\'s create_optimizer_v2), sgd '
+                  'for dynn')
+    add_flag(train, '--lr', type=float, default=None, jobs=TRAINING, check=positive,
+             help=f"learning rate; {stage_default_help('lr')}; the backbone stage trains at --lr x total batch "
+                  f"(--batch x processes) / --lr-base-batch, GFNet's linear scaling rule (1e-4 is its transfer "
+                  f"command's, at 8 x 64 images; its script's default is 5e-4)")
+    add_flag(train, '--min-lr', type=float, default=None, jobs=TRAINING, check=non_negative,
+             help=f"cosine schedule floor (never scaled); {stage_default_help('min_lr')}")
     add_flag(train, '--wd', type=float, default=None, jobs=TRAINING, check=non_negative,
-             help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
-    add_flag(train, '--warmup-epochs', type=int, default=0, jobs=BACKBONE, check=non_negative,
-             help='backbone stage: epochs of linear learning-rate warm-up (not the exit warm-up, see '
-                  '--max_warmup_epoch)')
+             help=f"weight decay; default: {STAGE_DEFAULTS['backbone']['wd']:g} with --stage backbone (GFNet's "
+                  f"transfer command; timm's factory exempts norms, biases and other 1-d parameters), with --stage "
+                  f"dynn {DYNN_WEIGHT_DECAY['sgd']:g} with sgd, {DYNN_WEIGHT_DECAY['adamw']:g} with adamw")
+    add_flag(train, '--warmup-epochs', type=int, default=5, jobs=BACKBONE, check=non_negative,
+             help="backbone stage: epochs of linear learning-rate warm-up from --warmup-lr (GFNet's; not the exit "
+                  "warm-up, see --max_warmup_epoch)")
     add_flag(train, '--smoothing', type=float, default=0.1, jobs=BACKBONE, check=below_one,
              help='label smoothing (backbone stage)')
     add_flag(train, '--amp', action='store_true', jobs=READS_DATA,
@@ -156,6 +165,30 @@ def get_args_parser() -> argparse.ArgumentParser:
              help='softmax temperature')
     add_flag(distill, '--distillation-freq-weight', type=float, default=1.0, jobs=BACKBONE, check=non_negative,
              help='weight of the frequency term inside the freq distillation loss')
+
+    recipe = parser.add_argument_group("backbone recipe (stage 0; defaults: GFNet's transfer recipe through timm's "
+                                       "Mixup and scheduler factories)")
+    add_flag(recipe, '--lr-base-batch', type=int, default=512, jobs=BACKBONE, check=non_negative,
+             help='the total batch --lr is given for: stage 0 trains at --lr x --batch x processes / this '
+                  "(GFNet's 512); 0: --lr as given, unscaled")
+    add_flag(recipe, '--warmup-lr', type=float, default=1e-6, jobs=BACKBONE, check=non_negative,
+             help='lr of the first warm-up epoch (never scaled)')
+    add_flag(recipe, '--cooldown-epochs', type=int, default=0, jobs=BACKBONE, check=non_negative,
+             help="the last N of --num_epoch run at --min-lr after the cosine; GFNet's script declares 10 but "
+                  'its loop stops at --epochs, where its cosine ends, so they never run: 0')
+    add_flag(recipe, '--clip-grad', type=float, default=1.0, jobs=BACKBONE, check=non_negative,
+             help='clip the gradient norm at this value (0: no clipping)')
+    add_flag(recipe, '--mixup', type=float, default=0.8, jobs=BACKBONE, check=non_negative,
+             help='Mixup alpha (0: off); with Mixup or CutMix on, --smoothing goes into the mixed targets and the '
+                  'loss is a soft-target cross-entropy')
+    add_flag(recipe, '--cutmix', type=float, default=1.0, jobs=BACKBONE, check=non_negative,
+             help='CutMix alpha (0: off); Mixup or CutMix needs an even --batch')
+    add_flag(recipe, '--mixup-prob', type=float, default=1.0, jobs=BACKBONE, check=probability,
+             help='probability that a batch is mixed')
+    add_flag(recipe, '--mixup-switch-prob', type=float, default=0.5, jobs=BACKBONE, check=probability,
+             help='probability of CutMix rather than Mixup when both are on')
+    add_flag(recipe, '--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'], jobs=BACKBONE,
+             help='one mixing draw per batch, per pair of images or per image')
 
     dynn = parser.add_argument_group('early exits (dynn stage)')
     add_flag(dynn, '--ce_ic_tradeoff', type=float, default=0.75, jobs=DYNN, check=non_negative,

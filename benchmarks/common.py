@@ -15,6 +15,12 @@ from learning_helpers.distributed import synchronize
 # measurements committed under benchmarks/results/ unless --json names them.
 DEFAULT_DIR = Path('bench')
 
+# Stage 0 from scratch on small data (DEMO, DIGITS): the values it trained with before its defaults became GFNet's
+# transfer recipe, whose lr scaled to the batch, long warm-up and Mixup/CutMix cost these short runs accuracy
+# (docs/RESULTS.md, "Stage 0's recipe on small data"). example_usage.sh and the README spell the same values out.
+SMALL_DATA_BACKBONE = ['--lr', '2e-3', '--min-lr', '1e-5', '--warmup-epochs', '1', '--warmup-lr', '1e-3',
+                       '--lr-base-batch', '0', '--wd', '0.05', '--clip-grad', '0', '--mixup', '0', '--cutmix', '0']
+
 
 def latency_ms(fn: Callable, inputs: list[torch.Tensor], device: torch.device, warmup: int = 10) -> dict:
     """Wall-clock ms of fn(x) over `inputs` (one call each, after `warmup` calls): the mean, which is what a

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_DIR, json_path, latency_ms, write_json
+from benchmarks.common import DEFAULT_DIR, SMALL_DATA_BACKBONE, json_path, latency_ms, write_json
 from benchmarks.early_exit import load_validation_images
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError, exit_code
@@ -43,7 +43,7 @@ from models.weights import load_state, read_checkpoint
 BASELINES = ['resnet18', 'resnet50', 'mobilenetv3_large_100', 'efficientnet_b0', 'convnext_atto',
              'deit_tiny_patch16_224', 'GFNet-ti-dynn']
 # The DEMO backbone recipe of example_usage.sh, for every baseline alike
-RECIPE = ['--batch', '64', '--lr', '2e-3', '--min-lr', '1e-5', '--warmup-epochs', '1']
+RECIPE = ['--batch', '64', *SMALL_DATA_BACKBONE]
 # What a baseline's exits are trained with: the GFNet-Dynn run's own values of these (its lambda included)
 DYNN_RECIPE = {'batch': '--batch', 'num_epoch': '--num_epoch', 'max_warmup_epoch': '--max_warmup_epoch',
                'patience': '--patience', 'lr': '--lr', 'min_lr': '--min-lr', 'opt': '--opt', 'wd': '--wd',

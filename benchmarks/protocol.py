@@ -8,7 +8,9 @@ an interrupted one resumed, so a killed protocol run picks up where it stopped.
       --backbone-flags "--num_epoch 100" --dynn-flags "--num_epoch 50" [flags for every stage]
 
 Each seed's run lives in OUT/seed{S} (--seed and --split-seed both S); the table goes to
-OUT/protocol_{dataset}_r{ratio}.json and .md.
+OUT/protocol_{dataset}_r{ratio}.json and .md. The backbone stage runs stage 0's defaults, GFNet's transfer recipe
+for fine-tuning real data from ImageNet weights (pass them in --backbone-flags: --checkpoint-path weights/...);
+a short run from scratch on small data wants benchmarks/common.py's SMALL_DATA_BACKBONE values there instead.
 """
 import argparse
 import json

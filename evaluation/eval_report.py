@@ -12,7 +12,8 @@ from evaluation.exit_cache import (ExitCache, collect_exit_outputs, conditional_
 from evaluation.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
 from evaluation.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose, choose_single_exit,
                                          exit_scores, parse_budget, pareto_front, point_table, single_exit_points)
-from evaluation.risk_control import GUARANTEES, RiskControl, Selection, ThresholdScan, scan, scan_thresholds, select
+from evaluation.risk_control import (GUARANTEES, LTT_GRID, RiskControl, Selection, ThresholdScan, scan, scan_thresholds,
+                                     select)
 from models.early_exit_net import EarlyExitNetwork
 
 
@@ -82,21 +83,27 @@ def pick_threshold(selecting: ExitCache, points: list[dict], rule: str, budget: 
     the risk-control rule's with its certificate."""
     if risk.rule == 'none':
         return choose(points, budget, per_exit_accuracy(selecting)[-1])['threshold'], None
-    picked = select(risk_scan(selecting, rule, risk.loss), risk.rule, budget.value / 100, risk.delta)
+    grid = LTT_GRID if risk.rule == 'ltt' else None  # LTT tests a grid fixed before calibration
+    picked = select(risk_scan(selecting, rule, risk.loss, grid), risk.rule, budget.value / 100, risk.delta)
     return picked.threshold, picked
 
 
 def risk_fields(selecting: ExitCache, val: ExitCache, rule: str, threshold: float, budget: Budget,
                 risk: RiskControl, certificate: Selection | None) -> dict:
     """What the selection rule promises for `rule` at `threshold` and the loss it measures: on the selecting
-    images and on the validation images."""
-    certified = certificate.certified if certificate else None
-    return {'risk_control': risk.rule, 'guarantee': GUARANTEES[risk.rule], 'risk_loss': risk.loss,
+    images and on the validation images. Chosen on the validation images themselves (no calibration images), it
+    promises nothing: guarantee 'none', certified False."""
+    out_of_sample = selecting is not val
+    certified = (certificate.certified and out_of_sample) if certificate else None
+    in_sample_pick = certificate is not None and certificate.certified and not out_of_sample
+    return {'risk_control': risk.rule, 'guarantee': GUARANTEES[risk.rule] if out_of_sample else 'none',
+            'out_of_sample': out_of_sample, 'risk_loss': risk.loss,
             'risk_level': budget.value / 100 if budget.kind == 'acc-drop' else None,
             'delta': risk.delta if risk.rule == 'ltt' else None, 'certified': certified,
             'needed_images': certificate.needed_images if certificate else None,
             # the final exit, chosen when nothing is certified, loses nothing against itself
-            'risk_bound': None if certificate is None else budget.value / 100 if certified else 0.0,
+            'risk_bound': (None if certificate is None or in_sample_pick else
+                           budget.value / 100 if certified else 0.0),
             'calibration_risk': loss_at(selecting, rule, threshold, risk.loss),
             'val_risk': loss_at(val, rule, threshold, risk.loss)}
 
@@ -115,7 +122,8 @@ def baselines_report(val: ExitCache, val_points: dict, selecting: ExitCache, sel
                         'risk': risk_fields(selecting, val, rule, threshold, budget, risk, certificate)}
     picked = choose_single_exit(single_exit_points(selecting, gflops, latency_ms), budget, selecting_full)
     points = single_exit_points(val, gflops, latency_ms)
-    report['single_exit'] = {'points': points, 'at_budget': points[picked['exit']] if picked else None}
+    report['single_exit'] = {'points': points, 'at_budget': points[picked['exit']] if picked else None,
+                             'out_of_sample': selecting is not val}
     return report
 
 
@@ -181,9 +189,8 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
                  'measured_latency_ms': real['mean_ms'],
                  'on_selection_set': {key: picked[key] for key in ('accuracy', 'expected_gflops',
                                                                     'expected_latency_ms')},
-                 **risk_fields(selecting, cache, 'gate', chosen['threshold'], budget, risk, certificate),
-                 # without calibration images the rule chose on the images it is judged on
-                 'out_of_sample': calib_loader is not None}
+                 # without calibration images the rule chose on the images it is judged on: out_of_sample False
+                 **risk_fields(selecting, cache, 'gate', chosen['threshold'], budget, risk, certificate)}
     accuracies = per_exit_accuracy(cache)
     results = {
         'num_classes': len(class_names), 'class_names': class_names, 'num_val': int(cache.targets.numel()),
@@ -233,17 +240,18 @@ def risk_line(selection: dict) -> str:
         how = ('the given --exit-threshold' if selection['budget'].startswith('--exit-threshold')
                else 'empirical (--risk-control none)')
         return f'selection rule: {how}, no guarantee; {measured}'
+    if not selection['out_of_sample'] and selection['needed_images'] is None:
+        return (f'selection rule: {rule} at risk {level:g}, chosen on the validation images themselves: no guarantee '
+                f'(train with --calib-ratio 0.1 to hold images out for it); {measured}')
     if not selection['certified']:
         delta = f", delta {selection['delta']:g}" if selection['delta'] is not None else ''
-        return (f"selection rule: {rule}: nothing certifiable with {selection['num_images']} calibration images at "
-                f"risk {level:g}{delta} (needs at least {selection['needed_images']}): the final exit is chosen "
+        return (f"selection rule: {rule}: nothing certifiable with {selection['num_images']} {selection['set']} "
+                f"images at risk {level:g}{delta} (needs at least {selection['needed_images']}): the final exit is chosen "
                 f"(no early exit); {measured}")
-    promise = (f'expected risk <= {level:g}' if rule == 'crc' else
-               f"P(risk <= {level:g}) >= {1 - selection['delta']:g}")
-    caveat = ('' if selection['out_of_sample'] else
-              ' (calibrated on the validation images themselves: the guarantee does not hold out of sample; '
-              'train with --calib-ratio 0.1)')
-    return f'selection rule: {rule}: {promise} on new images{caveat}; {measured}'
+    promise = (f'expected loss on a new image <= {level:g}, marginal over the calibration images and that image'
+               if rule == 'crc' else f"risk (expected loss on new images) <= {level:g} with probability >= "
+                                     f"{1 - selection['delta']:g} over the calibration draw")
+    return f'selection rule: {rule}: {promise}; {measured}'
 
 
 def table_rows(front: list[dict], chosen: dict, rows: int) -> list[dict]:

@@ -5,13 +5,17 @@ cheaper ones. The per-image loss is the early exit's error beyond the full netwo
 max(0, 1[early wrong] - 1[full wrong])) or its disagreement with the full network (`consistency`:
 1[early prediction != full prediction], which reads no labels). With n calibration images and level alpha:
 
+The risk is the expected per-image loss; a budget acc-drop=P sets the level alpha = P/100.
+
 - `crc`, Conformal Risk Control (Angelopoulos et al., 2022): the cheapest threshold whose empirical risk is
-  at most ((n + 1) alpha - B) / n, B = 1 the loss bound; E[loss on a new image] <= alpha. CRC needs a loss that
+  at most ((n + 1) alpha - B) / n, B = 1 the loss bound; E[loss on a new image] <= alpha, the expectation taken
+  over the calibration images and the new image together (marginal), not given the calibration draw. CRC needs a loss that
   never falls as the threshold gets more conservative, so it scans each image's running maximum from the
   conservative end (an upper bound of the loss itself).
-- `ltt`, Learn-then-Test (Angelopoulos et al., 2021): fixed-sequence testing of H0: risk > alpha from the
-  conservative end with the Hoeffding-Bentkus p-value, stopping at the first threshold not rejected at
-  level delta; P(risk <= alpha) >= 1 - delta.
+- `ltt`, Learn-then-Test (Angelopoulos et al., 2021): fixed-sequence testing of H0: risk > alpha over LTT_GRID,
+  a grid fixed before calibration, from the conservative end with the Hoeffding-Bentkus p-value, stopping at
+  the first threshold it cannot reject at level delta; with probability >= 1 - delta over the calibration draw,
+  the risk (expected loss on new images) of the chosen threshold is <= alpha.
 - `none`, the empirical rule: the cheapest threshold whose accuracy drop on the calibration images is at
   most alpha; no guarantee.
 
@@ -29,11 +33,17 @@ from evaluation.operating_points import MAX_CELLS, distinct_thresholds, exits_at
 RISK_RULES = ('none', 'crc', 'ltt')
 DEFAULT_DELTA = 0.1
 RISK_LOSSES = ('error', 'consistency')
-GUARANTEES = {'none': 'none', 'crc': 'expected risk <= P', 'ltt': 'P(risk <= P) >= 1 - delta'}
+GUARANTEES = {'none': 'none',
+              'crc': 'E[loss] <= P/100, marginal over the calibration images and the new image',
+              'ltt': 'risk (expected loss on new images) <= P/100 with probability >= 1 - delta over the '
+                     'calibration draw'}
 LOSS_BOUND = 1.0  # B: both losses are 0/1
 # Every exit score lies in [0, 1] (gate and max probabilities, 1 - normalised entropy): above the next float32
 # after 1 nobody exits, new images included.
 NO_EXIT = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+# LTT's thresholds, fixed before any calibration image is seen (fixed-sequence testing needs its hypotheses and
+# their order set in advance): NO_EXIT, then 1.000, 0.999, ..., 0.000.
+LTT_GRID = torch.cat([torch.tensor([NO_EXIT], dtype=torch.float64), torch.linspace(1, 0, 1001, dtype=torch.float64)])
 
 
 class RiskControl(NamedTuple):

@@ -75,3 +75,28 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def split_ratio(flag: str, value: float) -> None:
     check_train_ratio(value, flag)
+
+
+# What None means for a flag both training stages share: stage 0 follows GFNet's transfer recipe (its README's
+# fine-tuning command on its script's defaults), the dynn stages the reference's SGD recipe. The help lines and
+# with_stage_defaults read this table; the dynn stages' weight decay follows their optimizer.
+STAGE_DEFAULTS = {
+    'backbone': {'opt': 'adamw', 'lr': 1e-4, 'min_lr': 1e-5, 'wd': 1e-4},
+    'dynn': {'opt': 'sgd', 'lr': 1e-3, 'min_lr': 2e-4, 'wd': None},
+}
+DYNN_WEIGHT_DECAY = {'sgd': 5e-4, 'adamw': 0.05}
+
+
+def stage_default_help(dest: str) -> str:
+    """'default: X for --stage backbone, Y for --stage dynn' from STAGE_DEFAULTS."""
+    backbone, dynn = STAGE_DEFAULTS['backbone'][dest], STAGE_DEFAULTS['dynn'][dest]
+    return f'default: {backbone:g} with --stage backbone (GFNet\'s), {dynn:g} with --stage dynn (the reference\'s)'
+
+
+def with_stage_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """args with every shared flag left at None given its value for `stage`, so checkpoints record what ran."""
+    values = {dest: getattr(args, dest) if getattr(args, dest) is not None else default
+              for dest, default in STAGE_DEFAULTS[stage].items()}
+    if values['wd'] is None:
+        values['wd'] = DYNN_WEIGHT_DECAY[values['opt']]
+    return argparse.Namespace(**{**vars(args), **values})

@@ -12,13 +12,15 @@ from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, c
                             dataset_num_classes, dynn_run_folder, make_writer, removed_on_bad_input,
                             resolve_model_shape, run_args_dict, save_split, warmup_folder)
 from jobs.trained_run import RunArgs
-from learning_helpers.backbone_stage import run_backbone_stage
+from jobs.flags import with_stage_defaults
+from learning_helpers.backbone_recipe import (BackboneRecipe, base_criterion, build_backbone_optimizer,
+                                              build_backbone_scheduler, build_mixup)
+from learning_helpers.backbone_stage import BackboneStep, run_backbone_stage
 from learning_helpers.checkpoint import suggested_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
 from learning_helpers.joint_stage import JointConfig
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
-from learning_helpers.optim import build_optimizer, build_scheduler, optimizer_choice
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
 from models import model_factory
@@ -27,11 +29,19 @@ from models.weights import load_state
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
 
 
+def backbone_recipe(args: argparse.Namespace) -> BackboneRecipe:
+    return BackboneRecipe(
+        opt=args.opt, lr=args.lr, lr_base_batch=args.lr_base_batch, weight_decay=args.wd, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
+        num_epochs=args.num_epoch, clip_grad=args.clip_grad, smoothing=args.smoothing, mixup=args.mixup,
+        cutmix=args.cutmix, mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob,
+        mixup_mode=args.mixup_mode)
+
+
 def build_criterion(args: argparse.Namespace, student: torch.nn.Module, num_classes: int, shape: dict,
                     device: torch.device) -> DistillationLoss:
-    """Label-smoothed CE, mixed with distillation from the --teacher-model when asked."""
-    from timm.loss import LabelSmoothingCrossEntropy
-    base = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
+    """The recipe's CE (soft-target under Mixup), mixed with distillation from the --teacher-model when asked."""
+    base = base_criterion(backbone_recipe(args))
     teacher, frequency = None, None
     if args.distillation_type == 'freq' and not hasattr(student, 'forward_tokens'):
         raise GFNetDynnError(f"--distillation-type freq compares token maps and needs a GFNet student, not --arch "
@@ -76,7 +86,11 @@ def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> t
 
 
 def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
-    """Stage 0: plain GFNet, optionally distilled."""
+    """Stage 0: plain GFNet, optionally distilled, with GFNet's recipe by default."""
+    args = with_stage_defaults(args, 'backbone')
+    recipe = backbone_recipe(args)
+    total_batch = args.batch * (torch.distributed.get_world_size() if distributed else 1)
+    step = BackboneStep(build_mixup(recipe, dataset_num_classes(args.data_set), args.batch), args.clip_grad)
     # --pretrained weights go in when the model is built; a resumed run's come from its checkpoint
     pretrained = None if resume else args.pretrained
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_backbone(
@@ -91,9 +105,8 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
     split_path = check_split_file(args.output_dir, data.split)
     model.to(device)
     criterion = build_criterion(args, model, len(data.classes), shape, device)
-    optimizer = build_optimizer([{'params': list(model.parameters()) + list(criterion.parameters())}],
-                                *optimizer_choice(args.opt, args.wd, 'adamw'), lr=args.lr)
-    scheduler = build_scheduler(optimizer, args.num_epoch, args.min_lr / args.lr, warmup_epochs=args.warmup_epochs)
+    optimizer = build_backbone_optimizer(model, criterion, recipe, total_batch)
+    scheduler = build_backbone_scheduler(optimizer, recipe)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
     if resume:
         criterion.load_learned_state_dict(start.state['criterion'])
@@ -104,7 +117,7 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
         save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f"backbone_{args.data_set}_{shape['arch']}")
         summary = run_backbone_stage(train_model, criterion, data.train_loader, data.val_loader, optimizer,
-                                     scheduler, device, run, writer, start)
+                                     scheduler, device, run, writer, start, step)
     if is_main_process():
         print(f'backbone stage done: best val acc {summary.best_acc:.2f}%; checkpoint: {summary.best_path}')
     return summary.best_path
@@ -112,6 +125,7 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
 
 def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
     """Stages 1-2: warm-up of the exits, then joint training with the cost trade-off."""
+    args = with_stage_defaults(args, 'dynn')
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
         'dynn')
@@ -132,7 +146,7 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     data = build_data(args, shape['input_size'], distributed, recorded)
     split_path = check_split_file(args.output_dir, data.split)
     model.to(device)
-    optimizer, scheduler = dynn_optimizer(model, *optimizer_choice(args.opt, args.wd, 'sgd'), lr=args.lr,
+    optimizer, scheduler = dynn_optimizer(model, args.opt, args.wd, lr=args.lr,
                                           transfer_ratio=args.transfer_ratio, gate_lr=args.gate_lr, min_lr=args.min_lr,
                                           num_epochs=args.num_epoch)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START

@@ -1,8 +1,10 @@
 """Stage 0: train a plain GFNet (or any timm classifier) on the dataset, optionally distilled from a teacher."""
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from timm.data import Mixup
 from torch.utils.tensorboard import SummaryWriter
 
 from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, unwrap
@@ -31,22 +33,34 @@ def _student_outputs(model: nn.Module, images: torch.Tensor, criterion: Distilla
     return logits, maps
 
 
+@dataclass(frozen=True)
+class BackboneStep:
+    """What stage 0 does to each batch besides the loss: timm's Mixup/CutMix (None: off) and gradient clipping."""
+    mixup: Mixup | None = None
+    clip_grad: float = 0.0
+
+
 def train_one_epoch(model: nn.Module, criterion: DistillationLoss, loader, optimizer, device: torch.device,
-                    epoch: int, guard: NonFiniteGuard, run: RunConfig) -> dict[str, float]:
-    """One pass over the training set; returns mean loss and accuracy (%)."""
+                    epoch: int, guard: NonFiniteGuard, run: RunConfig, step: BackboneStep) -> dict[str, float]:
+    """One pass over the training set; returns mean loss and accuracy (%, under Mixup against each mixed
+    target's larger share)."""
     model.train()
 
     def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
+        if step.mixup is not None:
+            images, targets = step.mixup(images, targets)  # targets (B, classes); the teacher sees the mixed images
         logits, maps = _student_outputs(model, images, criterion)
         loss = criterion(images, logits, targets, maps, getattr(unwrap(model), 'grid_size', None))  # None: no GFNet
+        labels = targets.argmax(-1) if targets.ndim == 2 else targets
         count = torch.tensor(len(targets), device=device)
-        return loss, torch.stack([loss.detach().float() * count, (logits.argmax(-1) == targets).sum(), count])
+        return loss, torch.stack([loss.detach().float() * count, (logits.argmax(-1) == labels).sum(), count])
 
     # freq's projections live outside the DDP-wrapped model: their gradients are averaged by hand
     sync = criterion.frequency.parameters() if criterion.frequency is not None else ()
     loss_sum, correct, seen = train_batches(loader, step_loss, optimizer, desc=f'backbone epoch {epoch}',
                                             epoch=epoch, device=device, guard=guard, sync=sync, num_stats=3,
-                                            max_batches=run.max_batches, amp=run.amp).tolist()
+                                            max_batches=run.max_batches, amp=run.amp,
+                                            clip_grad=step.clip_grad).tolist()
     return {'loss': loss_sum / max(seen, 1), 'acc': 100 * correct / max(seen, 1)}
 
 
@@ -67,8 +81,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, run: RunConfig) -> 
 
 def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_loader, val_loader, optimizer,
                        scheduler, device: torch.device, run: RunConfig, writer: SummaryWriter | None,
-                       start: StartPoint) -> StageSummary:
-    """Epochs start.epoch..num_epochs-1: train, evaluate, step the schedule, save, log."""
+                       start: StartPoint, step: BackboneStep = BackboneStep()) -> StageSummary:
+    """Epochs start.epoch..num_epochs-1: train, evaluate, step the schedule (timm's, told the next epoch), save,
+    log."""
     guard = NonFiniteGuard(run.max_nan_skips)
     best_acc, val_stats = start.best_acc, {'acc': start.best_acc}
     if is_main_process() and start.epoch < run.num_epochs:
@@ -76,11 +91,11 @@ def run_backbone_stage(model: nn.Module, criterion: DistillationLoss, train_load
     for epoch in range(start.epoch, run.num_epochs):
         started = time.perf_counter()
         seed_epoch(run.seed, epoch, train_loader)
-        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, guard, run)
+        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, guard, run, step)
         # unwrapped: evaluation needs no gradient sync, and the ranks' validation shards may differ in length
         val_stats = evaluate(unwrap(model), val_loader, device, run)
         lr = optimizer.param_groups[0]['lr']
-        scheduler.step()
+        scheduler.step(epoch + 1)
         is_best = val_stats['acc'] > best_acc or epoch == 0  # epoch 0 always writes best.pth, even at 0%
         best_acc = max(best_acc, val_stats['acc'])
         save_epoch(run.checkpoint_dir, training_checkpoint(

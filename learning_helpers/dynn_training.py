@@ -23,7 +23,7 @@ def dynn_param_groups(model: EarlyExitNetwork, lr: float, transfer_ratio: float,
     heads, gates = list(model.intermediate_heads.parameters()), list(model.gates.parameters())
     exit_ids = {id(p) for p in heads + gates}
     backbone = [p for p in model.parameters() if id(p) not in exit_ids]
-    if gate_lr is None:  # the reference's groups, so a checkpoint's optimizer state loads either way
+    if gate_lr is None:  # the two groups checkpoints written before --gate-lr hold, so their optimizer state loads
         return [{'params': heads + gates, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio}]
     return [{'params': heads, 'lr': lr}, {'params': backbone, 'lr': lr * transfer_ratio},
             {'params': gates, 'lr': gate_lr}]

@@ -33,10 +33,13 @@ def batches(loader, desc: str, max_batches: int | None = None) -> Iterator[tuple
 
 def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer, *, desc: str, epoch: int,
                   device: torch.device, guard: NonFiniteGuard, sync: Iterable[torch.nn.Parameter] = (),
-                  num_stats: int, max_batches: int | None = None, amp: bool = False) -> torch.Tensor:
+                  num_stats: int, max_batches: int | None = None, amp: bool = False,
+                  clip_grad: float = 0.0) -> torch.Tensor:
     """One epoch of optimizer steps; returns the stats summed over batches and processes. `sync`: parameters
-    whose gradients are averaged over processes by hand (what DDP does not wrap)."""
+    whose gradients are averaged over processes by hand (what DDP does not wrap); clip_grad > 0: the norm of all
+    the optimizer's gradients is clipped to it before each step."""
     sync = list(sync)
+    trained = [param for group in optimizer.param_groups for param in group['params']]
     totals = torch.zeros(num_stats, device=device)
     step = 0
     try:
@@ -49,6 +52,8 @@ def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
                 continue
             loss.backward()
             sync_gradients(sync)
+            if clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(trained, clip_grad)
             optimizer.step()
             totals += stats
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Optimizers, the cosine schedule, per-epoch seeding, and the step that skips non-finite losses."""
+"""Optimizers, the dynn stages' cosine schedule, per-epoch seeding, and the step that skips non-finite losses."""
 import logging
 import math
 import random
@@ -15,17 +15,10 @@ _logger = logging.getLogger(__name__)
 
 def build_optimizer(param_groups: list[dict], name: str, weight_decay: float, *,
                     lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, the dynn stages) or AdamW (GFNet's own recipe, the backbone stage)."""
+    """SGD (momentum 0.9, the reference's for the dynn stages) or AdamW."""
     if name == 'sgd':
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-
-
-def optimizer_choice(name: str | None, weight_decay: float | None, stage_default: str) -> tuple[str, float]:
-    """--opt and --wd as given, else the stage's optimizer (AdamW for the backbone: GFNet's recipe; SGD for the
-    dynn stages: the reference's) with its weight decay (0.05 for AdamW, 5e-4 for SGD)."""
-    name = name or stage_default
-    return name, (0.05 if name == 'adamw' else 5e-4) if weight_decay is None else weight_decay
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, checkpoint: dict, source: str) -> None:
@@ -39,23 +32,19 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, checkpoint: d
     scheduler.load_state_dict(checkpoint['scheduler'])
 
 
-def lr_factor(epoch: int, *, total_epochs: int, warmup_epochs: int, min_ratio: float, offset: int) -> float:
-    """Multiplier of every group's base lr at absolute epoch `offset + epoch`: linear warm-up, then cosine
-    from 1 down to min_ratio at total_epochs."""
-    epoch += offset
-    if epoch < warmup_epochs:
-        return min_ratio + (1 - min_ratio) * (epoch + 1) / (warmup_epochs + 1)
-    progress = min(1.0, (epoch - warmup_epochs) / max(total_epochs - warmup_epochs, 1))
+def lr_factor(epoch: int, *, total_epochs: int, min_ratio: float, offset: int) -> float:
+    """Multiplier of every group's base lr at absolute epoch `offset + epoch`: cosine from 1 down to min_ratio
+    at total_epochs."""
+    progress = min(1.0, (epoch + offset) / max(total_epochs, 1))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_epochs: int, min_ratio: float, *,
-                    warmup_epochs: int = 0, start_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+                    start_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine annealing over the run's absolute epochs, as a factor of each group's lr, so a group at
     lr * transfer-ratio keeps its ratio and a later stage (start_epoch > 0) continues the same curve.
     Step once per epoch."""
-    factor = partial(lr_factor, total_epochs=total_epochs, warmup_epochs=warmup_epochs, min_ratio=min_ratio,
-                     offset=start_epoch)
+    factor = partial(lr_factor, total_epochs=total_epochs, min_ratio=min_ratio, offset=start_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

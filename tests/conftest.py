@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.common import SMALL_DATA_BACKBONE
+
 
 def _write_images(folder: Path, count: int, size: tuple[int, int], rng: np.random.Generator) -> None:
     """Write `count` random RGB PNGs (width, height = size) into folder."""
@@ -87,7 +89,7 @@ def tiny_backbone(tmp_path_factory) -> SimpleNamespace:
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(data))
-        rc = main(['--stage', 'backbone', *TINY_FLAGS, '--num_epoch', '4', '--lr', '2e-3',
+        rc = main(['--stage', 'backbone', *TINY_FLAGS, '--num_epoch', '4', *SMALL_DATA_BACKBONE, '--warmup-epochs', '0',
                    '--output-dir', str(output_dir)])
     checkpoint = output_dir / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn' / 'best.pth'
     return SimpleNamespace(data=data, output_dir=output_dir, checkpoint=checkpoint, rc=rc, stdout=stdout.getvalue())

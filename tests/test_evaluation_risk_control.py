@@ -6,13 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.risk import SLOPE, chosen_thresholds, synthetic_draw
 from conftest import TINY_FLAGS, one_error, train_calibrated_dynn
-from evaluation.eval_report import risk_line
-from evaluation.exit_cache import exit_choice
-from evaluation.risk_control import (ThresholdScan, crc_needed_images, hoeffding_bentkus_pvalue, ltt_needed_images,
-                                     scan, select)
+from evaluation.eval_report import baselines_report, pick_threshold, points_by_rule, risk_fields, risk_line
+from evaluation.exit_cache import ExitCache, exit_choice
+from evaluation.operating_points import parse_budget
+from evaluation.risk_control import (GUARANTEES, LTT_GRID, RiskControl, ThresholdScan, crc_needed_images,
+                                     hoeffding_bentkus_pvalue, ltt_needed_images, scan, select)
 from main_dynn import main
 
 
@@ -147,15 +149,17 @@ def test_risk_control_flags_outside_an_accuracy_drop_budget_are_one_line_errors(
     assert '--risk-control has no effect' in line
 
 
-def test_table_line_says_what_is_promised_and_when_it_does_not_hold_out_of_sample():
-    selection = {'risk_control': 'crc', 'risk_level': 0.02, 'delta': None, 'certified': True, 'needed_images': None,
+def test_table_line_says_what_is_promised_and_that_an_in_sample_choice_promises_nothing():
+    selection = {'risk_control': 'crc', 'risk_level': 0.02, 'delta': None, 'certified': False, 'needed_images': None,
                  'out_of_sample': False, 'risk_loss': 'consistency', 'calibration_risk': 0.0125, 'val_risk': 0.0125,
                  'num_images': 160, 'set': 'val'}
     line = risk_line(selection)
-    assert 'crc: expected risk <= 0.02 on new images' in line and 'does not hold out of sample' in line
+    assert 'chosen on the validation images themselves: no guarantee' in line
     assert 'consistency loss 0.0125 on the 160 val images' in line
-    line = risk_line({**selection, 'risk_control': 'ltt', 'delta': 0.1, 'out_of_sample': True})
-    assert 'P(risk <= 0.02) >= 0.9 on new images;' in line
+    held_out = {**selection, 'certified': True, 'out_of_sample': True, 'set': 'calibration'}
+    assert 'crc: expected loss on a new image <= 0.02, marginal over the calibration images' in risk_line(held_out)
+    line = risk_line({**held_out, 'risk_control': 'ltt', 'delta': 0.1})
+    assert 'risk (expected loss on new images) <= 0.02 with probability >= 0.9 over the calibration draw;' in line
 
 
 @pytest.mark.slow
@@ -170,7 +174,7 @@ def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, 
     selection = results['selection']
     # 3 calibration images cannot certify a 1% loss at delta 0.1 (230 are needed): no early exit, said so
     assert selection['set'] == 'calibration' and selection['num_images'] == 3 and selection['out_of_sample']
-    assert selection['risk_control'] == 'ltt' and selection['guarantee'] == 'P(risk <= P) >= 1 - delta'
+    assert selection['risk_control'] == 'ltt' and selection['guarantee'] == GUARANTEES['ltt']
     assert selection['risk_level'] == 0.01 and selection['delta'] == 0.1 and selection['risk_loss'] == 'error'
     assert selection['certified'] is False and selection['needed_images'] == 230 and selection['risk_bound'] == 0.0
     assert selection['calibration_risk'] == 0.0 and selection['val_risk'] == 0.0
@@ -186,4 +190,42 @@ def test_eval_with_ltt_on_held_out_images_writes_what_it_guarantees(small_data, 
     written = json.loads(bench.read_text())
     assert written['benchmark'] == 'risk' and written['calib_size'] + written['test_size'] == 3 + 6
     assert len(written['rows']) == 3 * 2 * 3  # exit rules x budgets x selection rules
-    assert all(0 <= row['violation_rate'] <= 1 and row['flops_saved'] <= 1 for row in written['rows'])
+    assert all(0 <= row['exceedance_rate'] <= 1 and row['flops_saved'] <= 1 for row in written['rows'])
+    by_rule = {row['rule']: row for row in written['rows']}
+    assert by_rule['crc']['promise'] == 'mean_risk <= 0.5' and by_rule['ltt']['promise'] == 'exceedance_rate <= 0.1'
+    assert by_rule['none']['keeps_promise'] is None
+
+
+def _exit_cache(n: int = 120, seed: int = 0) -> ExitCache:
+    """Two exits over 4 classes: the final one always right, the early one right where its gate is confident."""
+    rng = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 4, (n,), generator=rng)
+    gate = torch.rand(1, n, generator=rng, dtype=torch.float64).float()
+    early = torch.where(torch.rand(n, generator=rng) < gate[0], targets, (targets + 1) % 4)
+    logits = torch.stack([F.one_hot(early, 4).float(), F.one_hot(targets, 4).float()])
+    return ExitCache(logits, gate, targets)
+
+
+def test_a_threshold_chosen_in_sample_promises_nothing():
+    """Without calibration images (the rule chose on the validation images it is judged on): guarantee 'none',
+    certified False, no bound; on other images the rule's own promise, and the baselines say which it was."""
+    val, calib, budget = _exit_cache(), _exit_cache(seed=1), parse_budget('acc-drop=5')
+    risk = RiskControl('crc')
+    for selecting, out_of_sample in ((val, False), (calib, True)):
+        threshold, certificate = pick_threshold(selecting, [], 'gate', budget, risk)
+        assert certificate.certified  # 120 images certify a 5% level
+        fields = risk_fields(selecting, val, 'gate', threshold, budget, risk, certificate)
+        assert fields['out_of_sample'] is out_of_sample and fields['certified'] is out_of_sample
+        assert fields['guarantee'] == (GUARANTEES['crc'] if out_of_sample else 'none')
+        assert fields['risk_bound'] == (0.05 if out_of_sample else None)
+        baselines = baselines_report(val, points_by_rule(val, [0.5, 1.0], [1.0, 2.0]), selecting,
+                                     points_by_rule(selecting, [0.5, 1.0], [1.0, 2.0]), budget, [0.5, 1.0],
+                                     [1.0, 2.0], risk)
+        assert all(baselines[rule]['risk']['out_of_sample'] is out_of_sample for rule in ('max_prob', 'entropy'))
+        assert baselines['single_exit']['out_of_sample'] is out_of_sample
+
+
+def test_ltt_tests_the_grid_fixed_before_calibration():
+    picked = chosen_thresholds(*synthetic_draw(400, np.random.default_rng(3)), [0.05], 0.1, 'error')
+    assert picked['ltt', 0.05][1] and picked['ltt', 0.05][0] in LTT_GRID.tolist()
+    assert LTT_GRID[0] > 1 and torch.all(LTT_GRID[1:] == torch.linspace(1, 0, 1001, dtype=torch.float64))

@@ -9,7 +9,7 @@ from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
 # lr schedule
 
 def test_lr_factor_starts_at_one_and_ends_at_min_ratio():
-    kwargs = {'total_epochs': 10, 'warmup_epochs': 0, 'min_ratio': 0.2, 'offset': 0}
+    kwargs = {'total_epochs': 10, 'min_ratio': 0.2, 'offset': 0}
     factors = [lr_factor(e, **kwargs) for e in range(11)]
     assert factors[0] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(0.2)
@@ -18,7 +18,7 @@ def test_lr_factor_starts_at_one_and_ends_at_min_ratio():
 
 
 def test_lr_factor_with_offset_continues_the_same_curve():
-    kwargs = {'total_epochs': 10, 'warmup_epochs': 0, 'min_ratio': 0.2}
+    kwargs = {'total_epochs': 10, 'min_ratio': 0.2}
     for epoch in range(6):
         assert lr_factor(epoch, offset=4, **kwargs) == lr_factor(epoch + 4, offset=0, **kwargs)
 
