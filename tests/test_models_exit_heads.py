@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import one_error
 from torch.testing import assert_close
 
 from models.exit_heads import ExitHead, ExitHeadConfig, adaptive_windows, build_exit_head, grid_pool
@@ -100,6 +101,18 @@ def test_pool_head_flops_are_the_analytic_count_and_join_the_exit_costs(family):
     expected = [sum(extra[:k + 1]) / 1e9 for k in range(len(extra))] + [sum(extra) / 1e9]
     assert_close(torch.tensor(growth, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
                  rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--exit-grid', '3'], '--exit-grid sizes the grid of --exit-head pool; --exit-head linear pools over all '
+                           'positions'),
+    (['--exit-distill-tau', '2'], '--exit-distill-tau given without --exit-distill'),
+    (['--exit-distill', '-1'], '--exit-distill must be >= 0'),
+    (['--exit-head', 'pool', '--eval', '--checkpoint-path', 'x.pth'], '--exit-head has no effect with --eval')])
+def test_exit_head_flags_that_cannot_act_are_one_error_line(flags, message, tmp_path, capsys):
+    from main_dynn import main
+    assert message in one_error(capsys, [*flags, '--output-dir', str(tmp_path)], main)
+    assert not any(tmp_path.iterdir())
 
 
 # End to end through main_dynn.main: stage 0, stages 1-2 with the pool head, a LayerNorm and self-distillation,
