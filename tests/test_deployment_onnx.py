@@ -235,7 +235,8 @@ PORTABLE_OPS = frozenset({
 @pytest.mark.slow
 @pytest.mark.parametrize('opset', OPSETS)
 @pytest.mark.parametrize('batch', [1, None])
-@pytest.mark.parametrize('exit_head', [ExitHeadConfig(), ExitHeadConfig('pool', 'layernorm', 3)], ids=['linear', 'pool'])
+@pytest.mark.parametrize('exit_head', [ExitHeadConfig(), ExitHeadConfig('pool', 'layernorm', 3)],
+                         ids=['linear', 'pool'])
 def test_segments_use_only_portable_ops(tmp_path, opset, batch, exit_head):
     """Static batch 1 and a dynamic batch axis, opsets 17 and 18, the reference's exit head and the pool head
     (a 3 x 3 grid on a 4 x 4 token grid: overlapping windows): only PORTABLE_OPS, the opset asked for, the shapes

@@ -27,7 +27,8 @@ def _model(family: str, config: ExitHeadConfig) -> nn.Module:
 
 def test_grid_pool_equals_the_max_and_mean_of_each_quadrant_by_hand():
     maps = torch.arange(16, dtype=torch.float64).reshape(1, 1, 4, 4)  # rows 0-3, 4-7, 8-11, 12-15
-    # quadrants: top-left {0, 1, 4, 5}, top-right {2, 3, 6, 7}, bottom-left {8, 9, 12, 13}, bottom-right {10, 11, 14, 15}
+    # quadrants: top-left {0, 1, 4, 5}, top-right {2, 3, 6, 7}, bottom-left {8, 9, 12, 13},
+    # bottom-right {10, 11, 14, 15}
     expected = torch.tensor([[5, 7, 13, 15, 2.5, 4.5, 10.5, 12.5]], dtype=torch.float64)
     assert torch.equal(grid_pool(maps, 2), expected)
 
