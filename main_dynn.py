@@ -29,6 +29,7 @@ from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
+from models.exit_heads import EXIT_HEADS, EXIT_NORMS
 from models.flops import EXIT_COSTS
 from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
@@ -222,6 +223,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                   'numbers read by a sigmoid: at a small lr over a short run they stay near their random start')
     add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,
              help='keep the backbone frozen in joint training')
+    add_flag(dynn, '--exit-head', type=str, default='linear', choices=sorted(EXIT_HEADS), jobs=DYNN,
+             help='each intermediate exit\'s head: ' + '; '.join(f'{name}: {kind.help}'
+                                                                for name, kind in EXIT_HEADS.items()))
+    add_flag(dynn, '--exit-grid', type=int, default=2, jobs=DYNN, check=positive,
+             help='--exit-head pool: cells per side of the pooled grid (2: 2 x 2)')
+    add_flag(dynn, '--exit-norm', type=str, default='none', choices=EXIT_NORMS, jobs=DYNN,
+             help="none: the reference (GFNet's and ViT's exits share the final norm, a CNN's have none); "
+                  "layernorm (ours): a LayerNorm before each exit head's Linear layer, so the heads learn at the lr "
+                  "whatever the scale of the backbone's features")
+    add_flag(dynn, '--exit-distill', type=float, default=0.0, jobs=DYNN, check=non_negative,
+             help='weight w of self-distillation (ours; 0: off, the reference): each intermediate exit also learns '
+                  "the final exit's softened predictions, w * T^2 * KL, in warm-up and in the classifier phase")
+    add_flag(dynn, '--exit-distill-tau', type=float, default=1.0, jobs=DYNN, check=positive,
+             help='--exit-distill: softmax temperature T')
 
     evaluation = parser.add_argument_group('evaluation and export')
     add_flag(evaluation, '--eval', action='store_true', jobs=EVAL,
@@ -324,6 +339,12 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
         if extra:
             raise GFNetDynnError(f"{', '.join(extra)} given without distillation (--distillation-type none): pass "
                                  f'--distillation-type soft, hard or freq, or drop them')
+    if job == 'dynn' and 'exit_grid' in given and not EXIT_HEADS[args.exit_head].pools_grid:
+        raise GFNetDynnError(f'--exit-grid sizes the grid of --exit-head pool; --exit-head {args.exit_head} pools '
+                             f'over all positions: drop --exit-grid or pass --exit-head pool')
+    if job == 'dynn' and 'exit_distill_tau' in given and args.exit_distill == 0:
+        raise GFNetDynnError('--exit-distill-tau given without --exit-distill: pass a weight, e.g. --exit-distill '
+                             '0.5, or drop it')
     if (job == 'dynn' and 'exit_costs' in given and args.exit_costs == 'reference' and args.arch
             and not model_factory.is_gfnet(args.arch)):
         raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; --arch {args.arch} trains "

@@ -20,10 +20,11 @@ from learning_helpers.checkpoint import suggested_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
 from learning_helpers.joint_stage import JointConfig
-from learning_helpers.losses import DistillationLoss, FrequencyDistillation
+from learning_helpers.losses import DistillationLoss, FrequencyDistillation, exit_distillation
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
 from models import model_factory
+from models.exit_heads import ExitHeadConfig
 from models.weights import load_state
 
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
@@ -127,8 +128,8 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     """Stages 1-2: warm-up of the exits, then joint training with the cost trade-off."""
     args = with_stage_defaults(args, 'dynn')
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
-        s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
-        'dynn')
+        s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate,
+        ExitHeadConfig(args.exit_head, args.exit_norm, args.exit_grid)), resume, 'dynn')
     if args.exit_costs == 'reference' and not model_factory.is_gfnet(shape['arch']):
         # the reference's op counter exists for GFNet only (an explicit --exit-costs reference is refused earlier)
         logging.info("exit costs: %s trains against its true FLOPs (--exit-costs reference is GFNet's)", shape['arch'])
@@ -151,9 +152,10 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
                                           num_epochs=args.num_epoch)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
     run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
-    warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir)
+    distillation = exit_distillation(args.exit_distill, args.exit_distill_tau)
+    warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir, distillation)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
-                        args.classifier_loss, args.freeze_backbone, args.final_exit_loss)
+                        args.classifier_loss, args.freeze_backbone, args.final_exit_loss, distillation)
     with removed_on_bad_input([run_folder, heads_dir, split_path, Path(args.output_dir) / 'runs']), \
             claim_run([run_folder, heads_dir], args.overwrite and not resume):
         save_split(split_path, data.split)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from data_loader_help import DataSets, SplitRequest, build_datasets, resolve_data_path
 from dataset_config import DATASET_CONFIG
 from errors import GFNetDynnError
+from models.exit_heads import ExitHeadConfig, exit_head_classes
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, build_dynn, is_gfnet
 from models.weights import load_state, read_checkpoint
@@ -26,6 +27,9 @@ class RunArgs:
     input_size: int | None = None
     exit_positions: Sequence[int] = DEFAULT_EXIT_POSITIONS
     gate: str = 'unc'
+    exit_head: str = ExitHeadConfig.kind
+    exit_norm: str = ExitHeadConfig.norm
+    exit_grid: int = ExitHeadConfig.grid
     class_names: Sequence[str] | None = None
     data_set: str | None = None
     ce_ic_tradeoff: float | None = None
@@ -56,6 +60,10 @@ class RunArgs:
         split = self.split
         return split if isinstance(split, dict) and split.get('dataset') == data_set else None
 
+    @property
+    def exit_head_config(self) -> ExitHeadConfig:
+        return ExitHeadConfig(self.exit_head, self.exit_norm, self.exit_grid)
+
 
 class TrainedRun(NamedTuple):
     model: nn.Module  # the early-exit network (GFNetDynn or TimmDynn), in eval mode on the CPU
@@ -72,7 +80,7 @@ def reopen(checkpoint: dict | str, source: str | None = None, *, input_size: int
     weights = checkpoint.get('model', checkpoint)
     args = RunArgs.of(checkpoint, fallback)
     gfnet = is_gfnet(args.arch)
-    head = weights.get('head.weight') if gfnet else weights.get('intermediate_heads.0.weight')
+    head = weights.get('head.weight')
     if head is None and gfnet:
         raise GFNetDynnError(f'{source} has no head.weight: not a GFNet checkpoint')
     if checkpoint.get('stage') == 'backbone' or not any(key.startswith('intermediate_heads.') for key in weights):
@@ -80,11 +88,12 @@ def reopen(checkpoint: dict | str, source: str | None = None, *, input_size: int
                              f'stage, e.g. train one with --checkpoint-path {source}')
     if checkpoint.get('stage') == 'warmup':
         _logger.warning('%s comes from the warm-up: its exits are trained, its gates are not', source)
-    num_classes = head.shape[0]
+    num_classes = head.shape[0] if gfnet else exit_head_classes(weights)
     size = input_size or args.input_size
     # a timm backbone's run always stores its positions; without them, the family's default (None)
     positions = args.given('exit_positions') or (list(DEFAULT_EXIT_POSITIONS) if gfnet else None)
-    model = build_dynn(args.arch, num_classes, size, args.patch_size, 0.0, positions, args.gate)
+    model = build_dynn(args.arch, num_classes, size, args.patch_size, 0.0, positions, args.gate,
+                       args.exit_head_config)
     report = load_state(model, checkpoint, source=source)
     if any(key.startswith('intermediate_heads.') for key in report.fresh):
         raise GFNetDynnError(f'{source} lacks some exits of its own --exit-positions; pass a checkpoint written by '

@@ -18,7 +18,7 @@ from evaluation.exit_cache import (best_exit_counts, collect_exit_outputs, condi
                                    per_exit_accuracy, updated_pos_weight)
 from learning_helpers.distributed import is_main_process
 from learning_helpers.loop import batches_per_epoch, train_batches
-from learning_helpers.losses import GateLoss, classifier_loss
+from learning_helpers.losses import ExitDistillation, GateLoss, classifier_loss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
@@ -38,6 +38,7 @@ class JointConfig:
     classifier_loss: str
     freeze_backbone: bool
     final_exit_loss: str  # 'auto': the final exit's CE joins the classifier phase when the backbone trains; 'off'
+    distillation: ExitDistillation | None = None  # --exit-distill in the classifier phase (None: the reference)
 
 
 def set_joint_trainable(model: EarlyExitNetwork, freeze_backbone: bool) -> None:
@@ -56,7 +57,8 @@ class JointTrainer:
         self.run = run
         self.gate_loss = GateLoss(config.tradeoff, config.gate_objective)
         self.classifier_loss = classifier_loss(config.classifier_loss, config.final_exit_loss,
-                                               backbone_trains=not config.freeze_backbone)
+                                               backbone_trains=not config.freeze_backbone,
+                                               distillation=config.distillation)
         self.global_step = global_step
         # identity gates have nothing to learn: their phase is skipped
         self.gates_learn = any(True for _ in model.gates.parameters())
@@ -76,9 +78,9 @@ class JointTrainer:
         return self.gate_loss(gate_logits, logits.float(), targets, self.costs, pos_weight)
 
     def classifier_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # the blocks after the last intermediate exit run only if the loss trains the final exit: parameters
+        # the blocks after the last intermediate exit run only if the loss reads the final exit: parameters
         # outside the loss get no gradient, so weight decay leaves them alone
-        through_final = self.classifier_loss.trains_final_exit
+        through_final = self.classifier_loss.takes_final_exit
         if self.config.freeze_backbone:
             with torch.no_grad():
                 pooled = self.model.forward_pooled(images, through_final)

@@ -60,14 +60,44 @@ def aligned_depths(depth: int, count: int = 4) -> list[int]:
     return [max(0, round(depth * (i + 1) / count) - 1) for i in range(count)]
 
 
+class ExitDistillation(nn.Module):
+    """Self-distillation of the intermediate exits from the final exit (Phuong & Lampert 2019): for each exit
+    k = 0..G-1, d_k = w * T^2 * mean_b KL(softmax(z_G / T) || softmax(z_k / T)). Returns (G,). z_G is detached:
+    the final exit is the teacher, not a path for gradients; the T^2 keeps the gradient's scale independent of T."""
+
+    def __init__(self, weight: float, tau: float):
+        super().__init__()
+        self.weight, self.tau = weight, tau
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        t = self.tau
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under --amp -> float32
+        teacher = F.log_softmax(logits[-1].detach() / t, dim=-1)  # (B, C)
+        student = F.log_softmax(logits[:-1] / t, dim=-1)  # (G, B, C)
+        kl = (teacher.exp() * (teacher - student)).sum(dim=-1).mean(dim=-1)  # (G,)
+        return self.weight * t * t * kl
+
+
+def exit_distillation(weight: float, tau: float) -> ExitDistillation | None:
+    """The --exit-distill term, None when its weight is 0 (the reference)."""
+    return ExitDistillation(weight, tau) if weight > 0 else None
+
+
 class WarmupLoss(nn.Module):
-    """Stage 1: CE(final) + sum_k (G + 1 - k) * CE(exit_k), k = 0..G-1; earlier exits weigh more."""
+    """Stage 1: CE(final) + sum_k (G + 1 - k) * (CE(exit_k) + d_k), k = 0..G-1; earlier exits weigh more. d_k is
+    exit k's self-distillation term (ExitDistillation), 0 without one (the reference)."""
+
+    def __init__(self, distillation: ExitDistillation | None = None):
+        super().__init__()
+        self.distillation = distillation
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         num_gates = logits.shape[0] - 1
+        distilled = self.distillation(logits) if self.distillation is not None else None
         loss = F.cross_entropy(logits[-1], targets)
         for k in range(num_gates):
-            loss = loss + (num_gates + 1 - k) * F.cross_entropy(logits[k], targets)
+            term = F.cross_entropy(logits[k], targets) + (distilled[k] if distilled is not None else 0)
+            loss = loss + (num_gates + 1 - k) * term
         return loss
 
 
@@ -134,7 +164,7 @@ class BoostedClassifierLoss(nn.Module):
     gradients equal the plain mean cross-entropy over the intermediate exits; the final head is not trained.
     Written out as the reference does so the equivalence is a tested fact, not an assumption."""
 
-    trains_final_exit = False  # takes the (G, B, C) logits of the intermediate exits
+    takes_final_exit = False  # takes the (G, B, C) logits of the intermediate exits
 
     def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ce = per_exit_cross_entropy(exit_logits, targets)  # (G, B)
@@ -150,7 +180,7 @@ class GateWeightedClassifierLoss(nn.Module):
     mean_{b,k} P_k L_k r with r = sum_j L_j / sum_j P_j L_j detached, so the gate masses really weight the
     exits while each sample keeps the scale of its summed CE (samples sent early do not vanish)."""
 
-    trains_final_exit = True  # takes the (E, B, C) logits of every exit
+    takes_final_exit = True  # takes the (E, B, C) logits of every exit
 
     def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ce = per_exit_cross_entropy(exit_logits, targets)  # (E, B)
@@ -170,7 +200,7 @@ class WithFinalExit(nn.Module):
     exit weighs what one intermediate exit weighs in boosted's mean over exits. It keeps the full network's
     accuracy when the joint stage trains the shared blocks (see `--final-exit-loss`)."""
 
-    trains_final_exit = True  # takes the (E, B, C) logits of every exit
+    takes_final_exit = True  # takes the (E, B, C) logits of every exit
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -182,14 +212,30 @@ class WithFinalExit(nn.Module):
         return self.loss(exit_logits[:-1], gate_logits, targets) + final / num_gates
 
 
-def classifier_loss(name: str, final_exit_loss: str = 'off', backbone_trains: bool = False) -> nn.Module:
+class WithExitDistillation(nn.Module):
+    """A classifier-phase loss plus the mean self-distillation term of the intermediate exits:
+    loss + mean_k d_k (ExitDistillation; the boosted loss averages the exits' CE the same way)."""
+
+    takes_final_exit = True  # the final exit's logits are the teacher
+
+    def __init__(self, loss: nn.Module, distillation: ExitDistillation):
+        super().__init__()
+        self.loss, self.distillation = loss, distillation
+
+    def forward(self, exit_logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        own = exit_logits if self.loss.takes_final_exit else exit_logits[:-1]
+        return self.loss(own, gate_logits, targets) + self.distillation(exit_logits).mean()
+
+
+def classifier_loss(name: str, final_exit_loss: str = 'off', backbone_trains: bool = False,
+                    distillation: ExitDistillation | None = None) -> nn.Module:
     """The `--classifier_loss` module; with final_exit_loss 'auto' and a backbone that trains, a loss that
-    leaves the final exit out gets its cross-entropy added (WithFinalExit). 'off', or a frozen backbone, is the
-    reference's loss exactly."""
+    leaves the final exit out gets its cross-entropy added (WithFinalExit), and with a distillation its term
+    (WithExitDistillation). 'off', a frozen backbone and no distillation is the reference's loss exactly."""
     loss = CLASSIFIER_LOSSES[name]()
-    if final_exit_loss == 'auto' and backbone_trains and not loss.trains_final_exit:
-        return WithFinalExit(loss)
-    return loss
+    if final_exit_loss == 'auto' and backbone_trains and not loss.takes_final_exit:
+        loss = WithFinalExit(loss)
+    return WithExitDistillation(loss, distillation) if distillation is not None else loss
 
 
 class DistillationLoss(nn.Module):

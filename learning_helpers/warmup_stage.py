@@ -14,7 +14,7 @@ from evaluation.exit_cache import collect_exit_outputs, per_exit_accuracy
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.distributed import is_main_process
 from learning_helpers.loop import train_batches
-from learning_helpers.losses import WarmupLoss
+from learning_helpers.losses import ExitDistillation, WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
@@ -26,6 +26,7 @@ class WarmupConfig:
     max_epochs: int  # --max_warmup_epoch (at most --num_epoch)
     patience: int
     heads_dir: Path  # checkpoint_warmup/...: a record of each exit head's best weights
+    distillation: ExitDistillation | None = None  # --exit-distill (None: the reference)
 
 
 class ExitPatience:
@@ -70,10 +71,10 @@ class ExitPatience:
 
 
 def train_one_epoch(model: EarlyExitNetwork, loader, optimizer, device: torch.device, epoch: int, guard: NonFiniteGuard,
-                    run: RunConfig) -> dict:
+                    run: RunConfig, distillation: ExitDistillation | None = None) -> dict:
     """Train the exit heads on features the frozen backbone computes without autograd."""
     model.eval()  # frozen backbone: no drop path, no dropout
-    criterion = WarmupLoss()
+    criterion = WarmupLoss(distillation)
 
     def step_loss(_step: int, images: torch.Tensor, targets: torch.Tensor):
         with torch.no_grad():
@@ -111,7 +112,7 @@ def run_warmup_stage(model: EarlyExitNetwork, train_loader, val_loader, optimize
             break
         started = time.perf_counter()
         seed_epoch(run.seed, epoch, train_loader)
-        stats = train_one_epoch(model, train_loader, optimizer, device, epoch, guard, run)
+        stats = train_one_epoch(model, train_loader, optimizer, device, epoch, guard, run, warmup.distillation)
         accuracies = evaluate(model, val_loader, device, run)['exit_acc']
         _update_patience(model, patience, accuracies[:-1], warmup.heads_dir)
         lr = optimizer.param_groups[0]['lr']

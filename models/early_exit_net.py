@@ -1,10 +1,11 @@
 """The segment abstraction every early-exit network here shares (GFNet-Dynn, and exits on any timm backbone).
 
 A backbone is cut into segments, one per exit. Intermediate exit k pools what segment k computed, reads it with a
-linear head and a gate; the last segment ends at the backbone's own head. Training, the early-exit engine, the
-exit cache, the FLOP counter and the ONNX export all walk the segments through `forward_segment`, so they cannot
-disagree on where an exit sits. A backbone supplies how segment k runs (`run_segment`), how its output is pooled
-(`pool_features`), its final classifier (`final_head`) and the image size it is built for (`input_size`).
+head (models/exit_heads.py) and a gate; the last segment ends at the backbone's own head. Training, the
+early-exit engine, the exit cache, the FLOP counter and the ONNX export all walk the segments through
+`forward_segment`, so they cannot disagree on where an exit sits. A backbone supplies how segment k runs
+(`run_segment`), how its output is pooled over all positions (`pool_features`) or laid out as a feature map
+(`feature_grid`), its final classifier (`final_head`) and the image size it is built for (`input_size`).
 """
 from abc import ABCMeta, abstractmethod
 from typing import NamedTuple, Sequence
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from errors import GFNetDynnError
+from models.exit_heads import EXIT_HEADS, ExitHeadConfig, grid_pool
 
 
 class DynnOutput(NamedTuple):
@@ -39,11 +41,12 @@ def validate_exit_positions(exit_positions: Sequence[int], depth: int, unit: str
 
 class EarlyExitNetwork(nn.Module, metaclass=ABCMeta):
     """A classifier cut into segments at its exits. Subclasses set `exit_positions`, `gate_type`,
-    `intermediate_heads` (one Linear per intermediate exit) and `gates` (models/gates.py), and supply the four
-    abstract pieces; everything an exit computes is defined once, here."""
+    `exit_head`, `intermediate_heads` (one head per intermediate exit, models/exit_heads.py) and `gates`
+    (models/gates.py), and supply the abstract pieces; everything an exit computes is defined once, here."""
 
     exit_positions: tuple[int, ...]
     gate_type: str
+    exit_head: ExitHeadConfig = ExitHeadConfig()
     intermediate_heads: nn.ModuleList
     gates: nn.ModuleList
     carried: str = 'tokens'  # what travels between segments, as the exported graphs name it
@@ -66,7 +69,19 @@ class EarlyExitNetwork(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def pool_features(self, k: int, features: torch.Tensor) -> torch.Tensor:
-        """Segment k's output -> (B, D_k), what exit k's head reads."""
+        """Segment k's output -> (B, D_k) pooled over all positions: what the reference's linear head reads."""
+
+    @abstractmethod
+    def feature_grid(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """Intermediate segment k's output laid out as a map (B, C, H, W), normed as `pool_features` norms it:
+        what a head that keeps the layout pools."""
+
+    def head_input(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """What exit k's head reads (B, D_k): the features pooled over all positions (the final exit, and the
+        reference's head), or the feature map pooled to the head's grid by max and by average."""
+        if k == len(self.exit_positions) or not EXIT_HEADS[self.exit_head.kind].pools_grid:
+            return self.pool_features(k, features)
+        return grid_pool(self.feature_grid(k, features), self.exit_head.grid)
 
     @property
     def num_exits(self) -> int:
@@ -75,7 +90,7 @@ class EarlyExitNetwork(nn.Module, metaclass=ABCMeta):
 
     def exit_output(self, k: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, C) and gate logit (B,) of exit k; the final exit (k = G) has no gate."""
-        pooled = self.pool_features(k, features)
+        pooled = self.head_input(k, features)
         if k == len(self.exit_positions):
             return self.final_head(pooled), None
         logits = self.intermediate_heads[k](pooled)
@@ -87,13 +102,13 @@ class EarlyExitNetwork(nn.Module, metaclass=ABCMeta):
         return (features, *self.exit_output(k, features))
 
     def forward_pooled(self, x: torch.Tensor, through_final: bool = True) -> torch.Tensor | list[torch.Tensor]:
-        """Images -> pooled features at every exit: (E, B, D) when every exit has the same width, else a list of
+        """Images -> what every exit's head reads: (E, B, D) when every exit has the same width, else a list of
         (B, D_k); with through_final=False only up to the last intermediate exit, skipping what follows it. The
         frozen-backbone stages run this without autograd and train only what follows."""
         pooled, features = [], x
         for k in range(self.num_exits if through_final else len(self.exit_positions)):
             features = self.run_segment(k, features)
-            pooled.append(self.pool_features(k, features))
+            pooled.append(self.head_input(k, features))
         return torch.stack(pooled) if len({p.shape for p in pooled}) == 1 else pooled
 
     def heads_and_gates(self, pooled: torch.Tensor | Sequence[torch.Tensor]) -> DynnOutput:

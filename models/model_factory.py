@@ -6,6 +6,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg_value, load_state_dict
 
 from errors import GFNetDynnError
+from models.exit_heads import ExitHeadConfig
 from models.gfnet import checkpoint_filter_fn
 from models.timm_dynn import SUPPORTED, TimmDynn, has_exit_layout
 from models.weights import load_state, read_checkpoint
@@ -90,16 +91,17 @@ def build_backbone(arch: str, num_classes: int, input_size: int, patch_size: int
 
 
 def build_dynn(arch: str, num_classes: int, input_size: int, patch_size: int | None, drop_path: float,
-               exit_positions: list[int] | None, gate: str) -> nn.Module:
+               exit_positions: list[int] | None, gate: str, exit_head: ExitHeadConfig = ExitHeadConfig()) -> nn.Module:
     """The early-exit model: a GFNet-Dynn variant, or a timm model wrapped with exits (patch_size unused).
     exit_positions None: the architecture's default."""
     check_arch(arch, 'dynn')  # a checkpoint of another timm model may name its arch here
     if not is_gfnet(arch):
         return TimmDynn(build_backbone(arch, num_classes, input_size, None, drop_path), exit_positions, gate,
-                        input_size)
+                        input_size, exit_head)
     positions = {} if exit_positions is None else {'exit_positions': exit_positions}
     return timm.create_model(dynn_model_name(arch), num_classes=num_classes, img_size=input_size,
-                             patch_size=patch_size, drop_path_rate=drop_path, gate=gate, **positions)
+                             patch_size=patch_size, drop_path_rate=drop_path, gate=gate, exit_head=exit_head,
+                             **positions)
 
 
 def build_teacher(name: str, path: str | None, num_classes: int, input_size: int, patch_size: int) -> nn.Module:

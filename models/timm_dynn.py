@@ -24,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from errors import GFNetDynnError
 from models.early_exit_net import EarlyExitNetwork, validate_exit_positions
+from models.exit_heads import ExitHeadConfig, build_exit_head
 from models.gates import GATES
 
 _logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class TimmDynn(EarlyExitNetwork):
     """A timm classifier with exits after chosen stages (CNNs) or blocks (ViTs); `forward` is the backbone's."""
 
     def __init__(self, backbone: nn.Module, exit_positions: Sequence[int] | None = None, gate: str = 'unc',
-                 img_size: int | tuple[int, int] = 224):
+                 img_size: int | tuple[int, int] = 224, exit_head: ExitHeadConfig = ExitHeadConfig()):
         super().__init__()
         layout = LAYOUTS.get(type(backbone))
         if layout is None:
@@ -92,9 +93,10 @@ class TimmDynn(EarlyExitNetwork):
         self.exit_positions = validate_exit_positions(default if exit_positions is None else exit_positions, depth,
                                                       layout.unit, ' '.join(map(str, default)))
         self.gate_type = gate
+        self.exit_head = exit_head
         self._input_size = to_2tuple(img_size)
         dd = get_device_dtype(backbone)
-        self.intermediate_heads = nn.ModuleList(nn.Linear(width, backbone.num_classes, **dd)
+        self.intermediate_heads = nn.ModuleList(build_exit_head(exit_head, width, backbone.num_classes, **dd)
                                                 for width in self._exit_widths())
         self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions).to(**dd)
         self.train(backbone.training)
@@ -122,7 +124,7 @@ class TimmDynn(EarlyExitNetwork):
 
     @torch.no_grad()
     def _exit_widths(self) -> list[int]:
-        """Width of each intermediate exit's pooled features, from one image through the eval-mode backbone."""
+        """Width of what each intermediate exit's head reads, from one image through the eval-mode backbone."""
         was_training = self.backbone.training
         self.backbone.eval()
         param = next(self.backbone.parameters())
@@ -130,7 +132,7 @@ class TimmDynn(EarlyExitNetwork):
         widths = []
         for k in range(len(self.exit_positions)):
             features = self.run_segment(k, features)
-            widths.append(self.pool_features(k, features).shape[-1])
+            widths.append(self.head_input(k, features).shape[-1])
         self.backbone.train(was_training)
         return widths
 
@@ -156,6 +158,14 @@ class TimmDynn(EarlyExitNetwork):
         if self.layout.tokens:
             return self.backbone.forward_head(self.backbone.norm(features), pre_logits=True)
         return features.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+
+    def feature_grid(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W): a feature map as it is; a ViT's patch tokens after its final norm, on their grid (class and
+        register tokens left out)."""
+        if not self.layout.tokens:
+            return features
+        patches = self.backbone.norm(features)[:, self.backbone.num_prefix_tokens:]  # (B, N, D)
+        return patches.unflatten(1, self.backbone.patch_embed.grid_size).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """timm's contract: the final head's logits (B, C)."""

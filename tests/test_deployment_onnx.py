@@ -19,6 +19,7 @@ import models  # noqa: F401  (registers the GFNet variants with timm)
 from data_loader_help import build_transform
 from errors import GFNetDynnError
 from models.early_exit import EarlyExitEngine
+from models.exit_heads import ExitHeadConfig
 from models.gfnet import GlobalFilter
 from conftest import FAST_FLAGS, halve_at_each_exit, one_error
 from deployment.onnx_export import OPSETS, MatmulGlobalFilter, SegmentGraph, export_segments, segment_file_name
@@ -225,20 +226,24 @@ def test_cli_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
 # The ops every segment may use: all in the ONNX standard domain, none of them control flow (If, Loop, Scan),
 # sequences or spectral ops (DFT, STFT); each is in TensorRT's ONNX parser operator table (8.6 and later).
 PORTABLE_OPS = frozenset({
-    'Add', 'Concat', 'Conv', 'Div', 'Equal', 'Erf', 'Gather', 'Gemm', 'Greater', 'IsNaN', 'LayerNormalization', 'Log',
-    'MatMul', 'Mul', 'Neg', 'Pow', 'ReduceMean', 'ReduceSum', 'Reshape', 'Sigmoid', 'Softmax', 'Squeeze', 'Sub',
-    'TopK', 'Transpose', 'Unsqueeze', 'Where'})
+    'Add', 'AveragePool', 'Concat', 'Conv', 'Div', 'Equal', 'Erf', 'Expand', 'Gather', 'Gemm', 'Greater', 'IsNaN',
+    'LayerNormalization', 'Log', 'MatMul', 'MaxPool', 'Mul', 'Neg', 'Pow', 'ReduceMax', 'ReduceMean', 'ReduceSum',
+    'Relu', 'Reshape', 'Shape', 'Sigmoid', 'Slice', 'Softmax', 'Squeeze', 'Sub', 'TopK', 'Transpose', 'Unsqueeze',
+    'Where'})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('opset', OPSETS)
 @pytest.mark.parametrize('batch', [1, None])
-def test_segments_use_only_portable_ops(tmp_path, opset, batch):
-    """Static batch 1 and a dynamic batch axis, opsets 17 and 18: only PORTABLE_OPS, the opset asked for, the
-    shapes asked for, and the same numbers as PyTorch."""
+@pytest.mark.parametrize('exit_head', [ExitHeadConfig(), ExitHeadConfig('pool', 'layernorm', 3)],
+                         ids=['linear', 'pool'])
+def test_segments_use_only_portable_ops(tmp_path, opset, batch, exit_head):
+    """Static batch 1 and a dynamic batch axis, opsets 17 and 18, the reference's exit head and the pool head
+    (a 3 x 3 grid on a 4 x 4 token grid: overlapping windows): only PORTABLE_OPS, the opset asked for, the shapes
+    asked for, and the same numbers as PyTorch."""
     torch.manual_seed(0)
     model = timm.create_model('gfnet_ti_dynn', num_classes=len(CLASS_NAMES), img_size=SIZE, patch_size=8, depth=2,
-                              embed_dim=32, exit_positions=(0,)).eval()
+                              embed_dim=32, exit_positions=(0,), exit_head=exit_head).eval()
     export_segments(model, tmp_path, threshold=THRESHOLD, class_names=CLASS_NAMES, input_size=SIZE, opset=opset,
                     batch=batch)
     x = torch.randn(batch or 3, 3, SIZE, SIZE)

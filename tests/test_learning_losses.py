@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import models  # noqa: F401  (registers the GFNet variants with timm)
-from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, FrequencyDistillation, GateLoss,
-                                     GateWeightedClassifierLoss, SoftDistillation, WarmupLoss, WithFinalExit,
-                                     aligned_depths, best_exit, classifier_loss, exit_mass, gate_targets, level_error,
-                                     per_exit_cross_entropy)
+from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, ExitDistillation, FrequencyDistillation,
+                                     GateLoss, GateWeightedClassifierLoss, SoftDistillation, WarmupLoss,
+                                     WithExitDistillation, WithFinalExit, aligned_depths, best_exit, classifier_loss,
+                                     exit_distillation, exit_mass, gate_targets, level_error, per_exit_cross_entropy)
 
 
 def _log_softmax_by_hand(logits: torch.Tensor) -> torch.Tensor:
@@ -377,7 +377,8 @@ def test_boosted_loss_value_and_gradients_are_the_mean_ce_over_intermediate_exit
     assert_close(boosted, plain, rtol=1e-9, atol=1e-12)
     assert_close(boosted_grad, plain_grad, rtol=1e-7, atol=1e-12)
     assert torch.all(boosted_grad[-1] == 0)  # the final head is not trained by this phase
-    assert not CLASSIFIER_LOSSES['boosted'].trains_final_exit and CLASSIFIER_LOSSES['gate_weighted'].trains_final_exit
+    assert not CLASSIFIER_LOSSES['boosted'].takes_final_exit
+    assert CLASSIFIER_LOSSES['gate_weighted'].takes_final_exit
 
 
 def test_boosted_loss_sends_no_gradient_to_the_gates():
@@ -426,7 +427,7 @@ def test_final_exit_loss_adds_the_final_ce_over_g_and_keeps_boosted_gradients_on
     exit_logits = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)  # G = 4 gates, E = 5 exits
     gate_logits, targets = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     loss = classifier_loss('boosted', 'auto', backbone_trains=True)
-    assert isinstance(loss, WithFinalExit) and loss.trains_final_exit
+    assert isinstance(loss, WithFinalExit) and loss.takes_final_exit
     boosted = CLASSIFIER_LOSSES['boosted']()(exit_logits[:-1], gate_logits, targets)
     total = loss(exit_logits, gate_logits, targets)
     assert_close(total, boosted + F.cross_entropy(exit_logits[-1], targets) / 4)
@@ -440,3 +441,51 @@ def test_final_exit_loss_adds_the_final_ce_over_g_and_keeps_boosted_gradients_on
 def test_final_exit_loss_leaves_the_loss_as_it_is_when_off_frozen_or_already_there(name, final_exit_loss,
                                                                                    backbone_trains):
     assert type(classifier_loss(name, final_exit_loss, backbone_trains)) is CLASSIFIER_LOSSES[name]
+
+
+# self-distillation of the exits from the final exit (--exit-distill)
+
+def _exit_distillation_by_hand(logits: torch.Tensor, weight: float, tau: float) -> torch.Tensor:
+    """(G,) w * T^2 * mean_b sum_c p_final,c (log p_final,c - log p_k,c), softmaxes at temperature T, float64."""
+    teacher = _log_softmax_by_hand(logits[-1] / tau)
+    terms = []
+    for k in range(logits.shape[0] - 1):
+        student = _log_softmax_by_hand(logits[k] / tau)
+        terms.append((teacher.exp() * (teacher - student)).sum(dim=-1).mean())
+    return weight * tau ** 2 * torch.stack(terms)
+
+
+def test_exit_distillation_equals_the_hand_formula_and_spares_the_final_exit():
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 5, 6, dtype=torch.float64)).requires_grad_()  # G = 3 exits + final, B 5, C 6
+    distilled = ExitDistillation(0.7, 2.5)(logits)
+    assert_close(distilled, _exit_distillation_by_hand(logits.detach(), 0.7, 2.5), rtol=1e-6, atol=1e-9)
+    grad, = torch.autograd.grad(distilled.sum(), logits)
+    assert grad[-1].abs().sum() == 0 and grad[:-1].abs().sum() > 0  # the teacher is detached
+    assert torch.all(ExitDistillation(1.0, 1.0)(logits[[-1, -1]]).abs() < 1e-12)  # an exit equal to it: 0
+
+
+def test_exit_distillation_is_off_at_weight_zero():
+    assert exit_distillation(0.0, 4.0) is None and isinstance(exit_distillation(0.5, 4.0), ExitDistillation)
+
+
+def test_warmup_loss_adds_each_exits_distillation_with_its_ce_weight():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 4, 5), torch.tensor([2, 0, 4, 1])  # G = 2
+    ce = [_ce_by_hand(logits[k], targets).mean() for k in range(3)]
+    d = _exit_distillation_by_hand(logits, 0.5, 3.0)
+    expected = ce[2] + 3 * (ce[0] + d[0]) + 2 * (ce[1] + d[1])
+    assert_close(WarmupLoss(ExitDistillation(0.5, 3.0))(logits, targets).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', sorted(CLASSIFIER_LOSSES))
+def test_classifier_phase_adds_the_mean_distillation_to_its_loss(name):
+    torch.manual_seed(0)
+    exit_logits, gate_logits = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    targets = torch.randint(0, 5, (6,))
+    loss = classifier_loss(name, distillation=ExitDistillation(0.5, 2.0))
+    assert isinstance(loss, WithExitDistillation) and loss.takes_final_exit  # the final exit is read as teacher
+    own = exit_logits if CLASSIFIER_LOSSES[name].takes_final_exit else exit_logits[:-1]
+    expected = CLASSIFIER_LOSSES[name]()(own, gate_logits, targets) + _exit_distillation_by_hand(
+        exit_logits, 0.5, 2.0).mean()
+    assert_close(loss(exit_logits, gate_logits, targets), expected, rtol=1e-9, atol=1e-12)

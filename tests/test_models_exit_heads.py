@@ -1,0 +1,179 @@
+"""Exit heads: the layout-keeping pool head against a hand computation, its FLOPs against the analytic count, the
+reference's head unchanged; end to end on GFNet, a CNN and a ViT: each head with --exit-norm and --exit-distill
+trains, resumes, evaluates, exports (float and int8) and runs in the torch-free runner."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import one_error
+from torch.testing import assert_close
+
+from models.exit_heads import ExitHead, ExitHeadConfig, adaptive_windows, build_exit_head, grid_pool
+from models.flops import count_flops, exit_gflops
+from models.model_factory import build_dynn
+
+POOL = ExitHeadConfig('pool', 'layernorm', 2)
+ARCHS = {'gfnet': ('GFNet-ti-dynn', 16, 8), 'cnn': ('test_resnet', 16, None), 'vit': ('test_vit', 32, None)}
+
+
+def _model(family: str, config: ExitHeadConfig) -> nn.Module:
+    arch, size, patch = ARCHS[family]
+    torch.manual_seed(0)
+    return build_dynn(arch, 3, size, patch, 0.0, None, 'unc', config).eval()
+
+
+def test_grid_pool_equals_the_max_and_mean_of_each_quadrant_by_hand():
+    maps = torch.arange(16, dtype=torch.float64).reshape(1, 1, 4, 4)  # rows 0-3, 4-7, 8-11, 12-15
+    # quadrants: top-left {0, 1, 4, 5}, top-right {2, 3, 6, 7}, bottom-left {8, 9, 12, 13},
+    # bottom-right {10, 11, 14, 15}
+    expected = torch.tensor([[5, 7, 13, 15, 2.5, 4.5, 10.5, 12.5]], dtype=torch.float64)
+    assert torch.equal(grid_pool(maps, 2), expected)
+
+
+@pytest.mark.parametrize('height, width, cells', [(5, 7, 2), (1, 1, 2), (14, 14, 3), (6, 3, 4)])
+def test_grid_pool_cuts_windows_as_adaptive_pooling_does(height, width, cells):
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, height, width)
+    expected = torch.cat([F.adaptive_max_pool2d(maps, cells).flatten(1), F.adaptive_avg_pool2d(maps, cells).flatten(1)],
+                         dim=1)
+    assert_close(grid_pool(maps, cells), expected)
+    assert adaptive_windows(7, 2) == [(0, 4), (3, 7)]  # torch's overlapping windows for an odd size
+
+
+def test_pool_head_equals_mixing_norm_and_linear_by_hand():
+    torch.manual_seed(0)
+    head = ExitHead(8, 3, mixes=True, norm=True, dtype=torch.float64)
+    with torch.no_grad():
+        head.alpha.fill_(0.3)
+        head.norm.weight.uniform_(0.5, 1.5)
+        head.norm.bias.uniform_(-0.1, 0.1)
+    pooled = torch.randn(5, 8, dtype=torch.float64)
+    mixed = 0.3 * pooled[:, :4] + 0.7 * pooled[:, 4:]
+    centred = mixed - mixed.mean(dim=1, keepdim=True)
+    normed = centred / (centred.pow(2).mean(dim=1, keepdim=True) + 1e-5).sqrt() * head.norm.weight + head.norm.bias
+    assert_close(head(pooled), normed @ head.fc.weight.T + head.fc.bias)
+
+
+def test_the_reference_head_stays_a_plain_linear_layer():
+    for family in ARCHS:
+        model = _model(family, ExitHeadConfig())
+        assert all(type(head) is nn.Linear for head in model.intermediate_heads)
+        assert 'intermediate_heads.0.weight' in model.state_dict()
+    linear_norm = build_exit_head(ExitHeadConfig('linear', 'layernorm'), 16, 3)
+    assert linear_norm.alpha is None and isinstance(linear_norm.norm, nn.LayerNorm) and linear_norm.fc.in_features == 16
+
+
+@pytest.mark.parametrize('family', sorted(ARCHS))
+def test_pool_head_reads_the_grid_whose_average_is_the_global_pool(family):
+    """The grid's average cells, averaged, give the reference's global pool (GFNet, CNN); a ViT's grid holds its
+    normed patch tokens."""
+    model = _model(family, POOL)
+    images = torch.randn(2, 3, *model.input_size)
+    with torch.no_grad():
+        features = model.run_segment(0, images)
+        grid = model.feature_grid(0, features)
+        pooled = model.head_input(0, features)
+    channels = grid.shape[1]
+    assert pooled.shape == (2, 2 * channels * 4)
+    average_cells = pooled[:, channels * 4:].reshape(2, channels, 4)
+    if family == 'vit':
+        tokens = model.backbone.norm(features)[:, model.backbone.num_prefix_tokens:]
+        assert_close(grid.flatten(2).transpose(1, 2), tokens)
+    else:
+        assert_close(average_cells.mean(dim=2), model.pool_features(0, features))
+    assert model.intermediate_heads[0].fc.in_features == channels * 4
+
+
+@pytest.mark.parametrize('family', sorted(ARCHS))
+def test_pool_head_flops_are_the_analytic_count_and_join_the_exit_costs(family):
+    """The head's Linear on C * 4 mixed cells: 2 * C * 4 * classes FLOPs per image (pooling, mixing and the norm
+    are element-wise, uncounted as the stock counter leaves them); every exit cost from exit k on grows by the
+    heads' extra FLOPs up to k."""
+    linear, pool = _model(family, ExitHeadConfig()), _model(family, POOL)
+    extra = []
+    for k, head in enumerate(pool.intermediate_heads):
+        width = head.fc.in_features
+        assert count_flops(head, torch.randn(1, 2 * width)) == 2 * width * 3
+        extra.append(2 * width * 3 - 2 * linear.intermediate_heads[k].in_features * 3)
+    growth = [p - q for p, q in zip(exit_gflops(pool), exit_gflops(linear))]
+    expected = [sum(extra[:k + 1]) / 1e9 for k in range(len(extra))] + [sum(extra) / 1e9]
+    assert_close(torch.tensor(growth, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                 rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--exit-grid', '3'], '--exit-grid sizes the grid of --exit-head pool; --exit-head linear pools over all '
+                           'positions'),
+    (['--exit-distill-tau', '2'], '--exit-distill-tau given without --exit-distill'),
+    (['--exit-distill', '-1'], '--exit-distill must be >= 0'),
+    (['--exit-head', 'pool', '--eval', '--checkpoint-path', 'x.pth'], '--exit-head has no effect with --eval')])
+def test_exit_head_flags_that_cannot_act_are_one_error_line(flags, message, tmp_path, capsys):
+    from main_dynn import main
+    assert message in one_error(capsys, [*flags, '--output-dir', str(tmp_path)], main)
+    assert not any(tmp_path.iterdir())
+
+
+# End to end through main_dynn.main: stage 0, stages 1-2 with the pool head, a LayerNorm and self-distillation,
+# --resume, --eval, --export onnx --quantize int8, the torch-free runner.
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', sorted(ARCHS))
+def test_pool_head_with_norm_and_distillation_end_to_end(family, small_data, tmp_path, capsys):
+    pytest.importorskip('onnxscript')
+    from deployment.onnx_runner import OnnxEarlyExit, image_files, preprocess
+    from deployment.onnx_runner import main as runner_main
+    from jobs.trained_run import reopen
+    from main_dynn import main
+    from models.early_exit import EarlyExitEngine
+    from test_deployment_onnx import PORTABLE_OPS
+    import onnx
+    arch, size, patch = ARCHS[family]
+    common = ['--data-set', 'TINY', '--arch', arch, *(['--patch-size', str(patch)] if patch else []), '--num_workers',
+              '0', '--batch', '8', '--device', 'cpu', '--barely_train']
+    run = [*common, '--output-dir', str(tmp_path)]
+    assert main(['--stage', 'backbone', *run, '--input-size', str(size), '--num_epoch', '1']) == 0
+    backbone = tmp_path / 'checkpoint' / f'backbone_TINY_{arch}' / 'best.pth'
+    heads = ['--exit-head', 'pool', '--exit-grid', '2', '--exit-norm', 'layernorm', '--exit-distill', '0.5',
+             '--exit-distill-tau', '2']
+    assert main([*run, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
+                 *heads]) == 0
+    folder = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.75_confEE'
+    last = folder / 'last.pth'
+    checkpoint = torch.load(last, map_location='cpu', weights_only=True)
+    assert {key: checkpoint['args'][key] for key in ('exit_head', 'exit_grid', 'exit_norm', 'exit_distill',
+                                                     'exit_distill_tau')} == {
+        'exit_head': 'pool', 'exit_grid': 2, 'exit_norm': 'layernorm', 'exit_distill': 0.5, 'exit_distill_tau': 2.0}
+    assert 'intermediate_heads.0.alpha' in checkpoint['model'] and 'intermediate_heads.0.norm.weight' in checkpoint[
+        'model']
+    checkpoint['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    assert main(['--resume', str(last)]) == 0
+    assert 'joint epoch 2 |' in capsys.readouterr().out
+
+    best = folder / 'best.pth'
+    results_path = tmp_path / 'results.json'
+    assert main([*common, '--eval', '--checkpoint-path', str(best), '--results-json',
+                 str(results_path)]) == 0
+    model = reopen(str(best)).model
+    assert json.loads(results_path.read_text())['gflops_per_exit'] == pytest.approx(exit_gflops(model))
+
+    onnx_dir = tmp_path / 'onnx'
+    assert main(['--data-set', 'TINY', '--export', 'onnx', '--quantize', 'int8', '--calib-images', '8',
+                 '--num_workers', '0', '--checkpoint-path', str(best), '--out', str(onnx_dir),
+                 '--exit-threshold', '0.5']) == 0
+    for name in json.loads((onnx_dir / 'manifest.json').read_text())['segments']:
+        assert {node.op_type for node in onnx.load(onnx_dir / name).graph.node} <= PORTABLE_OPS, name
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    images = np.stack([preprocess(p, size, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+                       for p in image_files([str(small_data / 'val')])])
+    expected = EarlyExitEngine(model, 0.5)(torch.from_numpy(images))
+    predictions, exits = OnnxEarlyExit(onnx_dir).predict(images)
+    assert exits.tolist() == expected.exit_index.tolist()
+    assert predictions.tolist() == expected.predictions.tolist()
+    int8_predictions, _ = OnnxEarlyExit(onnx_dir, precision='int8').predict(images)
+    assert int8_predictions.shape == predictions.shape
+    assert runner_main([str(onnx_dir), str(small_data / 'val'), '--precision', 'int8']) == 0
