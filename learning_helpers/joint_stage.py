@@ -90,7 +90,14 @@ class JointTrainer:
         return self.classifier_loss(out.logits.float(), out.gate_logits, targets)
 
     def train_one_epoch(self, loader, epoch: int, pos_weight: torch.Tensor, guard: NonFiniteGuard) -> dict:
-        self.model.train()
+        if self.config.freeze_backbone:
+            # a frozen backbone stays in eval mode: in train mode a CNN's BatchNorm statistics would drift and
+            # the heads would read shifted features (GFNet at drop path 0 computes the same either way)
+            self.model.eval()
+            self.model.intermediate_heads.train()
+            self.model.gates.train()
+        else:
+            self.model.train()
 
         def step_loss(step: int, images: torch.Tensor, targets: torch.Tensor):
             phase = self.phase(step)

@@ -356,3 +356,18 @@ def test_higher_tradeoff_exits_earlier(tiny_backbone, tiny_data, tiny_loaders, t
     (gate_low, cost_low), (gate_high, cost_high) = results['0.0'], results['50.0']
     # lambda 0: the best exit is the most accurate one; lambda 50: the first exit for every sample
     assert gate_high > gate_low + 0.03 and cost_high <= cost_low, results
+
+
+def test_a_frozen_cnn_backbone_keeps_its_batchnorm_statistics_in_the_joint_stage():
+    """--freeze-backbone on a CNN: both phases leave every backbone tensor, BatchNorm running statistics
+    included, as it was, so the exits keep reading the features they warmed up on."""
+    torch.manual_seed(0)
+    model = build_dynn('test_resnet', 3, 32, None, 0.0, [0, 1], 'unc')  # as many exits as EXITS
+    costs = torch.tensor(exit_gflops(model))
+    trainer = JointTrainer(model, build_optimizer(dynn_param_groups(model, 0.1, 0.01), 'sgd', 5e-4, lr=0.1),
+                           costs / costs[-1], joint_config(True, phase_counter='global'), RUN, torch.device('cpu'))
+    set_joint_trainable(model, True)
+    start = snapshot(model)
+    assert {one_batch_epoch(trainer, random_loader(batches=1), epoch) for epoch in (0, 1)} == {'gate', 'classifier'}
+    changed = changed_keys(start, snapshot(model))
+    assert changed and not {name for name in changed if is_backbone(name)}, changed
