@@ -17,6 +17,7 @@ from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError, OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
+from jobs.config_file import CONFIG_FLAG, expand_config
 from jobs.flags import (BACKBONE, DYNN, DYNN_WEIGHT_DECAY, EVAL, EXPORT, READS_DATA, STAGE_DEFAULTS, TRAINING, add_flag,
                         below_one, bounded, check_ranges, flag_jobs, non_negative, positive, probability, split_ratio,
                         stage_default_help)
@@ -25,12 +26,12 @@ from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, res
 from jobs.train_jobs import run_backbone, run_dynn
 from jobs.trained_run import RunArgs
 from learning_helpers.distributed import barrier, init_distributed
+from learning_helpers.dynn_training import EXIT_COST_VECTORS
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
 from models.exit_heads import EXIT_HEADS, EXIT_NORMS
-from models.flops import EXIT_COSTS
 from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 
@@ -212,10 +213,11 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="off: the reference's classifier-phase loss alone; auto (ours): while the backbone trains in "
                   "joint training, the final exit's CE joins it, a guard against the full network drifting in "
                   'long runs (--freeze-backbone is always the reference)')
-    add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
+    add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COST_VECTORS), jobs=DYNN,
              help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
-                  "--ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda exits "
-                  "earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
+                  "--ce_ic_tradeoff means what it means there), flops (true FLOPs: the same lambda exits "
+                  "earlier, see docs/METHOD.md) or latency (batch-1 latency measured on this machine when the run "
+                  "starts, recorded for --resume); reported GFLOPs are always true FLOPs")
     add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
              help='backbone lr = lr * this in joint training')
     add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=positive,
@@ -273,6 +275,9 @@ def get_args_parser() -> argparse.ArgumentParser:
              help='--quantize: training images the int8 calibration reads')
 
     runtime = parser.add_argument_group('runtime')
+    add_flag(runtime, CONFIG_FLAG, type=str, default=None,
+             help='a YAML file of flag values (num_epoch: 16, or the spelling min-lr: 1e-4), read before the command '
+                  'line, which wins; recipes/ holds some. Runs record the resolved values')
     add_flag(runtime, '--output-dir', type=str, default='.', jobs=READS_DATA,
              help='where checkpoint*/ and runs/ go; with --eval, the folder of results.json (default '
                   'there: beside the checkpoint)')
@@ -289,7 +294,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images',
                      'num_workers')
 # how a run runs, not what it is
-RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})
+RESUME_MAY_CHANGE = frozenset({'config', 'resume', 'device', 'num_workers', 'data_path', 'check_images'})
 # what a resumed run whose checkpoint predates a flag trained with (not the flag's default of today)
 BEHAVIOUR_BEFORE_FLAG = {'final_exit_loss': 'off', 'exit_costs': 'flops'}
 
@@ -457,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2, Ctrl-C one line and 130; bugs keep
     their traceback."""
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
-    return exit_code(lambda: run(get_args_parser().parse_args(argv), given_flags(argv)))
+    def parse_and_run() -> Path:
+        full_argv = expand_config(sys.argv[1:] if argv is None else argv, get_args_parser())
+        return run(get_args_parser().parse_args(full_argv), given_flags(full_argv))
+    return exit_code(parse_and_run)
 
 
 if __name__ == '__main__':

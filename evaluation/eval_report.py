@@ -8,7 +8,7 @@ import torch
 from errors import GFNetDynnError
 from evaluation.conformal import conformal_thresholds, prediction_set_stats
 from evaluation.exit_cache import (ExitCache, collect_exit_outputs, conditional_exit_choice, exit_point,
-                                   gated_predictions, per_exit_accuracy, threshold_sweep)
+                                   gated_predictions, oracle_exit_choice, per_exit_accuracy, threshold_sweep)
 from evaluation.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
 from evaluation.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget, all_points, choose, choose_single_exit,
                                          exit_scores, parse_budget, pareto_front, point_table, single_exit_points)
@@ -150,6 +150,18 @@ def versus_baselines(learned: dict, baselines: dict, budget: Budget, full_accura
             'gates_keep_budget': keeps_budget(learned), 'winner': winner}
 
 
+def oracle_report(cache: ExitCache, gflops: list[float], latency_ms: list[float], chosen: dict) -> dict:
+    """The oracle on the validation images (each image at its earliest right exit, else the final one): accuracy,
+    expected GFLOPs and batch-1 ms, and the share of its FLOPs saving that the chosen point captures."""
+    point = exit_point(cache, oracle_exit_choice(cache), gflops)
+    saving = gflops[-1] - point['expected_gflops']
+    share = torch.tensor(point['exit_share'], dtype=torch.float64)
+    return {**point, 'expected_latency_ms': float(share @ torch.tensor(latency_ms, dtype=torch.float64)),
+            'flops_saving': saving / gflops[-1],
+            # None when the oracle saves nothing (every image needs the final exit)
+            'captured_share': (gflops[-1] - chosen['expected_gflops']) / saving if saving > 0 else None}
+
+
 def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.device, *, gflops_per_exit: list[float],
                         class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
                         risk: RiskControl = RiskControl(), exit_threshold: float | None = None,
@@ -206,6 +218,7 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
         'versus_baselines': versus_baselines(chosen, baselines, budget, accuracies[-1]),
         'real_early_exit': real,
         'training_rule': exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops_per_exit),
+        'oracle': oracle_report(cache, gflops_per_exit, latency, chosen),
         'conformal': conformal_report(cache, conformal, selecting if calib_loader is not None else None),
         'timing': {'cached_pass_seconds': cached_pass_seconds, 'total_seconds': time.perf_counter() - started},
         'full_network': class_report(cache.targets, cache.logits[-1].argmax(-1), class_names),
@@ -254,6 +267,34 @@ def risk_line(selection: dict) -> str:
     return f'selection rule: {rule}: {promise}; {measured}'
 
 
+def budget_line(results: dict) -> str | None:
+    """One line: whether the budget the point was chosen for held on the validation images, and what was
+    measured there (None when --exit-threshold fixed the point)."""
+    selection, chosen = results['selection'], results['chosen']
+    if selection['budget'].startswith('--exit-threshold'):
+        return None
+    budget = parse_budget(selection['budget'])
+    where = f"budget {budget} on the {results['num_val']} validation images"
+    if budget.kind == 'acc-drop':
+        lost = results['full_accuracy'] - chosen['accuracy']
+        held = lost <= budget.value + 1e-9
+        return (f"{where}: {'held' if held else 'BROKEN'}, the chosen point loses {lost:.2f} points "
+                f"({chosen['accuracy']:.2f}% vs {results['full_accuracy']:.2f}% for the full network)")
+    key, unit = ('expected_gflops', 'GFLOPs') if budget.kind == 'gflops' else ('expected_latency_ms', 'ms')
+    held = chosen[key] <= budget.value + 1e-12
+    return f"{where}: {'held' if held else 'BROKEN'}, the chosen point costs {chosen[key]:.4g} {unit} per image"
+
+
+def oracle_line(results: dict) -> str:
+    """One line: the oracle's accuracy and saving, and the share of that saving the chosen point captures."""
+    oracle, chosen = results['oracle'], results['chosen']
+    captured = ('nothing to capture' if oracle['captured_share'] is None else
+                f"the chosen point captures {100 * oracle['captured_share']:.1f}% of it")
+    return (f"oracle (each image at its earliest right exit): {oracle['accuracy']:.2f}% with "
+            f"{100 * oracle['flops_saving']:.1f}% fewer FLOPs; {captured} "
+            f"({100 * chosen['flops_saving']:.1f}% fewer)")
+
+
 def table_rows(front: list[dict], chosen: dict, rows: int) -> list[dict]:
     """About `rows` points of the front, evenly spread by position, most accurate first, with the chosen one."""
     if len(front) > rows:
@@ -296,6 +337,7 @@ def format_results_table(results: dict) -> str:
         lines.append('  (chosen on the validation images it is reported on, so optimistic: train with '
                      '--calib-ratio 0.1 to choose on held-out images)')
     lines.append(risk_line(selection))
+    lines += [line for line in (budget_line(results), oracle_line(results)) if line]
     lines += [f"batch-1 latency: predicted {selection['expected_latency_ms']:.2f} ms per image, measured "
               f"{real['mean_ms']:.2f} ms mean over {real['images']} images (predicted for them "
               f"{real['predicted_mean_ms']:.2f}); full network {results['latency_table_ms']['cumulative'][-1]:.2f} ms; "

@@ -71,6 +71,14 @@ def conditional_exit_choice(gate_probs: torch.Tensor) -> torch.Tensor:
     return first_exit(activations, 0.5)
 
 
+def oracle_exit_choice(cache: ExitCache) -> torch.Tensor:
+    """(N,) the earliest exit whose prediction is right, else the final exit (E - 1): the cheapest any exit rule
+    could do with these exits, the headroom a rule is measured against."""
+    correct = cache.logits.argmax(dim=-1) == cache.targets.unsqueeze(0)  # (E, N)
+    correct[-1] = True  # nothing right: the sample runs to the final exit
+    return correct.int().argmax(dim=0)  # argmax returns the first maximum
+
+
 def exit_point(cache: ExitCache, chosen: torch.Tensor, gflops_per_exit: Sequence[float]) -> dict:
     """Accuracy, expected GFLOPs, and each exit's share and accuracy when sample i leaves at chosen[i]."""
     predictions = cache.logits.argmax(dim=-1).gather(0, chosen.unsqueeze(0)).squeeze(0)

@@ -11,7 +11,7 @@ from itertools import accumulate
 
 import torch
 
-from learning_helpers.distributed import synchronize
+from learning_helpers.distributed import all_reduce_sum, synchronize
 from models.early_exit import EarlyExitEngine
 from models.early_exit_net import EarlyExitNetwork
 
@@ -62,6 +62,19 @@ def segment_latency_ms(model: EarlyExitNetwork, image: torch.Tensor, device: tor
 def cumulative_ms(segment_ms: list[float]) -> list[float]:
     """ms to reach and leave at each exit: the sum of the segments up to it."""
     return list(accumulate(segment_ms))
+
+
+def latency_exit_costs(model: EarlyExitNetwork) -> list[float]:
+    """Each exit's batch-1 latency here (`segment_latency_ms` summed up to it) as a share of the full network's,
+    so the final exit costs 1: `--exit-costs latency`, the gates trading against what a user waits. Under
+    torchrun the ranks' times are summed first, so every rank trains against one vector."""
+    param = next(model.parameters())
+    was_training = model.training
+    image = torch.zeros(1, 3, *model.input_size, device=param.device, dtype=param.dtype)
+    measured = cumulative_ms(segment_latency_ms(model, image, param.device))
+    model.train(was_training)
+    cumulative = all_reduce_sum(torch.tensor(measured, dtype=torch.float64, device=param.device))  # over ranks
+    return (cumulative / cumulative[-1]).tolist()
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from learning_helpers.backbone_recipe import (BackboneRecipe, base_criterion, bu
 from learning_helpers.backbone_stage import BackboneStep, run_backbone_stage
 from learning_helpers.checkpoint import suggested_checkpoint
 from learning_helpers.distributed import is_main_process
-from learning_helpers.dynn_training import dynn_optimizer, train_dynn
+from learning_helpers.dynn_training import dynn_optimizer, exit_cost_vector, train_dynn
 from learning_helpers.joint_stage import JointConfig
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation, exit_distillation
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
@@ -151,7 +151,10 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
                                           transfer_ratio=args.transfer_ratio, gate_lr=args.gate_lr, min_lr=args.min_lr,
                                           num_epochs=args.num_epoch)
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
-    run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
+    # measured once per run (--exit-costs latency) and recorded, so a resumed run trains against the same vector
+    costs = exit_cost_vector(model, args.exit_costs, (resume.get('args') or {}).get('exit_cost_vector'))
+    logging.info('exit costs (--exit-costs %s): %s', args.exit_costs, ' '.join(f'{c:.3f}' for c in costs))
+    run = run_config(args, run_folder, run_args_dict(args, {**shape, 'exit_cost_vector': costs}, data, split_path))
     distillation = exit_distillation(args.exit_distill, args.exit_distill_tau)
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir, distillation)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
@@ -161,7 +164,7 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
         save_split(split_path, data.split)
         writer = make_writer(Path(args.output_dir), f'dynn_{args.data_set}_{args.ce_ic_tradeoff}')
         summary = train_dynn(model, data.train_loader, data.val_loader, optimizer, scheduler, device, run, warmup,
-                             joint, args.exit_costs, writer, start)
+                             joint, costs, writer, start)
     if is_main_process():
         if summary.best_path is None:
             print(f'dynn stages done: warm-up only; checkpoint: {summary.last_path}')

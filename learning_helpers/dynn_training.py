@@ -5,6 +5,7 @@ import logging
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from evaluation.latency import latency_exit_costs
 from learning_helpers.joint_stage import JointConfig, run_joint_stage
 from learning_helpers.optim import build_optimizer, build_scheduler
 from learning_helpers.stage_common import RunConfig, StageSummary, StartPoint
@@ -13,6 +14,16 @@ from models.early_exit_net import EarlyExitNetwork
 from models.flops import EXIT_COSTS, normalized_exit_costs
 
 _logger = logging.getLogger(__name__)
+
+
+# --exit-costs: each way to give every exit a cost, a share of the full network's (the final exit costs 1)
+EXIT_COST_VECTORS = {**EXIT_COSTS, 'latency': latency_exit_costs}
+
+
+def exit_cost_vector(model: EarlyExitNetwork, name: str, recorded: list[float] | None = None) -> list[float]:
+    """The exit costs the gates trade against: the vector the run recorded when it has one (a resumed run keeps
+    the latencies it measured when it started), else `name`'s."""
+    return list(recorded) if recorded is not None else EXIT_COST_VECTORS[name](model)
 
 
 def dynn_param_groups(model: EarlyExitNetwork, lr: float, transfer_ratio: float,
@@ -38,9 +49,10 @@ def dynn_optimizer(model: EarlyExitNetwork, name: str, weight_decay: float, *, l
 
 
 def train_dynn(model: EarlyExitNetwork, train_loader, val_loader, optimizer, scheduler, device: torch.device,
-               run: RunConfig, warmup: WarmupConfig, joint: JointConfig, exit_costs: str,
+               run: RunConfig, warmup: WarmupConfig, joint: JointConfig, exit_costs: list[float],
                writer: SummaryWriter | None, start: StartPoint) -> StageSummary:
-    """The warm-up (unless the resumed checkpoint is past it), then joint training."""
+    """The warm-up (unless the resumed checkpoint is past it), then joint training against `exit_costs`
+    (`exit_cost_vector`)."""
     if start.stage != 'joint':
         summary = run_warmup_stage(model, train_loader, val_loader, optimizer, scheduler, device, run, warmup,
                                    writer, start)
@@ -50,6 +62,5 @@ def train_dynn(model: EarlyExitNetwork, train_loader, val_loader, optimizer, sch
                             warmup.max_epochs)
             return summary
         start = StartPoint(None, summary.next_epoch, 0.0, {})
-    costs = torch.tensor(EXIT_COSTS[exit_costs](model))
-    return run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs,
+    return run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, torch.tensor(exit_costs),
                            normalized_exit_costs(model), run, joint, writer, start)
