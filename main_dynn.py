@@ -29,7 +29,7 @@ from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
 from models.flops import EXIT_COSTS
-from models.gates import GATES
+from models.gates import GATES, gates_help
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 
 
@@ -109,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                   f"architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} for GFNet; README lists the "
                   "others), with --eval and --export the checkpoint's")
     add_flag(model, '--gate', type=str, default='unc', choices=sorted(GATES), jobs=DYNN | EVAL | EXPORT,
-             help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
+             help=gates_help())
     add_flag(model, '--checkpoint-path', type=str, default=None,
              help='weights to start from (training) or to evaluate/export (--eval, --export)')
     add_flag(model, '--pretrained', type=str, default=None, jobs=BACKBONE,
