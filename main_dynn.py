@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dataset_config import DATASET_CONFIG
-from deployment.exporters import EXPORTERS
+from deployment.exporters import EXPORTERS, exporters_help
 from errors import GFNetDynnError, OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
@@ -216,7 +216,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(evaluation, '--results-json', type=str, default=None, jobs=EVAL,
              help='default: results.json in --output-dir if given, else beside the checkpoint')
     add_flag(evaluation, '--export', type=str, default=None, choices=sorted(EXPORTERS), jobs=EXPORT,
-             help='export --checkpoint-path for edge runtimes')
+             help=exporters_help())
     add_flag(evaluation, '--out', type=str, default=None, jobs=EXPORT, help='folder for --export')
     add_flag(evaluation, '--quantize', type=str, default=None, choices=['int8'], jobs=EXPORT,
              help='--export onnx: also write statically quantised int8 segments (QDQ), calibrated on '

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from deployment.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
+from deployment.onnx_manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from errors import GFNetDynnError
 from models.gfnet import GlobalFilter
 from models.early_exit_net import EarlyExitNetwork

@@ -20,7 +20,8 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 
-from deployment.onnx_runner import MANIFEST_NAME, OnnxEarlyExit, read_manifest
+from deployment.onnx_manifest import MANIFEST_NAME
+from deployment.onnx_runner import OnnxEarlyExit, read_manifest
 
 QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
 DFT_TABLES = ('.cos_a', '.sin_a', '.fwd_cos_b', '.fwd_sin_b', '.inv_cos_b', '.inv_sin_b')  # MatmulGlobalFilter's
