@@ -28,7 +28,7 @@ from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
-from models.flops import EXIT_COSTS
+from models.exit_costs import EXIT_COSTS, exit_costs_help
 from models.gates import GATES, gates_help
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 
@@ -179,9 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                   "joint training, the final exit's CE joins it, a guard against the full network drifting in "
                   'long runs (--freeze-backbone is always the reference)')
     add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
-             help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
-                  "--ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda exits "
-                  "earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
+             help=exit_costs_help())
     add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
              help='backbone lr = lr * this in joint training')
     add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=positive,
@@ -291,10 +289,10 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
         if extra:
             raise GFNetDynnError(f"{', '.join(extra)} given without distillation (--distillation-type none): pass "
                                  f'--distillation-type soft, hard or freq, or drop them')
-    if (job == 'dynn' and 'exit_costs' in given and args.exit_costs == 'reference' and args.arch
+    if (job == 'dynn' and 'exit_costs' in given and EXIT_COSTS[args.exit_costs].gfnet_only and args.arch
             and not model_factory.is_gfnet(args.arch)):
-        raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; --arch {args.arch} trains "
-                             f'with its true FLOPs: drop --exit-costs or pass flops')
+        raise GFNetDynnError(f"--exit-costs {args.exit_costs} is the reference's GFNet op counter; --arch {args.arch} "
+                             f'trains with its true FLOPs: drop --exit-costs or pass flops')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
     risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})

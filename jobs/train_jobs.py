@@ -22,6 +22,7 @@ from learning_helpers.optim import build_optimizer, build_scheduler, optimizer_c
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
 from models import model_factory
+from models.exit_costs import DEFAULT_EXIT_COSTS, EXIT_COSTS
 from models.weights import load_state
 
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
@@ -115,10 +116,11 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate), resume,
         'dynn')
-    if args.exit_costs == 'reference' and not model_factory.is_gfnet(shape['arch']):
-        # the reference's op counter exists for GFNet only (an explicit --exit-costs reference is refused earlier)
-        logging.info("exit costs: %s trains against its true FLOPs (--exit-costs reference is GFNet's)", shape['arch'])
-        args = argparse.Namespace(**{**vars(args), 'exit_costs': 'flops'})
+    if EXIT_COSTS[args.exit_costs].gfnet_only and not model_factory.is_gfnet(shape['arch']):
+        # a vector that exists for GFNet only (an explicit choice of it is refused earlier)
+        logging.info("exit costs: %s trains against its true FLOPs (--exit-costs %s is GFNet's)", shape['arch'],
+                     args.exit_costs)
+        args = argparse.Namespace(**{**vars(args), 'exit_costs': DEFAULT_EXIT_COSTS})
     shape = {**shape, 'exit_positions': list(model.exit_positions)}  # the architecture's default made explicit
     if not resume and not args.checkpoint_path:
         logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '

@@ -10,7 +10,8 @@ from learning_helpers.optim import build_optimizer, build_scheduler
 from learning_helpers.stage_common import RunConfig, StageSummary, StartPoint
 from learning_helpers.warmup_stage import WarmupConfig, run_warmup_stage
 from models.early_exit_net import EarlyExitNetwork
-from models.flops import EXIT_COSTS, normalized_exit_costs
+from models.exit_costs import EXIT_COSTS, CostInputs
+from models.flops import normalized_exit_costs
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +51,6 @@ def train_dynn(model: EarlyExitNetwork, train_loader, val_loader, optimizer, sch
                             warmup.max_epochs)
             return summary
         start = StartPoint(None, summary.next_epoch, 0.0, {})
-    costs = torch.tensor(EXIT_COSTS[exit_costs](model))
+    costs = torch.tensor(EXIT_COSTS[exit_costs].build(CostInputs(model, device)))
     return run_joint_stage(model, train_loader, val_loader, optimizer, scheduler, device, costs,
                            normalized_exit_costs(model), run, joint, writer, start)

@@ -147,9 +147,6 @@ def reference_normalized_exit_costs(model: torch.nn.Module) -> list[float]:
     return [c / counts[-1] for c in counts]
 
 
-EXIT_COSTS = {'reference': reference_normalized_exit_costs, 'flops': normalized_exit_costs}  # --exit-costs
-
-
 def lambda_factor(model: torch.nn.Module) -> dict:
     """How a lambda translates between the two cost vectors: a gate target prefers exit k over the final head
     when CE_k - CE_final < lambda (1 - cost_k), so lambda under true FLOPs acts like lambda * (1 - flops_k) /

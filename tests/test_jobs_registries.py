@@ -114,3 +114,23 @@ def test_a_toy_format_exports_and_replaces_only_its_own_folder(toy_registered, t
     before = folder_checksums(out)
     assert 'not an earlier export' in one_error(capsys, argv)
     assert folder_checksums(out) == before
+
+
+def test_an_exit_cost_entry_gives_the_flag_its_choice_and_the_training_its_vector(monkeypatch):
+    from learning_helpers import dynn_training
+    from models.exit_costs import EXIT_COSTS, CostInputs, ExitCosts
+    from models.gfnet_dynn import GFNetDynn
+    ramp = ExitCosts(lambda inputs: [(k + 1) / inputs.model.num_exits for k in range(inputs.model.num_exits)],
+                     'cost k+1 of E')
+    monkeypatch.setitem(EXIT_COSTS, 'ramp', ramp)
+    flag = next(a for a in get_args_parser()._actions if a.dest == 'exit_costs')
+    assert 'ramp' in flag.choices and 'ramp: cost k+1 of E' in flag.help
+    model = GFNetDynn(img_size=16, patch_size=8, embed_dim=16, depth=4, num_classes=3, exit_positions=[1, 2])
+    assert EXIT_COSTS['ramp'].build(CostInputs(model, torch.device('cpu'))) == [1 / 3, 2 / 3, 1.0]
+    seen = {}
+    monkeypatch.setattr(dynn_training, 'run_joint_stage', lambda model, tl, vl, opt, sch, device, costs, *rest:
+                        seen.setdefault('costs', costs.tolist()))
+    from learning_helpers.stage_common import StartPoint
+    dynn_training.train_dynn(model, None, None, None, None, torch.device('cpu'), None, None, None, 'ramp', None,
+                             StartPoint('joint', 0, 0.0, {}))
+    assert seen['costs'] == pytest.approx([1 / 3, 2 / 3, 1.0])
