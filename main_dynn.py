@@ -23,7 +23,6 @@ from jobs.inference_jobs import run_eval, run_export
 from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device
 from jobs.train_jobs import run_backbone, run_dynn
 from jobs.trained_run import RunArgs
-from learning_helpers.distributed import barrier, init_distributed
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
@@ -31,6 +30,7 @@ from models import model_factory
 from models.exit_costs import EXIT_COSTS, exit_costs_help
 from models.gates import GATES, gates_help
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
+from runtime.distributed import barrier, init_distributed
 
 
 def budget_arg(text: str) -> str:

@@ -11,9 +11,9 @@ from itertools import accumulate
 
 import torch
 
-from learning_helpers.distributed import synchronize
 from models.early_exit import EarlyExitEngine
 from models.early_exit_net import EarlyExitNetwork
+from runtime.distributed import synchronize
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,13 @@ from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
+from evaluation.risk_control import RiskControl
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
 from jobs.run_setup import build_data, checkpoint_args, dynn_run_folder, resolve_model_shape, split_request
-from evaluation.risk_control import RiskControl
 from jobs.trained_run import RunArgs, TrainedRun, reopen
-from learning_helpers.checkpoint import save_json, suggested_checkpoint
+from learning_helpers.checkpoint import suggested_checkpoint
 from models.flops import exit_gflops
+from runtime.atomic import save_json
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
 

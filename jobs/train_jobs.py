@@ -14,7 +14,6 @@ from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, c
 from jobs.trained_run import RunArgs
 from learning_helpers.backbone_stage import run_backbone_stage
 from learning_helpers.checkpoint import suggested_checkpoint
-from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, train_dynn
 from learning_helpers.joint_stage import JointConfig
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
@@ -24,6 +23,7 @@ from learning_helpers.warmup_stage import WarmupConfig
 from models import model_factory
 from models.exit_costs import DEFAULT_EXIT_COSTS, EXIT_COSTS
 from models.weights import load_state
+from runtime.distributed import is_main_process
 
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
 
