@@ -14,18 +14,18 @@ import torch
 
 from dataset_config import DATASET_CONFIG
 from deployment.exporters import EXPORTERS, exporters_help
-from errors import GFNetDynnError, OneLineParser, exit_code
+from errors import OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
-from jobs.flags import (BACKBONE, DYNN, EVAL, EXPORT, READS_DATA, TRAINING, add_flag, below_one, bounded, check_ranges,
-                        flag_jobs, non_negative, positive, probability, split_ratio)
+from jobs.flag_policy import check_flags_apply, job_of, validate_args
+from jobs.flags import (BACKBONE, DYNN, EVAL, EXPORT, READS_DATA, TRAINING, add_flag, below_one, bounded,
+                        non_negative, option_names, positive, probability, split_ratio)
 from jobs.inference_jobs import run_eval, run_export
-from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device
+from jobs.resume import resumed_args
+from jobs.run_setup import resolve_device
 from jobs.train_jobs import run_backbone, run_dynn
-from jobs.trained_run import RunArgs
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
-from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
 from models.exit_costs import EXIT_COSTS, exit_costs_help
 from models.gates import GATES, gates_help
@@ -235,20 +235,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The data flags --export reads with --quantize (calibration images), and only then.
-CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images',
-                     'num_workers')
-# how a run runs, not what it is
-RESUME_MAY_CHANGE = frozenset({'resume', 'device', 'num_workers', 'data_path', 'check_images'})
-# what a resumed run whose checkpoint predates a flag trained with (not the flag's default of today)
-BEHAVIOUR_BEFORE_FLAG = {'final_exit_loss': 'off', 'exit_costs': 'flops'}
-
-
-def option_names() -> dict[str, str]:
-    """dest -> the flag as users write it (--data-set, --num_epoch)."""
-    return {action.dest: action.option_strings[0] for action in get_args_parser()._actions if action.option_strings}
-
-
 def given_flags(argv: list[str] | None) -> set[str]:
     """The dests of the flags written on the command line; argparse fills in the others with defaults."""
     parser = get_args_parser()
@@ -257,130 +243,16 @@ def given_flags(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def job_of(args: argparse.Namespace) -> str:
-    if args.eval and args.export:
-        raise GFNetDynnError('--eval and --export are separate jobs; run one, then the other')
-    return 'export' if args.export else 'eval' if args.eval else args.stage
-
-
-def _describe_jobs(jobs) -> str:
-    words = {'backbone': '--stage backbone', 'dynn': '--stage dynn', 'eval': '--eval', 'export': '--export'}
-    named = [words[job] for job in ('backbone', 'dynn', 'eval', 'export') if job in jobs]
-    return ' and '.join(named) if len(named) < 3 else f"{', '.join(named[:-1])} and {named[-1]}"
-
-
-def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> None:
-    """Every flag on the command line acts in this job: none is silently ignored. All the flags that do not are
-    named in one line; one given at its default value changes nothing, so a script may keep it."""
-    parser = get_args_parser()
-    names, acts_in = option_names(), flag_jobs(parser)
-    idle = [dest for dest in sorted(given) if acts_in[dest] is not None and job not in acts_in[dest]
-            and getattr(args, dest) != parser.get_default(dest)]
-    if len(idle) == 1:
-        raise GFNetDynnError(f'{names[idle[0]]} has no effect with {_describe_jobs({job})}: it applies to '
-                             f'{_describe_jobs(acts_in[idle[0]])}; drop it')
-    if idle:
-        described = '; '.join(f'{names[dest]} to {_describe_jobs(acts_in[dest])}' for dest in idle)
-        raise GFNetDynnError(f"{', '.join(names[dest] for dest in idle)} have no effect with "
-                             f'{_describe_jobs({job})} (they apply: {described}); drop them')
-    if job == 'backbone' and args.distillation_type == 'none':
-        extra = sorted(names[d] for d in given & {'teacher_model', 'teacher_path', 'distillation_alpha',
-                                                  'distillation_tau', 'distillation_freq_weight'})
-        if extra:
-            raise GFNetDynnError(f"{', '.join(extra)} given without distillation (--distillation-type none): pass "
-                                 f'--distillation-type soft, hard or freq, or drop them')
-    if (job == 'dynn' and 'exit_costs' in given and EXIT_COSTS[args.exit_costs].gfnet_only and args.arch
-            and not model_factory.is_gfnet(args.arch)):
-        raise GFNetDynnError(f"--exit-costs {args.exit_costs} is the reference's GFNet op counter; --arch {args.arch} "
-                             f'trains with its true FLOPs: drop --exit-costs or pass flops')
-    if job == 'eval' and {'budget', 'exit_threshold'} <= given:
-        raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
-    risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
-    if job == 'eval' and risk_flags and 'exit_threshold' in given:
-        raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "
-                             f'one of them')
-    if job == 'eval' and risk_flags and parse_budget(args.budget).kind != 'acc-drop':
-        raise GFNetDynnError(f"{', '.join(risk_flags)} act with --budget acc-drop=P only (the loss they control is "
-                             f'an accuracy drop), not --budget {args.budget}; drop them or use acc-drop')
-    if job == 'eval' and 'delta' in given and args.risk_control != 'ltt':
-        raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
-                             f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
-    if job == 'export' and not args.quantize:
-        extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'}
-                       if getattr(args, d) != parser.get_default(d))
-        if extra:
-            raise GFNetDynnError(f"{', '.join(extra)} given with --export but without --quantize int8, the only export "
-                                 f'that reads images (for calibration): add --quantize int8, or drop them')
-    if job == 'eval' and {'output_dir', 'results_json'} <= given:
-        raise GFNetDynnError('--output-dir has no effect when --results-json names the file; drop one of them')
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject impossible values (each flag's declared range, then combinations) with a message naming the flag."""
-    check_ranges(get_args_parser(), args)
-    checks = [
-        (args.risk_control == 'none' or (parse_budget(args.budget).kind == 'acc-drop'
-                                         and 0 < parse_budget(args.budget).value < 100),
-         f'--risk-control {args.risk_control} needs --budget acc-drop=P with 0 < P < 100 (the loss level P/100), '
-         f'got {args.budget}'),
-        (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),
-        (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
-        (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),
-        (not (args.pretrained and args.checkpoint_path),
-         '--pretrained and --checkpoint-path both give starting weights; pass one of them'),
-        (args.distillation_type == 'none' or args.teacher_model,
-         f'--distillation-type {args.distillation_type} needs --teacher-model (and --teacher-path)'),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise GFNetDynnError(message)
-
-
-def _same(dest: str, value, stored) -> bool:
-    if dest in PATH_FLAGS and value is not None and stored is not None:
-        return Path(value).resolve() == Path(stored).resolve()
-    return value == stored
-
-
-def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict]:
-    """--resume: the run's own arguments back, in the run's own folder. A flag that would change the run is a
-    one-line error; only how it runs (device, workers, data location) may change."""
-    checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
-    stored = checkpoint['args']
-    stage = 'backbone' if checkpoint['stage'] == 'backbone' else 'dynn'
-    folder = Path(args.resume).resolve().parent
-    if finished(checkpoint):
-        raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch ({checkpoint['epoch']}, "
-                             f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
-                             f"run from its best.pth: "
-                             f"{extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
-    recorded = RunArgs.from_dict(stored)
-    expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
-                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name
-    if folder.name != expected or folder.parent.name != 'checkpoint':
-        raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
-                             f'continues a run where it was written: put the file back there')
-    names = option_names()
-    # flags added since: their default, or the value that reproduces how runs trained before the flag existed
-    run_args = {**vars(args), **BEHAVIOUR_BEFORE_FLAG, **{k: v for k, v in stored.items() if hasattr(args, k)}}
-    run_args.update(stage=stage, output_dir=str(folder.parent.parent))
-    for dest in sorted(given - RESUME_MAY_CHANGE):
-        if not _same(dest, getattr(args, dest), run_args.get(dest)):
-            raise GFNetDynnError(f'{names[dest]} {getattr(args, dest)} would change the run {args.resume} continues '
-                                 f'(it has {run_args.get(dest)}); --resume continues a run as it was started: drop '
-                                 f'{names[dest]}, or start a new run from its best.pth with --checkpoint-path')
-    run_args.update({dest: getattr(args, dest) for dest in RESUME_MAY_CHANGE if dest in given or dest == 'resume'})
-    return argparse.Namespace(**run_args), checkpoint
-
-
 def run(args: argparse.Namespace, given: set[str]) -> Path:
     """Check every flag, set up the process, dispatch to the requested job."""
-    validate_args(args)
+    parser = get_args_parser()
+    names = option_names(parser)
+    validate_args(parser, args)
     resume = {}
     if args.resume:
-        args, resume = resumed_args(args, given)
+        args, resume = resumed_args(args, given, names)
     job = job_of(args)
-    check_flags_apply(job, given, args)
+    check_flags_apply(parser, job, given, args)
     model_factory.check_arch(args.arch, job)
     distributed, distributed_device = init_distributed(args.device)
     device = resolve_device(args.device, distributed_device)
@@ -389,9 +261,9 @@ def run(args: argparse.Namespace, given: set[str]) -> Path:
                         device.type)
     torch.manual_seed(args.seed)
     if job == 'export':
-        return run_export(args, given, option_names())
+        return run_export(args, given, names)
     if job == 'eval':
-        return run_eval(args, given, option_names(), device)
+        return run_eval(args, given, names, device)
     path = (run_backbone if job == 'backbone' else run_dynn)(args, device, distributed, resume)
     barrier()
     return path
