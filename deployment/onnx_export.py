@@ -175,7 +175,7 @@ def export_segments(model: EarlyExitNetwork, out_dir: str | Path, *, threshold: 
                                         dynamic_shapes=dynamic_shapes)
         file_names.append(segment_file_name(k))
         graph_proto = program.model_proto if opset == OPSET else to_opset_17(program.model_proto)
-        atomic_write(out_dir / file_names[-1], lambda stream: onnx.save(graph_proto, stream))
+        atomic_write(out_dir / file_names[-1], lambda stream: stream.write(graph_proto.SerializeToString()))
         if not graph.is_final:
             with torch.no_grad():
                 x = graph(x)[0]  # this segment's features are the next one's example input
