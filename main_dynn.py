@@ -13,27 +13,27 @@ from pathlib import Path
 import torch
 
 from dataset_config import DATASET_CONFIG
-from deployment.exporters import EXPORTERS
-from errors import GFNetDynnError, OneLineParser, exit_code
+from deployment.exporters import EXPORTERS, exporters_help
+from errors import OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
 from jobs.config_file import CONFIG_FLAG, expand_config
+from jobs.flag_policy import check_flags_apply, job_of, validate_args
 from jobs.flags import (BACKBONE, DYNN, DYNN_WEIGHT_DECAY, EVAL, EXPORT, READS_DATA, STAGE_DEFAULTS, TRAINING, add_flag,
-                        below_one, bounded, check_ranges, flag_jobs, non_negative, positive, probability, split_ratio,
+                        below_one, bounded, non_negative, option_names, positive, probability, split_ratio,
                         stage_default_help)
 from jobs.inference_jobs import run_eval, run_export
-from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder, resolve_device
+from jobs.resume import resumed_args
+from jobs.run_setup import resolve_device
 from jobs.train_jobs import run_backbone, run_dynn
-from jobs.trained_run import RunArgs
-from learning_helpers.distributed import barrier, init_distributed
-from learning_helpers.dynn_training import EXIT_COST_VECTORS
 from learning_helpers.joint_stage import PHASE_COUNTERS
 from learning_helpers.losses import CLASSIFIER_LOSSES, FINAL_EXIT_LOSS
-from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
 from models import model_factory
+from models.exit_costs import EXIT_COSTS, exit_costs_help
 from models.exit_heads import EXIT_HEADS, EXIT_NORMS
-from models.gates import GATES
+from models.gates import GATES, gates_help
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
+from runtime.distributed import barrier, init_distributed
 
 
 def budget_arg(text: str) -> str:
@@ -114,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                   f"architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} for GFNet; README lists the "
                   "others), with --eval and --export the checkpoint's")
     add_flag(model, '--gate', type=str, default='unc', choices=sorted(GATES), jobs=DYNN | EVAL | EXPORT,
-             help='exit gate: learnable uncertainty gate, or identity (max probability, nothing to learn)')
+             help=gates_help())
     add_flag(model, '--checkpoint-path', type=str, default=None,
              help='weights to start from (training) or to evaluate/export (--eval, --export)')
     add_flag(model, '--pretrained', type=str, default=None, jobs=BACKBONE,
@@ -213,11 +213,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="off: the reference's classifier-phase loss alone; auto (ours): while the backbone trains in "
                   "joint training, the final exit's CE joins it, a guard against the full network drifting in "
                   'long runs (--freeze-backbone is always the reference)')
-    add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COST_VECTORS), jobs=DYNN,
-             help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
-                  "--ce_ic_tradeoff means what it means there), flops (true FLOPs: the same lambda exits "
-                  "earlier, see docs/METHOD.md) or latency (batch-1 latency measured on this machine when the run "
-                  "starts, recorded for --resume); reported GFLOPs are always true FLOPs")
+    add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
+             help=exit_costs_help())
     add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
              help='backbone lr = lr * this in joint training')
     add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=positive,
@@ -266,7 +263,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(evaluation, '--results-json', type=str, default=None, jobs=EVAL,
              help='default: results.json in --output-dir if given, else beside the checkpoint')
     add_flag(evaluation, '--export', type=str, default=None, choices=sorted(EXPORTERS), jobs=EXPORT,
-             help='export --checkpoint-path for edge runtimes')
+             help=exporters_help())
     add_flag(evaluation, '--out', type=str, default=None, jobs=EXPORT, help='folder for --export')
     add_flag(evaluation, '--quantize', type=str, default=None, choices=['int8'], jobs=EXPORT,
              help='--export onnx: also write statically quantised int8 segments (QDQ), calibrated on '
@@ -290,20 +287,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The data flags --export reads with --quantize (calibration images), and only then.
-CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images',
-                     'num_workers')
-# how a run runs, not what it is
-RESUME_MAY_CHANGE = frozenset({'config', 'resume', 'device', 'num_workers', 'data_path', 'check_images'})
-# what a resumed run whose checkpoint predates a flag trained with (not the flag's default of today)
-BEHAVIOUR_BEFORE_FLAG = {'final_exit_loss': 'off', 'exit_costs': 'flops'}
-
-
-def option_names() -> dict[str, str]:
-    """dest -> the flag as users write it (--data-set, --num_epoch)."""
-    return {action.dest: action.option_strings[0] for action in get_args_parser()._actions if action.option_strings}
-
-
 def given_flags(argv: list[str] | None) -> set[str]:
     """The dests of the flags written on the command line; argparse fills in the others with defaults."""
     parser = get_args_parser()
@@ -312,136 +295,16 @@ def given_flags(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def job_of(args: argparse.Namespace) -> str:
-    if args.eval and args.export:
-        raise GFNetDynnError('--eval and --export are separate jobs; run one, then the other')
-    return 'export' if args.export else 'eval' if args.eval else args.stage
-
-
-def _describe_jobs(jobs) -> str:
-    words = {'backbone': '--stage backbone', 'dynn': '--stage dynn', 'eval': '--eval', 'export': '--export'}
-    named = [words[job] for job in ('backbone', 'dynn', 'eval', 'export') if job in jobs]
-    return ' and '.join(named) if len(named) < 3 else f"{', '.join(named[:-1])} and {named[-1]}"
-
-
-def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> None:
-    """Every flag on the command line acts in this job: none is silently ignored. All the flags that do not are
-    named in one line; one given at its default value changes nothing, so a script may keep it."""
-    parser = get_args_parser()
-    names, acts_in = option_names(), flag_jobs(parser)
-    idle = [dest for dest in sorted(given) if acts_in[dest] is not None and job not in acts_in[dest]
-            and getattr(args, dest) != parser.get_default(dest)]
-    if len(idle) == 1:
-        raise GFNetDynnError(f'{names[idle[0]]} has no effect with {_describe_jobs({job})}: it applies to '
-                             f'{_describe_jobs(acts_in[idle[0]])}; drop it')
-    if idle:
-        described = '; '.join(f'{names[dest]} to {_describe_jobs(acts_in[dest])}' for dest in idle)
-        raise GFNetDynnError(f"{', '.join(names[dest] for dest in idle)} have no effect with "
-                             f'{_describe_jobs({job})} (they apply: {described}); drop them')
-    if job == 'backbone' and args.distillation_type == 'none':
-        extra = sorted(names[d] for d in given & {'teacher_model', 'teacher_path', 'distillation_alpha',
-                                                  'distillation_tau', 'distillation_freq_weight'})
-        if extra:
-            raise GFNetDynnError(f"{', '.join(extra)} given without distillation (--distillation-type none): pass "
-                                 f'--distillation-type soft, hard or freq, or drop them')
-    if job == 'dynn' and 'exit_grid' in given and not EXIT_HEADS[args.exit_head].pools_grid:
-        raise GFNetDynnError(f'--exit-grid sizes the grid of --exit-head pool; --exit-head {args.exit_head} pools '
-                             f'over all positions: drop --exit-grid or pass --exit-head pool')
-    if job == 'dynn' and 'exit_distill_tau' in given and args.exit_distill == 0:
-        raise GFNetDynnError('--exit-distill-tau given without --exit-distill: pass a weight, e.g. --exit-distill '
-                             '0.5, or drop it')
-    if (job == 'dynn' and 'exit_costs' in given and args.exit_costs == 'reference' and args.arch
-            and not model_factory.is_gfnet(args.arch)):
-        raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; --arch {args.arch} trains "
-                             f'with its true FLOPs: drop --exit-costs or pass flops')
-    if job == 'eval' and {'budget', 'exit_threshold'} <= given:
-        raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
-    risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})
-    if job == 'eval' and risk_flags and 'exit_threshold' in given:
-        raise GFNetDynnError(f"--exit-threshold fixes the threshold, so {', '.join(risk_flags)} has no effect; drop "
-                             f'one of them')
-    if job == 'eval' and risk_flags and parse_budget(args.budget).kind != 'acc-drop':
-        raise GFNetDynnError(f"{', '.join(risk_flags)} act with --budget acc-drop=P only (the loss they control is "
-                             f'an accuracy drop), not --budget {args.budget}; drop them or use acc-drop')
-    if job == 'eval' and 'delta' in given and args.risk_control != 'ltt':
-        raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
-                             f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
-    if job == 'export' and not args.quantize:
-        extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'}
-                       if getattr(args, d) != parser.get_default(d))
-        if extra:
-            raise GFNetDynnError(f"{', '.join(extra)} given with --export but without --quantize int8, the only export "
-                                 f'that reads images (for calibration): add --quantize int8, or drop them')
-    if job == 'eval' and {'output_dir', 'results_json'} <= given:
-        raise GFNetDynnError('--output-dir has no effect when --results-json names the file; drop one of them')
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject impossible values (each flag's declared range, then combinations) with a message naming the flag."""
-    check_ranges(get_args_parser(), args)
-    checks = [
-        (args.risk_control == 'none' or (parse_budget(args.budget).kind == 'acc-drop'
-                                         and 0 < parse_budget(args.budget).value < 100),
-         f'--risk-control {args.risk_control} needs --budget acc-drop=P with 0 < P < 100 (the loss level P/100), '
-         f'got {args.budget}'),
-        (not args.eval or args.checkpoint_path, '--eval needs --checkpoint-path (a best.pth of the dynn stage)'),
-        (not args.export or args.checkpoint_path, '--export needs --checkpoint-path'),
-        (not args.export or args.out, '--export needs --out DIR, the folder for the ONNX files'),
-        (not (args.pretrained and args.checkpoint_path),
-         '--pretrained and --checkpoint-path both give starting weights; pass one of them'),
-        (args.distillation_type == 'none' or args.teacher_model,
-         f'--distillation-type {args.distillation_type} needs --teacher-model (and --teacher-path)'),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise GFNetDynnError(message)
-
-
-def _same(dest: str, value, stored) -> bool:
-    if dest in PATH_FLAGS and value is not None and stored is not None:
-        return Path(value).resolve() == Path(stored).resolve()
-    return value == stored
-
-
-def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict]:
-    """--resume: the run's own arguments back, in the run's own folder. A flag that would change the run is a
-    one-line error; only how it runs (device, workers, data location) may change."""
-    checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
-    stored = checkpoint['args']
-    stage = 'backbone' if checkpoint['stage'] == 'backbone' else 'dynn'
-    folder = Path(args.resume).resolve().parent
-    if finished(checkpoint):
-        raise GFNetDynnError(f"nothing to resume: {args.resume} finished its last epoch ({checkpoint['epoch']}, "
-                             f"counted from 0, of --num_epoch {stored['num_epoch']}); to train further, start a new "
-                             f"run from its best.pth: "
-                             f"{extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
-    recorded = RunArgs.from_dict(stored)
-    expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
-                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name
-    if folder.name != expected or folder.parent.name != 'checkpoint':
-        raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
-                             f'continues a run where it was written: put the file back there')
-    names = option_names()
-    # flags added since: their default, or the value that reproduces how runs trained before the flag existed
-    run_args = {**vars(args), **BEHAVIOUR_BEFORE_FLAG, **{k: v for k, v in stored.items() if hasattr(args, k)}}
-    run_args.update(stage=stage, output_dir=str(folder.parent.parent))
-    for dest in sorted(given - RESUME_MAY_CHANGE):
-        if not _same(dest, getattr(args, dest), run_args.get(dest)):
-            raise GFNetDynnError(f'{names[dest]} {getattr(args, dest)} would change the run {args.resume} continues '
-                                 f'(it has {run_args.get(dest)}); --resume continues a run as it was started: drop '
-                                 f'{names[dest]}, or start a new run from its best.pth with --checkpoint-path')
-    run_args.update({dest: getattr(args, dest) for dest in RESUME_MAY_CHANGE if dest in given or dest == 'resume'})
-    return argparse.Namespace(**run_args), checkpoint
-
-
 def run(args: argparse.Namespace, given: set[str]) -> Path:
     """Check every flag, set up the process, dispatch to the requested job."""
-    validate_args(args)
+    parser = get_args_parser()
+    names = option_names(parser)
+    validate_args(parser, args)
     resume = {}
     if args.resume:
-        args, resume = resumed_args(args, given)
+        args, resume = resumed_args(args, given, names)
     job = job_of(args)
-    check_flags_apply(job, given, args)
+    check_flags_apply(parser, job, given, args)
     model_factory.check_arch(args.arch, job)
     distributed, distributed_device = init_distributed(args.device)
     device = resolve_device(args.device, distributed_device)
@@ -450,9 +313,9 @@ def run(args: argparse.Namespace, given: set[str]) -> Path:
                         device.type)
     torch.manual_seed(args.seed)
     if job == 'export':
-        return run_export(args, given, option_names())
+        return run_export(args, given, names)
     if job == 'eval':
-        return run_eval(args, given, option_names(), device)
+        return run_eval(args, given, names, device)
     path = (run_backbone if job == 'backbone' else run_dynn)(args, device, distributed, resume)
     barrier()
     return path

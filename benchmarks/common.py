@@ -8,8 +8,8 @@ import torch
 
 from errors import exit_code
 from jobs.outputs import check_output_file
-from learning_helpers.checkpoint import save_json
-from learning_helpers.distributed import synchronize
+from runtime.atomic import save_json
+from runtime.distributed import synchronize
 
 # Default output folder, relative to the working directory and git-ignored: a run never rewrites the
 # measurements committed under benchmarks/results/ unless --json names them.

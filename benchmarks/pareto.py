@@ -201,17 +201,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     rows, runners = [], {}
     with torch.inference_mode():
         for arch, path in checkpoints.items():
-            checkpoint = read_checkpoint(path)
-            patch_size = RunArgs.of(checkpoint).given('patch_size')
-            model = build_backbone(arch, len(dynn_args.class_names), input_size, patch_size, 0.0)
-            load_state(model, checkpoint, source=str(path))
-            model.eval()
-            correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in zip(images.split(64), labels.split(64)))
-            rows.append({'model': 'GFNet-Ti (static)' if arch.startswith('GFNet-') else arch, 'arch': arch,
-                         'kind': 'static', 'accuracy': 100 * correct / len(labels),
-                         'gflops': count_flops(model, singles[0]) / 1e9,
-                         'params_m': sum(p.numel() for p in model.parameters()) / 1e6})
-            runners[arch] = model
+            row, runners[arch] = static_row(arch, path, (images, labels), singles[0], input_size,
+                                            len(dynn_args.class_names))
+            rows.append(row)
         for name, (model, points) in exit_models.items():
             for threshold in sorted({p['threshold'] for p in points}):
                 runners[(name, threshold)] = EarlyExitEngine(model, threshold)
@@ -240,6 +232,21 @@ def benchmark(args: argparse.Namespace) -> dict:
             'dynn_results': str(results_path), 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
             'num_val': len(labels), 'latency_images': args.latency_images, 'rows': rows, 'goal': goal,
             'summary': summary(rows) + goal_summary(goal, rows)}
+
+
+def static_row(arch: str, path: Path, validation: tuple[torch.Tensor, torch.Tensor], single: torch.Tensor,
+               input_size: int, num_classes: int) -> tuple[dict, torch.nn.Module]:
+    """A static baseline's row (accuracy on the validation (images, labels), GFLOPs at batch 1, parameters) and
+    its model in eval mode, to be timed."""
+    images, labels = validation
+    checkpoint = read_checkpoint(path)
+    model = build_backbone(arch, num_classes, input_size, RunArgs.of(checkpoint).given('patch_size'), 0.0)
+    load_state(model, checkpoint, source=str(path))
+    model.eval()
+    correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in zip(images.split(64), labels.split(64)))
+    return {'model': 'GFNet-Ti (static)' if arch.startswith('GFNet-') else arch, 'arch': arch, 'kind': 'static',
+            'accuracy': 100 * correct / len(labels), 'gflops': count_flops(model, single) / 1e9,
+            'params_m': sum(p.numel() for p in model.parameters()) / 1e6}, model
 
 
 def goal_row(exit_model: str, selection: dict, latency_ms: float, rows: list[dict]) -> dict:

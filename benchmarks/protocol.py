@@ -25,8 +25,8 @@ from data_loader_help import default_train_ratio
 from errors import GFNetDynnError, OneLineParser, exit_code
 from jobs.outputs import check_output_file
 from jobs.run_setup import backbone_run_folder, dynn_run_folder
-from learning_helpers.checkpoint import save_json, save_text
 from main_dynn import main as run_main
+from runtime.atomic import save_json, save_text
 
 METRICS = (('full_accuracy', 'full network accuracy (%)'), ('chosen_accuracy', 'accuracy at the chosen threshold (%)'),
            ('flops_saving', 'FLOPs saved (%)'), ('speedup', 'batch-1 speed-up, mean latency (x)'))

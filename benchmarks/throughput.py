@@ -15,7 +15,7 @@ import torch
 import models  # noqa: F401  (registers the GFNet variants with timm)
 from benchmarks.common import json_path, write_json
 from errors import exit_code
-from learning_helpers.distributed import synchronize
+from runtime.distributed import synchronize
 
 CONFIGS = [('gfnet_ti', 64, 8), ('gfnet_ti', 224, 16), ('gfnet_ti', 256, 16),
            ('gfnet_xs', 64, 8), ('gfnet_xs', 224, 16), ('gfnet_xs', 256, 16)]

@@ -9,13 +9,10 @@ written as DFT-matrix products (`MatmulGlobalFilter`) for speed on CPU runtimes.
 """
 import contextlib
 import copy
-import functools
 import json
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Callable
 
 import onnx
 from onnx import helper, numpy_helper
@@ -23,10 +20,11 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from deployment.onnx_runner import MANIFEST_FORMAT, MANIFEST_NAME
+from deployment.onnx_manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from errors import GFNetDynnError
-from models.gfnet import GlobalFilter
 from models.early_exit_net import EarlyExitNetwork
+from models.gfnet import GlobalFilter
+from runtime.atomic import atomic_write, save_text
 
 # The exporter writes opset 18; 17 (the newest opset of TensorRT 8.5, JetPack 5) is made from it by moving the
 # axes of each Reduce* node from an input back to an attribute, the only change between them these graphs use.
@@ -177,7 +175,7 @@ def export_segments(model: EarlyExitNetwork, out_dir: str | Path, *, threshold: 
                                         dynamic_shapes=dynamic_shapes)
         file_names.append(segment_file_name(k))
         graph_proto = program.model_proto if opset == OPSET else to_opset_17(program.model_proto)
-        _replace_atomically(out_dir / file_names[-1], functools.partial(onnx.save, graph_proto))
+        atomic_write(out_dir / file_names[-1], lambda stream: stream.write(graph_proto.SerializeToString()))
         if not graph.is_final:
             with torch.no_grad():
                 x = graph(x)[0]  # this segment's features are the next one's example input
@@ -195,9 +193,7 @@ def export_segments(model: EarlyExitNetwork, out_dir: str | Path, *, threshold: 
         'batch': batch,  # None: any batch size
         'checkpoint': checkpoint,
     }
-    path = out_dir / MANIFEST_NAME
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + '\n'))
-    return path
+    return save_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + '\n')
 
 
 def to_opset_17(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -230,12 +226,3 @@ def to_opset_17(model: onnx.ModelProto) -> onnx.ModelProto:
     onnx.checker.check_model(model, full_check=True)
     return model
 
-
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp) into a temporary file beside path, then rename it over path: no half-written files."""
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -20,7 +20,9 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 
-from deployment.onnx_runner import MANIFEST_NAME, OnnxEarlyExit, read_manifest
+from deployment.onnx_manifest import MANIFEST_NAME
+from deployment.onnx_runner import OnnxEarlyExit, read_manifest
+from runtime.atomic import save_text
 
 QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
 DFT_TABLES = ('.cos_a', '.sin_a', '.fwd_cos_b', '.fwd_sin_b', '.inv_cos_b', '.inv_sin_b')  # MatmulGlobalFilter's
@@ -100,8 +102,5 @@ def quantize_segments(directory: str | Path, images: np.ndarray, *, keep_float: 
     manifest['int8'] = {'format': 'QDQ', 'activations': 'uint8', 'weights': 'int8, per channel' if per_channel
                         else 'int8', 'quantized_ops': list(QUANTIZED_OPS), 'kept_float': list(keep_float),
                         'calibration_images': int(len(images)), 'calibration': 'min-max'}
-    path = directory / MANIFEST_NAME
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(manifest, indent=2) + '\n')
-    os.replace(tmp, path)
+    save_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2) + '\n')
     return manifest

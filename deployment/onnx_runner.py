@@ -16,11 +16,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from data_pipeline.image_io import DECODE_ERRORS, BandCountError, open_rgb
+from deployment.onnx_manifest import MANIFEST_FORMAT, MANIFEST_KEYS, MANIFEST_NAME
 from errors import GFNetDynnError, OneLineParser, exit_code
 
-MANIFEST_NAME = 'manifest.json'
-MANIFEST_FORMAT = 1
-MANIFEST_KEYS = ('input_size', 'mean', 'std', 'threshold', 'exit_positions', 'class_names', 'segments')
 PRECISIONS = {'float': 'segments', 'int8': 'int8_segments'}  # --precision -> the manifest's list of graphs
 # What a folder argument contributes: the image types Pillow reads (torchvision's list, without torch).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')

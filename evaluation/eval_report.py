@@ -162,6 +162,18 @@ def oracle_report(cache: ExitCache, gflops: list[float], latency_ms: list[float]
             'captured_share': (gflops[-1] - chosen['expected_gflops']) / saving if saving > 0 else None}
 
 
+def cached_passes(model: EarlyExitNetwork, val_loader, calib_loader, device: torch.device, max_batches: int | None,
+                  amp: bool) -> tuple[ExitCache, ExitCache]:
+    """The one pass over the validation images, and the cache the threshold is chosen on: the calibration
+    images' when they are held out, else the same validation cache."""
+    cache = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp)
+    if cache.targets.numel() == 0:
+        raise GFNetDynnError('the validation set is empty; put images in the val folder')
+    selecting = (collect_exit_outputs(model, calib_loader, device, max_batches=max_batches, amp=amp)
+                 if calib_loader is not None else cache)
+    return cache, selecting
+
+
 def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.device, *, gflops_per_exit: list[float],
                         class_names: list[str], budget: Budget = parse_budget(DEFAULT_BUDGET),
                         risk: RiskControl = RiskControl(), exit_threshold: float | None = None,
@@ -172,11 +184,7 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
     calibration images (the validation images without them) by the budget and the risk rule, every number
     reported on the validation images."""
     started = time.perf_counter()
-    cache = collect_exit_outputs(model, val_loader, device, max_batches=max_batches, amp=amp)
-    if cache.targets.numel() == 0:
-        raise GFNetDynnError('the validation set is empty; put images in the val folder')
-    selecting = (collect_exit_outputs(model, calib_loader, device, max_batches=max_batches, amp=amp)
-                 if calib_loader is not None else cache)
+    cache, selecting = cached_passes(model, val_loader, calib_loader, device, max_batches, amp)
     cached_pass_seconds = time.perf_counter() - started
     latency_indices = spread_indices(int(cache.targets.numel()), LATENCY_IMAGES)
     images = [val_loader.dataset[i][0].unsqueeze(0) for i in latency_indices]

@@ -6,10 +6,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from learning_helpers.distributed import all_gather_cat, autocast
-from learning_helpers.loop import batches
-from learning_helpers.losses import best_exit, exit_mass, level_error
+from models.exit_levels import best_exit, exit_mass, level_error
 from models.exit_rule import first_exit
+from runtime.batches import batches
+from runtime.distributed import all_gather_cat, autocast
 
 DEFAULT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # the sweep of --eval and of the benchmarks
 

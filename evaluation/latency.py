@@ -11,9 +11,9 @@ from itertools import accumulate
 
 import torch
 
-from learning_helpers.distributed import all_reduce_sum, synchronize
 from models.early_exit import EarlyExitEngine
 from models.early_exit_net import EarlyExitNetwork
+from runtime.distributed import all_reduce_sum, synchronize
 
 logger = logging.getLogger(__name__)
 

@@ -58,6 +58,11 @@ def declared(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [action for action in parser._actions if action.option_strings]
 
 
+def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> the flag as users write it (--data-set, --num_epoch)."""
+    return {action.dest: action.option_strings[0] for action in declared(parser)}
+
+
 def flag_jobs(parser: argparse.ArgumentParser) -> dict[str, frozenset[str] | None]:
     """dest -> the jobs the flag acts in (None: every job)."""
     return {action.dest: getattr(action, 'jobs', None) for action in declared(parser)}

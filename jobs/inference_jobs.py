@@ -18,12 +18,13 @@ from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
+from evaluation.risk_control import RiskControl
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
 from jobs.run_setup import build_data, checkpoint_args, dynn_run_folder, resolve_model_shape, split_request
-from evaluation.risk_control import RiskControl
 from jobs.trained_run import RunArgs, TrainedRun, reopen
-from learning_helpers.checkpoint import save_json, suggested_checkpoint
+from learning_helpers.checkpoint import suggested_checkpoint
 from models.flops import exit_gflops
+from runtime.atomic import save_json
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
 
@@ -81,9 +82,9 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
 
 
 def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> Path:
-    """--export onnx: one graph per segment plus a manifest, for onnxruntime on edge boards; with --quantize int8
-    also statically quantised twins, calibrated on training images. The export is written beside --out first
-    and replaces it whole once complete."""
+    """--export: the format's EXPORTERS entry writes it (onnx: one graph per segment plus a manifest; with
+    --quantize int8 also statically quantised twins, calibrated on training images). The export is written beside
+    --out first and replaces it whole once complete."""
     out = check_export_folder(args.out)
     model, model_args, checkpoint = load_for_inference(args, given, names)
     calibration = None
@@ -92,23 +93,24 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
         calibration = calibration_images(args, model_args.input_size, recorded, args.calib_images)
     threshold, threshold_source = export_threshold(args.checkpoint_path, args.exit_threshold,
                                                    model_args.input_size, RunArgs.of(checkpoint).split)
+    exporter = EXPORTERS[args.export]
     staged = out.with_name(f'.{out.name}.partial')
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        EXPORTERS[args.export](model, staged, threshold=threshold, class_names=list(model_args.class_names),
+        exporter.write(model, staged, threshold=threshold, class_names=list(model_args.class_names),
                                input_size=model_args.input_size, checkpoint=str(args.checkpoint_path),
                                threshold_source=threshold_source, calibration=calibration)
         replace_folder(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     kinds = 'float and int8' if args.quantize else 'float'
-    precision = ' --precision int8' if args.quantize else ''
-    repo = Path(__file__).resolve().parent.parent  # `-m deployment.onnx_runner` resolves from the repository
+    precision = exporter.precision_flag if args.quantize else ''
+    repo = Path(__file__).resolve().parent.parent  # `-m RUNNER` resolves from the repository
     cd = '' if Path.cwd().resolve() == repo else f'cd {repo} && '
-    print(f'exported {len(model.exit_positions) + 1} {kinds} ONNX segments (exit threshold {threshold:g}) to '
-          f'{out}; run them with:\n  {cd}python -m deployment.onnx_runner{precision} {out.resolve()} '
+    print(f'exported {len(model.exit_positions) + 1} {kinds} {exporter.noun} (exit threshold {threshold:g}) to '
+          f'{out}; run them with:\n  {cd}python -m {exporter.runner}{precision} {out.resolve()} '
           f'IMAGE_OR_FOLDER [...]')
-    return out / 'manifest.json'
+    return out / exporter.manifest
 
 
 def calibration_images(args: argparse.Namespace, input_size: int, recorded: dict | None, count: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from filelock import FileLock, Timeout
 from PIL import Image
 
+from deployment.exporters import EXPORTERS, Exporter
 from errors import GFNetDynnError
 
 LOCK_NAME = '.lock'
@@ -157,15 +158,17 @@ def remove_previous_run(folder: Path) -> None:
             path.unlink()
 
 
-EXPORT_MANIFEST = 'manifest.json'
-
-
 def _is_export_folder(folder: Path) -> bool:
-    """True when `folder` holds an earlier export and nothing else: manifest.json, ONNX segments, temp files."""
-    manifest = _json_object(folder / EXPORT_MANIFEST)
-    if manifest is None or 'segments' not in manifest or 'exit_positions' not in manifest:
+    """True when `folder` holds an earlier export and nothing else: an exporter's manifest, the files it leaves
+    (their suffixes in its EXPORTERS entry), temp files."""
+    return any(_is_export_of(folder, exporter) for exporter in EXPORTERS.values())
+
+
+def _is_export_of(folder: Path, exporter: Exporter) -> bool:
+    manifest = _json_object(folder / exporter.manifest)
+    if manifest is None or any(key not in manifest for key in exporter.manifest_keys):
         return False
-    return all(p.name == EXPORT_MANIFEST or p.suffix in ('.onnx', '.tmp', '.data') or p.name in (LOCK_NAME, PID_NAME)
+    return all(p.name in (exporter.manifest, LOCK_NAME, PID_NAME) or p.suffix in (*exporter.suffixes, '.tmp')
                for p in folder.iterdir())
 
 

@@ -19,11 +19,11 @@ from data_pipeline.data_transforms import AUGMENT_CHECKS, resolve_augment
 from errors import GFNetDynnError, Interrupted
 from jobs.outputs import folder_lock, remove_previous_run, writable_location
 from jobs.trained_run import RunArgs
-from learning_helpers.checkpoint import save_json
-from learning_helpers.distributed import barrier, is_main_process
 from learning_helpers.loop import TrainingStopped
 from models import model_factory
 from models.weights import read_checkpoint
+from runtime.atomic import save_json
+from runtime.distributed import barrier, is_main_process
 
 # stored absolute
 PATH_FLAGS = ('data_path', 'checkpoint_path', 'pretrained', 'teacher_path', 'output_dir', 'split_file')

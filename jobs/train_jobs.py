@@ -17,15 +17,16 @@ from learning_helpers.backbone_recipe import (BackboneRecipe, base_criterion, bu
                                               build_backbone_scheduler, build_mixup)
 from learning_helpers.backbone_stage import BackboneStep, run_backbone_stage
 from learning_helpers.checkpoint import suggested_checkpoint
-from learning_helpers.distributed import is_main_process
 from learning_helpers.dynn_training import dynn_optimizer, exit_cost_vector, train_dynn
 from learning_helpers.joint_stage import JointConfig
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation, exit_distillation
 from learning_helpers.stage_common import FRESH_START, RunConfig, resume_training
 from learning_helpers.warmup_stage import WarmupConfig
 from models import model_factory
+from models.exit_costs import DEFAULT_EXIT_COSTS, EXIT_COSTS
 from models.exit_heads import ExitHeadConfig
 from models.weights import load_state
+from runtime.distributed import is_main_process
 
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
 
@@ -130,10 +131,11 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
         s['arch'], classes, s['input_size'], s['patch_size'], args.drop_path, args.exit_positions, args.gate,
         ExitHeadConfig(args.exit_head, args.exit_norm, args.exit_grid)), resume, 'dynn')
-    if args.exit_costs == 'reference' and not model_factory.is_gfnet(shape['arch']):
-        # the reference's op counter exists for GFNet only (an explicit --exit-costs reference is refused earlier)
-        logging.info("exit costs: %s trains against its true FLOPs (--exit-costs reference is GFNet's)", shape['arch'])
-        args = argparse.Namespace(**{**vars(args), 'exit_costs': 'flops'})
+    if EXIT_COSTS[args.exit_costs].gfnet_only and not model_factory.is_gfnet(shape['arch']):
+        # a vector that exists for GFNet only (an explicit choice of it is refused earlier)
+        logging.info("exit costs: %s trains against its true FLOPs (--exit-costs %s is GFNet's)", shape['arch'],
+                     args.exit_costs)
+        args = argparse.Namespace(**{**vars(args), 'exit_costs': DEFAULT_EXIT_COSTS})
     shape = {**shape, 'exit_positions': list(model.exit_positions)}  # the architecture's default made explicit
     if not resume and not args.checkpoint_path:
         logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '

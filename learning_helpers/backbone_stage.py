@@ -7,12 +7,13 @@ import torch.nn as nn
 from timm.data import Mixup
 from torch.utils.tensorboard import SummaryWriter
 
-from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, unwrap
-from learning_helpers.loop import batches, train_batches
+from learning_helpers.loop import train_batches
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
+from runtime.batches import batches
+from runtime.distributed import all_reduce_sum, autocast, is_main_process, unwrap
 
 
 def _student_outputs(model: nn.Module, images: torch.Tensor, criterion: DistillationLoss):

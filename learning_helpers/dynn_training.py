@@ -11,19 +11,18 @@ from learning_helpers.optim import build_optimizer, build_scheduler
 from learning_helpers.stage_common import RunConfig, StageSummary, StartPoint
 from learning_helpers.warmup_stage import WarmupConfig, run_warmup_stage
 from models.early_exit_net import EarlyExitNetwork
-from models.flops import EXIT_COSTS, normalized_exit_costs
+from models.exit_costs import EXIT_COSTS, CostInputs
+from models.flops import normalized_exit_costs
 
 _logger = logging.getLogger(__name__)
-
-
-# --exit-costs: each way to give every exit a cost, a share of the full network's (the final exit costs 1)
-EXIT_COST_VECTORS = {**EXIT_COSTS, 'latency': latency_exit_costs}
 
 
 def exit_cost_vector(model: EarlyExitNetwork, name: str, recorded: list[float] | None = None) -> list[float]:
     """The exit costs the gates trade against: the vector the run recorded when it has one (a resumed run keeps
     the latencies it measured when it started), else `name`'s."""
-    return list(recorded) if recorded is not None else EXIT_COST_VECTORS[name](model)
+    if recorded is not None:
+        return list(recorded)
+    return EXIT_COSTS[name].build(CostInputs(model, next(model.parameters()).device, latency_exit_costs))
 
 
 def dynn_param_groups(model: EarlyExitNetwork, lr: float, transfer_ratio: float,

@@ -16,13 +16,14 @@ from torch.utils.tensorboard import SummaryWriter
 from evaluation.conformal import conformal_thresholds
 from evaluation.exit_cache import (best_exit_counts, collect_exit_outputs, conditional_exit_choice, exit_point,
                                    per_exit_accuracy, updated_pos_weight)
-from learning_helpers.distributed import is_main_process
-from learning_helpers.loop import batches_per_epoch, train_batches
+from learning_helpers.loop import train_batches
 from learning_helpers.losses import ExitDistillation, GateLoss, classifier_loss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
 from models.early_exit_net import EarlyExitNetwork
+from runtime.batches import batches_per_epoch
+from runtime.distributed import is_main_process
 
 _logger = logging.getLogger(__name__)
 

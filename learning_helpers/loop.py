@@ -1,12 +1,12 @@
-"""The batch loops every stage shares: one pass over a loader under a progress bar, and the training step
-around it (device transfer, mixed precision, the non-finite guard, the optimizer step, where Ctrl-C stopped)."""
-from typing import Callable, Iterable, Iterator
+"""The training step every stage shares, around the runtime's batch iterator: device transfer, mixed precision,
+the non-finite guard, the optimizer step, where Ctrl-C stopped."""
+from typing import Callable, Iterable
 
 import torch
-from tqdm import tqdm
 
-from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, sync_gradients
 from learning_helpers.optim import NonFiniteGuard
+from runtime.batches import batches
+from runtime.distributed import all_reduce_sum, autocast, sync_gradients
 
 # step_loss(step, images, targets) -> (loss, stats): the stage's forward pass; `stats` is added to the
 # epoch's totals when the step is taken (a skipped non-finite step adds nothing)
@@ -15,20 +15,6 @@ StepLoss = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch
 
 class TrainingStopped(KeyboardInterrupt):
     """Ctrl-C inside a training epoch; its text says where ('backbone epoch 3, batch 7', counted from 0)."""
-
-
-def batches_per_epoch(loader, max_batches: int | None) -> int:
-    return min(len(loader), max_batches or len(loader))
-
-
-def batches(loader, desc: str, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's (images, targets) batches under a progress bar, at most max_batches of them."""
-    bar = tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
-               total=batches_per_epoch(loader, max_batches))
-    for step, batch in enumerate(bar):
-        if max_batches is not None and step >= max_batches:
-            break
-        yield batch
 
 
 def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer, *, desc: str, epoch: int,

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.exit_levels import best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy
+
 
 class SoftDistillation(nn.Module):
     """F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target) * T^2, averaged per element (DeiT's 'soft').
@@ -101,33 +103,6 @@ class WarmupLoss(nn.Module):
         return loss
 
 
-def per_exit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(E, B, C) logits, (B,) targets -> (E, B) per-sample cross-entropy at every exit."""
-    num_exits, batch, num_classes = logits.shape
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under --amp -> float32
-    flat = F.cross_entropy(logits.reshape(-1, num_classes), targets.repeat(num_exits), reduction='none')
-    return flat.view(num_exits, batch)
-
-
-def level_error(logits: torch.Tensor, targets: torch.Tensor, objective: str = 'ce') -> torch.Tensor:
-    """(E, B) error of every exit: cross-entropy ('ce') or misclassification 0/1 ('zero_one')."""
-    if objective == 'zero_one':
-        return (logits.argmax(dim=-1) != targets.unsqueeze(0)).float()
-    return per_exit_cross_entropy(logits, targets)
-
-
-def best_exit(error: torch.Tensor, costs: torch.Tensor, tradeoff: float) -> torch.Tensor:
-    """(E, B) per-exit error and (E,) normalized costs -> (B,) argmin_k error_k + lambda * cost_k
-    (ties go to the earliest exit)."""
-    return (error + tradeoff * costs.unsqueeze(1)).argmin(dim=0)
-
-
-def gate_targets(best: torch.Tensor, num_gates: int) -> torch.Tensor:
-    """(B,) best exit t -> (G, B) targets: gate k should fire (1) iff k >= t, i.e. the sample should have left."""
-    gate_index = torch.arange(num_gates, device=best.device).unsqueeze(1)
-    return (gate_index >= best.unsqueeze(0)).float()
-
-
 class GateLoss(nn.Module):
     """Gate phase: mean BCE-with-logits over gates and samples against `gate_targets`, where the
     positives of gate k weigh pos_weight_k (rebalanced after each validation)."""
@@ -144,15 +119,6 @@ class GateLoss(nn.Module):
             labels = gate_targets(best, gate_logits.shape[0])
         return F.binary_cross_entropy_with_logits(gate_logits.float(), labels,
                                                   pos_weight=pos_weight.unsqueeze(1))
-
-
-def exit_mass(gate_probs: torch.Tensor) -> torch.Tensor:
-    """(G, B) gate probabilities -> (E, B) exit masses P_k = max(0, min(g_k, 1 - sum_{j<k} g_j)),
-    with g = 1 for the final exit so it takes what is left."""
-    ones = torch.ones_like(gate_probs[:1])
-    g = torch.cat([gate_probs, ones])  # (E, B)
-    before = torch.cumsum(g, dim=0) - g  # sum_{j<k} g_j
-    return torch.clamp(torch.minimum(g, 1 - before), min=0)
 
 
 class BoostedClassifierLoss(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.distributed import all_reduce_sum
+from runtime.distributed import all_reduce_sum
 
 _logger = logging.getLogger(__name__)
 

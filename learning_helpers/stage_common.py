@@ -9,8 +9,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from errors import GFNetDynnError
 from learning_helpers.checkpoint import load_training_checkpoint, save_checkpoint, suggested_checkpoint
-from learning_helpers.distributed import is_main_process
 from learning_helpers.optim import restore_optimizer
+from runtime.distributed import is_main_process
 
 
 @dataclass(frozen=True)

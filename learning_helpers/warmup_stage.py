@@ -12,13 +12,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from evaluation.exit_cache import collect_exit_outputs, per_exit_accuracy
 from learning_helpers.checkpoint import save_checkpoint
-from learning_helpers.distributed import is_main_process
 from learning_helpers.loop import train_batches
 from learning_helpers.losses import ExitDistillation, WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, seed_epoch, set_requires_grad
 from learning_helpers.stage_common import (RunConfig, StageSummary, StartPoint, log_epoch, save_epoch,
                                            training_checkpoint)
 from models.early_exit_net import EarlyExitNetwork
+from runtime.distributed import is_main_process
 
 
 @dataclass(frozen=True)

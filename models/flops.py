@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from errors import GFNetDynnError
+from models.gates import GATES
 from models.gfnet_dynn import GFNetDynn
 
 
@@ -109,9 +110,9 @@ def normalized_exit_costs(model: torch.nn.Module) -> list[float]:
 # miscounts are kept on purpose: each Linear is counted for one token instead of all N, the global filter as an
 # FFT on a fixed 11 x 18 grid whatever the input, LayerNorm as 2.5 and GELU as 8 operations per element, the
 # shared norm once after every block (its inference path normalises after each block), element-wise adds and
-# pooling not at all. Reported GFLOPs always come from `exit_gflops`, never from here.
+# pooling not at all; a gate as its GATES entry's `reference_ops`. Reported GFLOPs always come from `exit_gflops`,
+# never from here.
 _REFERENCE_FFT_GRID = (11, 18)
-_REFERENCE_GATE_OPS = {'unc': lambda num_classes: 9 * num_classes + 6, 'identity': lambda num_classes: 0}
 
 
 def reference_exit_op_counts(model: torch.nn.Module) -> list[float]:
@@ -128,7 +129,7 @@ def reference_exit_op_counts(model: torch.nn.Module) -> list[float]:
     fft_filter = tokens * (10 * a * b * math.log2(a * b) + a * (b / 2 + 1) * 6)
     mlp = (2 * dim * hidden + hidden) + 8 * tokens * hidden + (2 * hidden * dim + dim)  # fc1 (1 token), GELU, fc2
     head = 2 * dim * classes + classes  # one token, as every Linear
-    gate = _REFERENCE_GATE_OPS[model.gate_type](classes)
+    gate = GATES[model.gate_type].reference_ops(classes)
     ops = 2 * 3 * dim * patch[0] * patch[1] * tokens  # patch embedding convolution
     counts = []
     for i in range(len(model.blocks)):
@@ -144,9 +145,6 @@ def reference_normalized_exit_costs(model: torch.nn.Module) -> list[float]:
     """`reference_exit_op_counts` divided by the full network's: what `--exit-costs reference` trains with."""
     counts = reference_exit_op_counts(model)
     return [c / counts[-1] for c in counts]
-
-
-EXIT_COSTS = {'reference': reference_normalized_exit_costs, 'flops': normalized_exit_costs}  # --exit-costs
 
 
 def lambda_factor(model: torch.nn.Module) -> dict:

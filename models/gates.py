@@ -1,4 +1,8 @@
-"""Exit gates: they read an exit's softmax and say whether the sample may leave there (JEI-DNN)."""
+"""Exit gates: they read an exit's softmax and say whether the sample may leave there (JEI-DNN).
+
+To add a gate: its module and one `GATES` entry; `--gate`, its help and the FLOP counts read the entry."""
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -38,4 +42,22 @@ class IdentityGate(nn.Module):
         return torch.logit(max_prob, eps=1e-6)  # (B,)
 
 
-GATES = {'unc': UncertaintyGate, 'identity': IdentityGate}
+class GateEntry(NamedTuple):
+    """Every fact about a gate type: its module, what the reference's op counter charges one of its gates for
+    (a function of the class count: `--exit-costs reference`), and its `--gate` help line."""
+    module: Callable[[], nn.Module]
+    reference_ops: Callable[[int], float]
+    help: str
+
+
+# reference_ops: the reference's counter charges the uncertainty gate 9 operations per class plus 6, and the
+# identity gate nothing
+GATES = {
+    'unc': GateEntry(UncertaintyGate, lambda num_classes: 9 * num_classes + 6, 'learnable uncertainty gate'),
+    'identity': GateEntry(IdentityGate, lambda num_classes: 0, 'max probability, nothing to learn'),
+}
+
+
+def gates_help() -> str:
+    """`--gate`'s help line, from the entries."""
+    return 'exit gate: ' + '; '.join(f'{name}: {entry.help}' for name, entry in GATES.items())

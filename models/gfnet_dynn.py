@@ -28,7 +28,7 @@ class GFNetDynn(GFNet, EarlyExitNetwork):
         # reference (which attaches them to a finished model).
         self.intermediate_heads = self._exit_heads(self.num_classes)
         # gates.py builds on the default device: moved to the model's (timm.create_model(device=...))
-        self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions).to(**get_device_dtype(self))
+        self.gates = nn.ModuleList(GATES[gate].module() for _ in self.exit_positions).to(**get_device_dtype(self))
 
     def _exit_heads(self, num_classes: int) -> nn.ModuleList:
         width = head_input_width(self.exit_head, self.embed_dim)

@@ -98,7 +98,7 @@ class TimmDynn(EarlyExitNetwork):
         dd = get_device_dtype(backbone)
         self.intermediate_heads = nn.ModuleList(build_exit_head(exit_head, width, backbone.num_classes, **dd)
                                                 for width in self._exit_widths())
-        self.gates = nn.ModuleList(GATES[gate]() for _ in self.exit_positions).to(**dd)
+        self.gates = nn.ModuleList(GATES[gate].module() for _ in self.exit_positions).to(**dd)
         self.train(backbone.training)
 
     @property

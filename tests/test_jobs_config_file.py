@@ -7,7 +7,8 @@ import torch
 
 from conftest import FAST_FLAGS, one_error
 from jobs.config_file import expand_config
-from main_dynn import check_flags_apply, get_args_parser, given_flags, main
+from jobs.flag_policy import check_flags_apply
+from main_dynn import get_args_parser, given_flags, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,4 +84,4 @@ def test_shipped_recipes_are_valid_dynn_flags():
     for recipe in sorted((REPO / 'recipes').glob('*.yaml')):
         args, given = _parsed(['--config', str(recipe)])
         assert given and args.stage == 'dynn', recipe
-        check_flags_apply('dynn', given, args)  # every key acts in stages 1-2
+        check_flags_apply(get_args_parser(), 'dynn', given, args)  # every key acts in stages 1-2

@@ -281,9 +281,10 @@ import sys
 
 sys.path.insert(0, {repo!r})
 import learning_helpers.checkpoint as checkpoint
+import runtime.atomic as atomic
 from learning_helpers.losses import DistillationLoss
 
-atomic_write = checkpoint._atomic_write
+atomic_write = atomic.atomic_write
 loss_forward = DistillationLoss.forward
 calls = []
 
@@ -300,7 +301,7 @@ def nan_once_on_rank_1(self, *args, **kwargs):
     return loss * float('nan') if os.environ['RANK'] == '1' and len(calls) == 2 else loss
 
 
-checkpoint._atomic_write = logged_write
+checkpoint.atomic_write = atomic.atomic_write = logged_write
 DistillationLoss.forward = nan_once_on_rank_1
 import main_dynn
 

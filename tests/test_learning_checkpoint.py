@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from learning_helpers.checkpoint import save_checkpoint, save_json
+from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.losses import DistillationLoss, FrequencyDistillation
+from runtime.atomic import save_json
 
 
 def test_save_checkpoint_round_trips_with_weights_only(tmp_path):

@@ -11,8 +11,9 @@ from conftest import FAST_FLAGS
 from evaluation import latency
 from evaluation.latency import cumulative_ms, latency_exit_costs
 from learning_helpers import dynn_training, joint_stage
-from learning_helpers.dynn_training import EXIT_COST_VECTORS, exit_cost_vector
+from learning_helpers.dynn_training import exit_cost_vector
 from main_dynn import main
+from models.flops import normalized_exit_costs
 
 
 def _tiny_dynn() -> torch.nn.Module:
@@ -37,17 +38,17 @@ def test_latency_costs_are_the_latency_tables_cumulative_ms_over_the_full_networ
 
 
 def test_a_recorded_vector_is_used_as_it_is_and_none_is_measured(monkeypatch):
-    monkeypatch.setitem(EXIT_COST_VECTORS, 'latency', lambda model: pytest.fail('measured again'))
+    monkeypatch.setattr(dynn_training, 'latency_exit_costs', lambda model: pytest.fail('measured again'))
     assert exit_cost_vector(_tiny_dynn(), 'latency', [0.3, 0.6, 0.8, 1.0]) == [0.3, 0.6, 0.8, 1.0]
     model = _tiny_dynn()
-    assert exit_cost_vector(model, 'flops') == EXIT_COST_VECTORS['flops'](model)
+    assert exit_cost_vector(model, 'flops') == normalized_exit_costs(model)
 
 
 @pytest.mark.slow
 def test_a_latency_run_records_its_vector_and_its_resume_trains_against_it(small_data, tmp_path, monkeypatch):
     common = [*FAST_FLAGS, '--output-dir', str(tmp_path)]
     measured = [0.25, 0.5, 0.75, 1.0]
-    monkeypatch.setitem(EXIT_COST_VECTORS, 'latency', lambda model: measured)
+    monkeypatch.setattr(dynn_training, 'latency_exit_costs', lambda model: measured)
     seen = []
     real_joint = dynn_training.run_joint_stage
 
@@ -69,7 +70,7 @@ def test_a_latency_run_records_its_vector_and_its_resume_trains_against_it(small
             assert main(dynn) == 130
         last = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'last.pth'
         assert torch.load(last, map_location='cpu', weights_only=True)['args']['exit_cost_vector'] == measured
-        monkeypatch.setitem(EXIT_COST_VECTORS, 'latency', lambda model: pytest.fail('measured again on --resume'))
+        monkeypatch.setattr(dynn_training, 'latency_exit_costs', lambda model: pytest.fail('measured again on --resume'))
         assert main(['--resume', str(last)]) == 0
     assert seen == [pytest.approx(measured)] * 2
     assert torch.load(last, map_location='cpu', weights_only=True)['args']['exit_cost_vector'] == measured

@@ -12,8 +12,9 @@ from torch.testing import assert_close
 import models  # noqa: F401  (registers the GFNet variants with timm)
 from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, ExitDistillation, FrequencyDistillation,
                                      GateLoss, GateWeightedClassifierLoss, SoftDistillation, WarmupLoss,
-                                     WithExitDistillation, WithFinalExit, aligned_depths, best_exit, classifier_loss,
-                                     exit_distillation, exit_mass, gate_targets, level_error, per_exit_cross_entropy)
+                                     WithExitDistillation, WithFinalExit, aligned_depths, classifier_loss,
+                                     exit_distillation)
+from models.exit_levels import best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy
 
 
 def _log_softmax_by_hand(logits: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ import dataset_config
 import main_dynn
 from conftest import TINY_FLAGS, tiny_entry, write_learnable_folder
 from data_loader_help import build_loaders
+from jobs.flags import option_names
+from jobs import resume
 from learning_helpers import backbone_stage, joint_stage, warmup_stage
 from learning_helpers.checkpoint import save_checkpoint
 from learning_helpers.optim import seed_epoch
@@ -247,13 +249,13 @@ def test_a_resumed_run_from_before_a_flag_keeps_what_it_trained_with(tmp_path, m
     """A checkpoint whose args lack --exit-costs trained against true FLOPs (and one that lacks --final-exit-loss
     with the reference's loss): it resumes so, whatever today's defaults are."""
     stored = {'data_set': 'DEMO', 'ce_ic_tradeoff': 0.75, 'num_epoch': 5}
-    monkeypatch.setattr(main_dynn, 'load_resume_checkpoint',
+    monkeypatch.setattr(resume, 'load_resume_checkpoint',
                         lambda path, output_dir: {'args': dict(stored), 'stage': 'joint', 'epoch': 1})
     last = tmp_path / 'checkpoint' / 'checkpoint_DEMO_0.75_confEE' / 'last.pth'
     args = main_dynn.get_args_parser().parse_args(['--resume', str(last)])
     assert (args.final_exit_loss, args.exit_costs) == ('off', 'reference')  # a new run's defaults
-    resumed = main_dynn.resumed_args(args, {'resume'})[0]
+    resumed = resume.resumed_args(args, {'resume'}, option_names(main_dynn.get_args_parser()))[0]
     assert (resumed.final_exit_loss, resumed.exit_costs) == ('off', 'flops')
     stored.update(final_exit_loss='auto', exit_costs='reference')
-    resumed = main_dynn.resumed_args(args, {'resume'})[0]
+    resumed = resume.resumed_args(args, {'resume'}, option_names(main_dynn.get_args_parser()))[0]
     assert (resumed.final_exit_loss, resumed.exit_costs) == ('auto', 'reference')

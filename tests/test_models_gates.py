@@ -87,9 +87,9 @@ def test_identity_gate_has_no_parameters():
 
 def test_each_registered_gate_computes_its_rule_from_the_exit_logits():
     logits = torch.tensor(LOGITS)
-    unc = GATES['unc']()
+    unc = GATES['unc'].module()
     with torch.no_grad():  # a linear map over the four uncertainty features
         unc.linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
         unc.linear.bias.zero_()
     assert_close(unc(logits), torch.tensor([max(_softmax(row)) for row in LOGITS]))  # weight on max-prob only
-    assert_close(torch.sigmoid(GATES['identity']()(logits)), torch.tensor([max(_softmax(row)) for row in LOGITS]))
+    assert_close(torch.sigmoid(GATES['identity'].module()(logits)), torch.tensor([max(_softmax(row)) for row in LOGITS]))
