@@ -8,7 +8,7 @@ from timm.models import get_pretrained_cfg_value, load_state_dict
 from errors import GFNetDynnError
 from models.exit_heads import ExitHeadConfig
 from models.gfnet import checkpoint_filter_fn
-from models.timm_dynn import SUPPORTED, TimmDynn, has_exit_layout
+from models.timm_dynn import TimmDynn, has_exit_layout, supported_families
 from models.weights import load_state, read_checkpoint
 
 DEFAULT_ARCH = 'GFNet-xs-dynn'  # --arch when neither the flag nor a checkpoint says
@@ -25,16 +25,16 @@ def is_gfnet(arch: str) -> bool:
 
 
 def check_arch(arch: str | None, job: str) -> None:
-    """GFNet variants serve every job, and so do the timm families with an exit layout (models/timm_dynn.py);
-    any other timm model trains in the backbone stage only."""
+    """GFNet variants serve every job, and so do the timm families with an exit layout (`LAYOUTS` in
+    models/timm_dynn.py); any other timm model trains in the backbone stage only."""
     if arch is None or is_gfnet(arch):
         return
     if arch not in timm.list_models():
         raise GFNetDynnError(f"--arch {arch} is neither a GFNet variant ({', '.join(arch_choices())}) nor a timm "
                              f'model name; see timm.list_models(), e.g. resnet50 or mobilenetv3_small_100')
     if job != 'backbone' and not has_exit_layout(arch):
-        raise GFNetDynnError(f'--arch {arch}: early exits run on the GFNet variants and on {SUPPORTED}; '
-                             f'other timm models train in --stage backbone only')
+        raise GFNetDynnError(f'--arch {arch}: early exits run on the GFNet variants and on '
+                             f'{supported_families()}; other timm models train in --stage backbone only')
 
 
 def dynn_model_name(arch: str) -> str:

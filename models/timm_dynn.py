@@ -1,16 +1,19 @@
 """Early exits on a timm classifier: the backbone cut at the ends of its stages (CNNs) or after blocks (ViTs).
 
-A family's `Layout` lists what its `forward_features` runs, in order: a stem, the stages (or blocks) that an exit
-may follow, and a tail; `forward_head` finishes the final exit. Exit k pools the output of stage k (a global
-average over a (B, C, H, W) map; a ViT's tokens go through the model's own final norm and pooling), then a Linear
-head and a gate, as a GFNet-Dynn exit does. The final exit is the backbone's own head.
+A family's `Layout` is its one entry in `LAYOUTS`, holding every fact about it: the timm modules and class that
+build it, what its `forward_features` runs, in order (a stem, the stages or blocks that an exit may follow, a
+tail), its default exits, and its pooling rule. `forward_head` finishes the final exit. Exit k reads the output of
+stage k as its `Pooling` says (a global average over a (B, C, H, W) or (B, H, W, C) map; a ViT's tokens go through
+the model's own final norm and pooling), then a head and a gate, as a GFNet-Dynn exit does. The final exit is the
+backbone's own head.
 
 State-dict keys: the timm model's own, under `backbone.`, plus `intermediate_heads.{k}` and `gates.{k}`. The
 prefix keeps the backbone's names whole (a ViT's `head` cannot meet an exit's) and `checkpoint_filter_fn` adds it
 to a stage-0 checkpoint of the same architecture.
 """
 import logging
-from typing import Callable, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,34 +49,85 @@ def _every_second_block(depth: int) -> tuple[int, ...]:
     return tuple(range(depth // 4, depth - 2, 2)) or (0,)
 
 
-class Layout(NamedTuple):
-    """How one timm family's forward_features runs: stem, stages (or blocks), tail."""
+@dataclass(frozen=True)
+class Pooling:
+    """How an intermediate exit reads a family's features: pooled over all positions (the linear head) and laid
+    out as a (B, C, H, W) map (the pool head). Both take (backbone, features)."""
+    carried: str  # what travels between segments, as the exported graphs name it
+    pooled: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # -> (B, D)
+    grid: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # -> (B, C, H, W)
+
+
+def _token_grid(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A ViT's patch tokens after its final norm, on their grid (class and register tokens left out)."""
+    patches = vit.norm(tokens)[:, vit.num_prefix_tokens:]  # (B, N, D)
+    return patches.unflatten(1, vit.patch_embed.grid_size).permute(0, 3, 1, 2)
+
+
+# (B, C, H, W) maps: a global average, the map as it is
+CHANNELS_FIRST_MAP = Pooling('feature_maps', lambda _, x: x.mean(dim=(2, 3)), lambda _, x: x)
+# (B, H, W, C) maps (MambaOut, Swin): the same over the other axes
+CHANNELS_LAST_MAP = Pooling('feature_maps', lambda _, x: x.mean(dim=(1, 2)), lambda _, x: x.permute(0, 3, 1, 2))
+# (B, N, D) tokens: the model's own final norm and pooling
+TOKENS = Pooling('tokens', lambda vit, x: vit.forward_head(vit.norm(x), pre_logits=True), _token_grid)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """Every fact about one timm family with exits: how its forward_features runs (stem, stages or blocks, tail),
+    where exits sit by default, how an exit pools its features, and what users are told about it."""
+    name: str  # as the supported-families message names it
+    example: str  # a timm model name of the family
+    model_class: type[nn.Module]
+    modules: tuple[str, ...]  # the timm modules whose model names build this class
     unit: str  # what --exit-positions indexes: 'stage' or 'block'
     parts: Callable[[nn.Module], tuple[list[Step], list[nn.Module], list[Step]]]  # model -> (stem, stages, tail)
     default_exits: Callable[[int], tuple[int, ...]]  # number of stages -> exit positions
-    tokens: bool = False  # (B, N, D) tokens, pooled by the model's own norm and pooling; else (B, C, H, W) maps
+    pooling: Pooling
+
+    def __post_init__(self):
+        if not isinstance(self.pooling, Pooling):
+            raise TypeError(f'layout {self.name}: pooling must be a Pooling (CHANNELS_FIRST_MAP, CHANNELS_LAST_MAP '
+                            f'or TOKENS), not {self.pooling!r}')
 
 
-LAYOUTS = {
-    ResNet: Layout('stage', lambda m: ([m.conv1, m.bn1, m.act1, m.maxpool],
-                                       [m.layer1, m.layer2, m.layer3, m.layer4], []), _all_but_last),
-    EfficientNet: Layout('stage', lambda m: ([m.conv_stem, m.bn1], list(m.blocks), [m.conv_head, m.bn2]),
-                         _from_third_stage),
-    MobileNetV3: Layout('stage', lambda m: ([m.conv_stem, m.bn1], list(m.blocks), []), _from_third_stage),
-    ConvNeXt: Layout('stage', lambda m: ([m.stem], list(m.stages), [m.norm_pre]), _all_but_last),
-    VisionTransformer: Layout('block', lambda m: ([m.patch_embed, m._pos_embed, m.patch_drop, m.norm_pre],
-                                                  list(m.blocks), [m.norm]), _every_second_block, tokens=True),
-}
-# The timm modules whose models have a layout (deit.py builds VisionTransformers too; its distilled variants are
-# refused when built, their class has no layout).
-LAYOUT_MODULES = ('resnet', 'efficientnet', 'mobilenetv3', 'convnext', 'vision_transformer', 'deit')
-SUPPORTED = ('ResNet, EfficientNet, MobileNetV3, ConvNeXt and ViT/DeiT models (e.g. resnet18, efficientnet_b0, '
-             'mobilenetv3_large_100, convnext_atto, deit_tiny_patch16_224)')
+LAYOUTS = (
+    Layout(name='ResNet', example='resnet18', model_class=ResNet, modules=('resnet',), unit='stage',
+           parts=lambda m: ([m.conv1, m.bn1, m.act1, m.maxpool], [m.layer1, m.layer2, m.layer3, m.layer4], []),
+           default_exits=_all_but_last, pooling=CHANNELS_FIRST_MAP),
+    Layout(name='EfficientNet', example='efficientnet_b0', model_class=EfficientNet, modules=('efficientnet',),
+           unit='stage', parts=lambda m: ([m.conv_stem, m.bn1], list(m.blocks), [m.conv_head, m.bn2]),
+           default_exits=_from_third_stage, pooling=CHANNELS_FIRST_MAP),
+    Layout(name='MobileNetV3', example='mobilenetv3_large_100', model_class=MobileNetV3, modules=('mobilenetv3',),
+           unit='stage', parts=lambda m: ([m.conv_stem, m.bn1], list(m.blocks), []),
+           default_exits=_from_third_stage, pooling=CHANNELS_FIRST_MAP),
+    Layout(name='ConvNeXt', example='convnext_atto', model_class=ConvNeXt, modules=('convnext',), unit='stage',
+           parts=lambda m: ([m.stem], list(m.stages), [m.norm_pre]), default_exits=_all_but_last,
+           pooling=CHANNELS_FIRST_MAP),
+    # deit.py builds VisionTransformers too; its distilled variants are refused when built (their class has none)
+    Layout(name='ViT/DeiT', example='deit_tiny_patch16_224', model_class=VisionTransformer,
+           modules=('vision_transformer', 'deit'), unit='block',
+           parts=lambda m: ([m.patch_embed, m._pos_embed, m.patch_drop, m.norm_pre], list(m.blocks), [m.norm]),
+           default_exits=_every_second_block, pooling=TOKENS),
+)
+
+
+def layout_of(model_class: type) -> Layout | None:
+    """The layout declared for exactly this class, or None."""
+    return next((layout for layout in LAYOUTS if layout.model_class is model_class), None)
+
+
+def supported_families() -> str:
+    """The families with a layout, as error messages name them."""
+    names, examples = [layout.name for layout in LAYOUTS], [layout.example for layout in LAYOUTS]
+    listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+    return f"{listed} models (e.g. {', '.join(examples)})"
 
 
 def has_exit_layout(name: str) -> bool:
     """Whether timm model `name` comes from a family with a layout (cheap: nothing is built)."""
-    return model_entrypoint(name).__module__.rsplit('.', 1)[-1] in LAYOUT_MODULES
+    module = model_entrypoint(name).__module__.rsplit('.', 1)[-1]
+    return any(module in layout.modules for layout in LAYOUTS)
 
 
 class TimmDynn(EarlyExitNetwork):
@@ -82,12 +136,13 @@ class TimmDynn(EarlyExitNetwork):
     def __init__(self, backbone: nn.Module, exit_positions: Sequence[int] | None = None, gate: str = 'unc',
                  img_size: int | tuple[int, int] = 224, exit_head: ExitHeadConfig = ExitHeadConfig()):
         super().__init__()
-        layout = LAYOUTS.get(type(backbone))
+        layout = layout_of(type(backbone))
         if layout is None:
-            raise GFNetDynnError(f'a {type(backbone).__name__} has no early-exit layout; exits run on {SUPPORTED}')
+            raise GFNetDynnError(f'a {type(backbone).__name__} has no early-exit layout; exits run on '
+                                 f'{supported_families()}')
         self.backbone = backbone
         self.layout = layout
-        self.carried = 'tokens' if layout.tokens else 'feature_maps'
+        self.carried = layout.pooling.carried
         depth = len(self._parts()[1])
         default = layout.default_exits(depth)
         self.exit_positions = validate_exit_positions(default if exit_positions is None else exit_positions, depth,
@@ -151,21 +206,14 @@ class TimmDynn(EarlyExitNetwork):
         return x
 
     def pool_features(self, k: int, features: torch.Tensor) -> torch.Tensor:
-        """(B, D_k): the backbone's own pooling at the final exit; before it, a global average over a feature map,
-        or for tokens the model's final norm and its pooling."""
+        """(B, D_k): the backbone's own pooling at the final exit; before it, the layout's pooling rule."""
         if k == len(self.exit_positions):
             return self.backbone.forward_head(features, pre_logits=True)
-        if self.layout.tokens:
-            return self.backbone.forward_head(self.backbone.norm(features), pre_logits=True)
-        return features.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        return self.layout.pooling.pooled(self.backbone, features)
 
     def feature_grid(self, k: int, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W): a feature map as it is; a ViT's patch tokens after its final norm, on their grid (class and
-        register tokens left out)."""
-        if not self.layout.tokens:
-            return features
-        patches = self.backbone.norm(features)[:, self.backbone.num_prefix_tokens:]  # (B, N, D)
-        return patches.unflatten(1, self.backbone.patch_embed.grid_size).permute(0, 3, 1, 2)
+        """(B, C, H, W): exit k's features laid out as a map by the layout's pooling rule."""
+        return self.layout.pooling.grid(self.backbone, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """timm's contract: the final head's logits (B, C)."""
