@@ -33,6 +33,11 @@ from models.gates import GATES
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 
 
+# Upper bounds of the learning rates: far above any useful value, low enough that a typo (1e30) is refused.
+MAX_LR, MAX_GATE_LR = 10.0, 100.0  # a gate is 5 numbers read by a sigmoid: it tolerates a far larger lr
+LR_RANGE = bounded(0, MAX_LR, low_open=True)
+
+
 def budget_arg(text: str) -> str:
     """--budget's type: checked by parse_budget (its message is argparse's one-line error), kept as the text,
     since run args are stored in checkpoints as plain data."""
@@ -125,8 +130,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              help='epochs of the stage (dynn: warm-up included)')
     add_flag(train, '--opt', type=str, default=None, choices=['adamw', 'sgd'], jobs=TRAINING,
              help='optimizer; default: adamw for the backbone stage, sgd for dynn')
-    add_flag(train, '--lr', type=float, default=1e-3, jobs=TRAINING, check=positive, help='learning rate')
-    add_flag(train, '--min-lr', type=float, default=2e-4, jobs=TRAINING, check=non_negative,
+    add_flag(train, '--lr', type=float, default=1e-3, jobs=TRAINING, check=LR_RANGE, help='learning rate')
+    add_flag(train, '--min-lr', type=float, default=2e-4, jobs=TRAINING, check=bounded(0, MAX_LR),
              help='cosine schedule floor')
     add_flag(train, '--wd', type=float, default=None, jobs=TRAINING, check=non_negative,
              help='weight decay; default: 0.05 with adamw, 5e-4 with sgd')
@@ -182,9 +187,9 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="exit costs the gates trade against: reference (the reference counter's flatter vector, so "
                   "--ce_ic_tradeoff means what it means there) or flops (true FLOPs: the same lambda exits "
                   "earlier, see docs/METHOD.md); reported GFLOPs are always true FLOPs")
-    add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
+    add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=bounded(0, 1),
              help='backbone lr = lr * this in joint training')
-    add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=positive,
+    add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=bounded(0, MAX_GATE_LR, low_open=True),
              help="the gates' lr (default: --lr, the reference's one group for exits and gates); each gate is 5 "
                   'numbers read by a sigmoid: at a small lr over a short run they stay near their random start')
     add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from errors import GFNetDynnError
-from models.weights import read_checkpoint
+from models.weights import non_finite_tensors, read_checkpoint
 
 
 def _umask_mode() -> int:
@@ -57,8 +57,13 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """torch.save `payload` atomically. Keep it plain data (tensors, numbers, str, lists, dicts)."""
+    """torch.save `payload` atomically. Keep it plain data (tensors, numbers, str, lists, dicts). A payload with a
+    NaN or inf tensor is never written: the file already there (the last finite state) is kept."""
     path = Path(path)
+    bad = non_finite_tensors(payload)
+    if bad:
+        raise GFNetDynnError(f"not writing {path}: {', '.join(bad[:3])} hold NaN or inf (training diverged); "
+                             f'{path.name} keeps its last finite state; lower --lr (and --gate-lr)')
     _atomic_write(path, lambda stream: torch.save(payload, stream))
     return path
 

@@ -1,12 +1,13 @@
 """The batch loops every stage shares: one pass over a loader under a progress bar, and the training step
-around it (device transfer, mixed precision, the non-finite guard, the optimizer step, where Ctrl-C stopped)."""
+around it (device transfer, mixed precision, the non-finite guard and its roll-back, the optimizer step, where
+Ctrl-C stopped)."""
 from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from learning_helpers.distributed import all_reduce_sum, autocast, is_main_process, sync_gradients
-from learning_helpers.optim import NonFiniteGuard
+from learning_helpers.optim import NonFiniteGuard, StepUndo
 
 # step_loss(step, images, targets) -> (loss, stats): the stage's forward pass; `stats` is added to the
 # epoch's totals when the step is taken (a skipped non-finite step adds nothing)
@@ -49,7 +50,11 @@ def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
                 continue
             loss.backward()
             sync_gradients(sync)
+            undo = StepUndo(optimizer)
             optimizer.step()
+            if not guard.keeps(undo.params, epoch, step):
+                undo.restore()
+                continue
             totals += stats
     except KeyboardInterrupt:
         raise TrainingStopped(f'{desc}, batch {step}') from None
