@@ -180,7 +180,8 @@ def _one_folder_split(data_set: str, entry: dict, scenes: SceneFolder, relative:
     recorded = request.recorded or {}
     recorded_file = recorded.get('file')
     if request.file:
-        return 'file', *split_from_names(relative, *read_split_file(request.file), f'--split-file {request.file}')
+        return 'file', *split_from_names(relative, *read_split_file(request.file), f'--split-file {request.file}',
+                                         (scenes.targets, scenes.classes))
     if recorded_file and Path(recorded_file).is_file():
         train, val = split_from_names(relative, *read_split_file(recorded_file), f"the run's split {recorded_file}")
         return recorded.get('method', 'file'), train, val
@@ -225,9 +226,12 @@ def build_datasets(data_set: str, data_path: str | Path, input_size: int, *, spl
         method, pool, val_idx = _one_folder_split(data_set, entry, train_scenes, _relative(train_scenes.samples,
                                                                                             layout.train), split)
         if not pool or not val_idx:
+            cause = {'file': f'--split-file {split.file} names none: add some to it',
+                     'random': 'choose a --train-ratio nearer 0.5 or add images',
+                     'stratified': 'choose a --train-ratio nearer 0.5 or add images'}.get(
+                method, f"the run's split file {(split.recorded or {}).get('file')} names none")
             raise GFNetDynnError(f'the split leaves no {"training" if not pool else "validation"} images of the '
-                                 f'{len(train_scenes)} in {layout.train}; choose a --train-ratio nearer 0.5 or add '
-                                 f'images')
+                                 f'{len(train_scenes)} in {layout.train}; {cause}')
         ratio = split.train_ratio if method != 'file' else None
         seed = split.seed if method in ('stratified', 'random') else None
     train_idx, calib_idx = _hold_out_calibration(train_scenes, pool, split) if pool else ([], [])

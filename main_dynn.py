@@ -192,6 +192,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=bounded(0, MAX_GATE_LR, low_open=True),
              help="the gates' lr (default: --lr, the reference's one group for exits and gates); each gate is 5 "
                   'numbers read by a sigmoid: at a small lr over a short run they stay near their random start')
+    add_flag(dynn, '--new-head', action='store_true', jobs=DYNN,
+             help='start the final classifier fresh when --checkpoint-path predicts another number of classes than '
+                  '--data-set has (without it, that is an error)')
     add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,
              help='keep the backbone frozen in joint training')
 

@@ -19,7 +19,8 @@ from errors import GFNetDynnError
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
-from jobs.run_setup import build_data, checkpoint_args, dynn_run_folder, resolve_model_shape, split_request
+from jobs.run_setup import (build_data, check_class_count, checkpoint_args, dataset_num_classes, dynn_run_folder,
+                            resolve_model_shape, split_request)
 from evaluation.risk_control import RiskControl
 from jobs.trained_run import RunArgs, TrainedRun, reopen
 from learning_helpers.checkpoint import save_json, suggested_checkpoint
@@ -57,9 +58,8 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
     data = build_data(args, model_args.input_size, distributed=False, recorded=recorded, need_train=False)
     val_loader, class_names = data.val_loader, data.classes
-    if len(class_names) != model.num_classes:
-        raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
-                             f'{args.data_set} has {len(class_names)}; evaluate it on the dataset it was trained on')
+    check_class_count(args.checkpoint_path, model.num_classes, args.data_set, len(class_names),
+                      'evaluate it on the dataset it was trained on')
     model.to(device)
     results, _ = evaluate_early_exit(
         model, val_loader, device, gflops_per_exit=exit_gflops(model), class_names=class_names,
@@ -86,6 +86,9 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     and replaces it whole once complete."""
     out = check_export_folder(args.out)
     model, model_args, checkpoint = load_for_inference(args, given, names)
+    if 'data_set' in given or args.quantize:  # the data set names the classes the export is for
+        check_class_count(args.checkpoint_path, model.num_classes, args.data_set, dataset_num_classes(args.data_set),
+                          'export it with the --data-set it was trained on')
     calibration = None
     if args.quantize:  # read the images before the export: a data problem stops the job before the long part
         recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
@@ -104,10 +107,10 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
     kinds = 'float and int8' if args.quantize else 'float'
     precision = ' --precision int8' if args.quantize else ''
     repo = Path(__file__).resolve().parent.parent  # `-m deployment.onnx_runner` resolves from the repository
-    cd = '' if Path.cwd().resolve() == repo else f'cd {repo} && '
+    runner = ('-m deployment.onnx_runner' if Path.cwd().resolve() == repo else
+              str(repo / 'deployment' / 'onnx_runner.py'))  # the file runs from any directory
     print(f'exported {len(model.exit_positions) + 1} {kinds} ONNX segments (exit threshold {threshold:g}) to '
-          f'{out}; run them with:\n  {cd}python -m deployment.onnx_runner{precision} {out.resolve()} '
-          f'IMAGE_OR_FOLDER [...]')
+          f'{out}; run them with:\n  python {runner}{precision} {out.resolve()} IMAGE_OR_FOLDER [...]')
     return out / 'manifest.json'
 
 

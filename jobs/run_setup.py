@@ -75,6 +75,18 @@ def dataset_num_classes(data_set: str) -> int:
     return dataset_entry(data_set)['num_classes']
 
 
+def check_class_count(source: str, checkpoint_classes: int | None, data_set: str, data_classes: int,
+                      hint: str) -> None:
+    """A model whose head predicts another number of classes than the data set has is a one-line error naming both
+    (None: the checkpoint has no final head to compare)."""
+    if checkpoint_classes is None:
+        raise GFNetDynnError(f'{source} has no final classifier head to check against the {data_classes} classes of '
+                             f'--data-set {data_set}; {hint}')
+    if checkpoint_classes != data_classes:
+        raise GFNetDynnError(f'{source} predicts {checkpoint_classes} classes but --data-set {data_set} has '
+                             f'{data_classes}; {hint}')
+
+
 def checkpoint_args(path: str | None, wanted: str = 'a .pth file a run wrote') -> tuple[dict, RunArgs]:
     """(checkpoint, its stored run args as a record); an empty dict and the defaults when no checkpoint is given.
     `wanted` says what the job needs, for the message when the file is missing."""
