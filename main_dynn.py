@@ -7,8 +7,14 @@
 """
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
+
+from errors import stopped_while_loading
+
+if __name__ == '__main__':  # Ctrl-C while torch and timm load (seconds): one line, not an import traceback
+    signal.signal(signal.SIGINT, stopped_while_loading)
 
 import torch
 
@@ -366,8 +372,10 @@ def resumed_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
                              f"{extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
     recorded = RunArgs.from_dict(stored)
     expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
-                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name
-    if folder.name != expected or folder.parent.name != 'checkpoint':
+                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff, recorded.arch)).name
+    # a timm backbone's dynn run written before the folder name carried the backbone's name
+    earlier = dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff, model_factory.DEFAULT_ARCH).name
+    if folder.name not in {expected, earlier if stage == 'dynn' else expected} or folder.parent.name != 'checkpoint':
         raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
                              f'continues a run where it was written: put the file back there')
     names = option_names()
@@ -410,6 +418,7 @@ def run(args: argparse.Namespace, given: set[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2, Ctrl-C one line and 130; bugs keep
     their traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
     return exit_code(lambda: run(get_args_parser().parse_args(argv), given_flags(argv)))
 

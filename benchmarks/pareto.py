@@ -144,7 +144,7 @@ def train_exits(arch: str, backbone: Path, args: argparse.Namespace, dynn_args: 
     data_path = ['--data-path', args.data_path] if args.data_path else []
     command = ['--stage', 'dynn', '--data-set', args.data_set, *data_path, '--checkpoint-path', str(backbone),
                *recipe, '--output-dir', str(output_dir)]
-    folder = dynn_run_folder(output_dir, args.data_set, dynn_args.ce_ic_tradeoff)
+    folder = dynn_run_folder(output_dir, args.data_set, dynn_args.ce_ic_tradeoff, arch)
     best = _train_or_reuse(folder, command, f'training {arch} with exits')
     results = best.parent / 'results.json'
     if not results.is_file():

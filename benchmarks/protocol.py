@@ -70,7 +70,7 @@ def run_seed(args: argparse.Namespace, seed: int, ratio: float, common: list[str
     backbone = backbone_run_folder(out, args.data_set, args.arch)
     run_stage(backbone, ['--stage', 'backbone', *shared, '--train-ratio', str(ratio), '--split-seed', str(seed),
                          *shlex.split(args.backbone_flags)])
-    dynn = dynn_run_folder(out, args.data_set, args.ce_ic_tradeoff)
+    dynn = dynn_run_folder(out, args.data_set, args.ce_ic_tradeoff, args.arch)
     run_stage(dynn, [*shared, '--checkpoint-path', str(backbone / 'best.pth'), '--ce_ic_tradeoff',
                      str(args.ce_ic_tradeoff), *shlex.split(args.dynn_flags)])
     results_path = dynn / 'results.json'  # --eval's default: beside the checkpoint

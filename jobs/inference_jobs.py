@@ -25,6 +25,7 @@ from evaluation.risk_control import RiskControl
 from jobs.trained_run import RunArgs, TrainedRun, reopen
 from learning_helpers.checkpoint import save_json, suggested_checkpoint
 from models.flops import exit_gflops
+from models.model_factory import DEFAULT_ARCH
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
 
@@ -34,7 +35,8 @@ def load_for_inference(args: argparse.Namespace, given: set[str], names: dict[st
     contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
     wanted = suggested_checkpoint(args.output_dir, f'checkpoint_{args.data_set}_*_confEE/best.pth',
                                   "the dynn stage's best.pth",
-                                  dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff) / 'best.pth')
+                                  dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff,
+                                                  args.arch or DEFAULT_ARCH) / 'best.pth')
     checkpoint, source_args = checkpoint_args(args.checkpoint_path, wanted)
     for dest in CHECKPOINT_SHAPE_FLAGS:
         stored = source_args.given(dest)

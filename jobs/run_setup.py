@@ -185,8 +185,11 @@ def backbone_run_folder(output_dir: str | Path, data_set: str, arch: str) -> Pat
     return Path(output_dir) / 'checkpoint' / f'backbone_{data_set}_{arch}'
 
 
-def dynn_run_folder(output_dir: str | Path, data_set: str, tradeoff: float) -> Path:
-    return Path(output_dir) / 'checkpoint' / f'checkpoint_{data_set}_{tradeoff}_confEE'
+def dynn_run_folder(output_dir: str | Path, data_set: str, tradeoff: float, arch: str) -> Path:
+    """checkpoint_{dataset}_{lambda}_confEE for GFNet (the seed README's name); another backbone's name is added
+    (checkpoint_{dataset}_{arch}_{lambda}_confEE), so that runs of two backbones never share a folder."""
+    backbone = '' if model_factory.is_gfnet(arch) else f'{arch}_'
+    return Path(output_dir) / 'checkpoint' / f'checkpoint_{data_set}_{backbone}{tradeoff}_confEE'
 
 
 def warmup_folder(output_dir: str | Path, data_set: str, arch: str, input_size: int, max_warmup_epoch: int,
@@ -203,9 +206,9 @@ def make_writer(output_dir: Path, name: str) -> SummaryWriter | None:
 
 @contextmanager
 def removed_on_bad_input(roots: list[Path]):
-    """A run stopped by a user mistake (a bad image, a bad value) before it saved a checkpoint leaves nothing
-    behind: what the block created under `roots` (split file, lock, run folders, TensorBoard events) and the
-    folders above them it made are removed again. A run that saved a checkpoint keeps everything, to resume."""
+    """A run stopped by a user mistake (a bad image, a bad value) or by Ctrl-C before it saved a checkpoint leaves
+    nothing behind: what the block created under `roots` (split file, lock, run folders, TensorBoard events) and
+    the folders above them it made are removed again. A run that saved a checkpoint keeps everything, to resume."""
     roots = [Path(root).absolute() for root in roots]
 
     def tree() -> dict[Path, int]:  # every path under the roots -> its modification time
@@ -214,7 +217,7 @@ def removed_on_bad_input(roots: list[Path]):
     made_parents = {parent for root in roots for parent in root.parents if not parent.exists()}
     try:
         yield
-    except GFNetDynnError:
+    except (GFNetDynnError, Interrupted, KeyboardInterrupt):
         after = tree()
         saved = any(path.suffix == '.pth' and before.get(path) != mtime for path, mtime in after.items())
         if is_main_process() and not saved:
@@ -247,4 +250,5 @@ def claim_run(folders: list[Path], overwrite: bool):
             if last.is_file():
                 raise Interrupted(f'{where}; the last finished epoch is in {last}: continue with python '
                                   f'main_dynn.py --resume {last}') from None
-            raise Interrupted(f'{where}, before the first epoch finished: nothing was saved') from None
+            raise Interrupted(f'{where}, before the first epoch finished: nothing was saved, and what the run had '
+                              f'created is removed') from None

@@ -146,7 +146,7 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     if not resume and not args.checkpoint_path:
         logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '
                         'first with --stage backbone')
-    run_folder = dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff)
+    run_folder = dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff, shape['arch'])
     heads_dir = warmup_folder(args.output_dir, args.data_set, shape['arch'], shape['input_size'],
                               args.max_warmup_epoch, args.ce_ic_tradeoff)
     if not resume:
