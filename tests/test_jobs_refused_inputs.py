@@ -16,7 +16,7 @@ from conftest import FAST_FLAGS, folder_checksums, one_error
 from jobs.run_setup import dynn_run_folder
 from learning_helpers.loop import TrainingStopped
 from main_dynn import main
-from models.model_factory import build_backbone, build_dynn
+from models.model_factory import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,21 +42,6 @@ def gfnet_style_checkpoint(path: Path, num_classes: int) -> Path:
     return path
 
 
-@pytest.fixture
-def dynn_checkpoint(small_data, tmp_path) -> Path:
-    """An untrained 3-class GFNet-Dynn (16 px, exits 3 7) saved as the dynn stage saves best.pth."""
-    torch.manual_seed(0)
-    model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], 'unc')
-    args = {'arch': 'GFNet-ti-dynn', 'patch_size': 8, 'input_size': 16, 'exit_positions': [3, 7], 'gate': 'unc',
-            'data_set': 'TINY', 'ce_ic_tradeoff': 0.75, 'num_epoch': 2, 'batch': 8,
-            'class_names': ['class0', 'class1', 'class2']}
-    path = tmp_path / 'run' / 'best.pth'
-    path.parent.mkdir()
-    torch.save({'model': model.state_dict(), 'stage': 'joint', 'epoch': 1, 'acc': 50.0, 'best_acc': 50.0,
-                'args': args}, path)
-    return path
-
-
 # the class count
 
 def test_a_dynn_run_from_a_backbone_of_another_class_count_names_both(small_data, tmp_path, capsys):
@@ -77,10 +62,10 @@ def test_new_head_trains_a_fresh_head_and_says_so(small_data, tmp_path, capsys):
         in capsys.readouterr().err
 
 
-def test_export_for_a_data_set_of_other_classes_names_both(dynn_checkpoint, tmp_path, capsys):
+def test_export_for_a_data_set_of_other_classes_names_both(dynn_best, tmp_path, capsys):
     line = refused(capsys, tmp_path, ['--export', 'onnx', '--data-set', 'DEMO', '--checkpoint-path',
-                                      str(dynn_checkpoint), '--out', str(tmp_path / 'onnx')])
-    assert line == (f'error: {dynn_checkpoint} predicts 3 classes but --data-set DEMO has 8; export it with the '
+                                      str(dynn_best), '--out', str(tmp_path / 'onnx')])
+    assert line == (f'error: {dynn_best} predicts 3 classes but --data-set DEMO has 8; export it with the '
                     f'--data-set it was trained on')
 
 
@@ -109,11 +94,11 @@ def test_a_checkpoint_holding_pickled_code_is_refused_with_its_own_message(small
 
 
 @pytest.fixture
-def diverged(dynn_checkpoint) -> Path:
-    checkpoint = torch.load(dynn_checkpoint, weights_only=True)
+def diverged(dynn_best) -> Path:
+    checkpoint = torch.load(dynn_best, weights_only=True)
     checkpoint['model']['gates.0.linear.weight'][0, 0] = float('nan')
-    torch.save(checkpoint, dynn_checkpoint)
-    return dynn_checkpoint
+    torch.save(checkpoint, dynn_best)
+    return dynn_best
 
 
 @pytest.mark.parametrize('job', ['eval', 'export', 'benchmark'])
