@@ -309,6 +309,9 @@ def check_flags_apply(job: str, given: set[str], args: argparse.Namespace) -> No
             and not model_factory.is_gfnet(args.arch)):
         raise GFNetDynnError(f"--exit-costs reference is the reference's GFNet op counter; --arch {args.arch} trains "
                              f'with its true FLOPs: drop --exit-costs or pass flops')
+    if job in TRAINING and 'min_lr' in given and args.min_lr > args.lr:
+        raise GFNetDynnError(f'--min-lr {args.min_lr:g} exceeds --lr {args.lr:g}: the cosine schedule would rise '
+                             f'instead of decay; pass a --min-lr below --lr')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
     risk_flags = sorted(names[d] for d in given & {'risk_control', 'delta', 'risk_loss'})

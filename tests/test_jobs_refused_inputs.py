@@ -121,6 +121,12 @@ def test_every_lr_flag_has_an_upper_bound(capsys):
         assert one_error(capsys, [flag, '1e30']) == f'error: {flag} {text}, got 1e+30'
 
 
+def test_a_min_lr_above_the_lr_is_one_line(capsys):
+    assert one_error(capsys, ['--lr', '1e-3', '--min-lr', '1']) == (
+        'error: --min-lr 1 exceeds --lr 0.001: the cosine schedule would rise instead of decay; pass a --min-lr '
+        'below --lr')
+
+
 # start-up mistakes: one line, nothing created
 
 def test_an_unknown_auto_augment_policy_is_one_line(small_data, tmp_path, capsys):
