@@ -45,7 +45,10 @@ def read_checkpoint(path: str | Path, wanted: str = 'a .pth file a run wrote') -
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         code = re.search(r'GLOBAL (\S+)', str(error))
-        raise GFNetDynnError(f"{path} holds pickled code or objects ({code.group(1) if code else 'not plain data'}), "
+        if code is None:  # no foreign global named: a damaged file or another format, not code
+            raise GFNetDynnError(f'{path} is not a readable PyTorch checkpoint (UnpicklingError); pass a .pth file '
+                                 f'written by torch.save') from error
+        raise GFNetDynnError(f'{path} holds pickled code or objects ({code.group(1)}), '
                              f'which could run when loaded, so it is not read; re-save its weights as plain data '
                              f"(torch.save({{'model': model.state_dict()}}, path))") from None
     except Exception as error:  # torch raises many types for a bad file; all mean "not a checkpoint"
