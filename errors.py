@@ -29,6 +29,12 @@ def one_line(error: Exception) -> str:
     return last.removeprefix(prefix).removeprefix(f'{type(error).__name__}: ')
 
 
+def stopped_while_loading(*_) -> None:
+    """SIGINT handler while an entry point imports its libraries: one line and exit 130, not an import traceback."""
+    print('interrupted: stopped while starting, before anything was written', file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
 def exit_code(run: Callable[[], object]) -> int:
     """Run an entry point's work: 0 when it finishes; a user mistake prints `error: ...` on one line to stderr
     and gives 2; Ctrl-C prints `interrupted: ...` and gives 130; bugs keep their traceback."""

@@ -7,8 +7,14 @@
 """
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
+
+from errors import stopped_while_loading
+
+if __name__ == '__main__':  # Ctrl-C while torch and timm load (seconds): one line, not an import traceback
+    signal.signal(signal.SIGINT, stopped_while_loading)
 
 import torch
 
@@ -34,6 +40,11 @@ from models.exit_heads import EXIT_HEADS, EXIT_NORMS
 from models.gates import GATES, gates_help
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 from runtime.distributed import barrier, init_distributed
+
+
+# Upper bounds of the learning rates: far above any useful value, low enough that a typo (1e30) is refused.
+MAX_LR, MAX_GATE_LR = 10.0, 100.0  # a gate is 5 numbers read by a sigmoid: it tolerates a far larger lr
+LR_RANGE = bounded(0, MAX_LR, low_open=True)
 
 
 def budget_arg(text: str) -> str:
@@ -131,11 +142,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(train, '--opt', type=str, default=None, choices=['adamw', 'sgd'], jobs=TRAINING,
              help='optimizer; default: adamw for the backbone stage (built by timm\'s create_optimizer_v2), sgd '
                   'for dynn')
-    add_flag(train, '--lr', type=float, default=None, jobs=TRAINING, check=positive,
+    add_flag(train, '--lr', type=float, default=None, jobs=TRAINING, check=LR_RANGE,
              help=f"learning rate; {stage_default_help('lr')}; the backbone stage trains at --lr x total batch "
                   f"(--batch x processes) / --lr-base-batch, GFNet's linear scaling rule (1e-4 is its transfer "
                   f"command's, at 8 x 64 images; its script's default is 5e-4)")
-    add_flag(train, '--min-lr', type=float, default=None, jobs=TRAINING, check=non_negative,
+    add_flag(train, '--min-lr', type=float, default=None, jobs=TRAINING, check=bounded(0, MAX_LR),
              help=f"cosine schedule floor (never scaled); {stage_default_help('min_lr')}")
     add_flag(train, '--wd', type=float, default=None, jobs=TRAINING, check=non_negative,
              help=f"weight decay; default: {STAGE_DEFAULTS['backbone']['wd']:g} with --stage backbone (GFNet's "
@@ -215,11 +226,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                   'long runs (--freeze-backbone is always the reference)')
     add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
              help=exit_costs_help())
-    add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=non_negative,
+    add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=bounded(0, 1),
              help='backbone lr = lr * this in joint training')
-    add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=positive,
+    add_flag(dynn, '--gate-lr', type=float, default=None, jobs=DYNN, check=bounded(0, MAX_GATE_LR, low_open=True),
              help="the gates' lr (default: --lr, the reference's one group for exits and gates); each gate is 5 "
                   'numbers read by a sigmoid: at a small lr over a short run they stay near their random start')
+    add_flag(dynn, '--new-head', action='store_true', jobs=DYNN,
+             help='start the final classifier fresh when --checkpoint-path predicts another number of classes than '
+                  '--data-set has (without it, that is an error)')
     add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,
              help='keep the backbone frozen in joint training')
     add_flag(dynn, '--exit-head', type=str, default='linear', choices=sorted(EXIT_HEADS), jobs=DYNN,
@@ -324,6 +338,7 @@ def run(args: argparse.Namespace, given: set[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line on stderr and exit 2, Ctrl-C one line and 130; bugs keep
     their traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
     def parse_and_run() -> Path:
         full_argv = expand_config(sys.argv[1:] if argv is None else argv, get_args_parser())

@@ -1,4 +1,6 @@
 """Shared timing helpers: synchronised wall-clock timing, thread settings, writing results as JSON."""
+import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -6,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from errors import exit_code
+from errors import GFNetDynnError, exit_code
+from jobs.flags import check_ranges
 from jobs.outputs import check_output_file
 from runtime.atomic import save_json
 from runtime.distributed import synchronize
@@ -58,16 +61,38 @@ def json_path(path: str | None, default_name: str) -> Path:
 
 
 def write_json(data: dict, path: Path, benchmark: str) -> Path:
-    """Write results atomically, marked with the benchmark's name (how a later run recognises the file)."""
+    """Write results atomically, marked with the benchmark's name (how a later run recognises the file). A result
+    holding NaN or inf measured nothing there: it is refused, and an earlier JSON at `path` is kept."""
+    bad = non_finite_numbers(data)
+    if bad:
+        raise GFNetDynnError(f"{benchmark} measured nothing usable ({', '.join(bad[:3])} not finite): {path} is not "
+                             f'written (an earlier file there is kept)')
     return save_json(path, {'benchmark': benchmark, **data})
 
 
+def non_finite_numbers(tree, prefix: str = '') -> list[str]:
+    """The dotted keys of the NaN and inf floats in nested dicts and lists."""
+    if isinstance(tree, float):
+        return [] if math.isfinite(tree) else [prefix]
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [key for name, value in items for key in non_finite_numbers(value, f'{prefix}.{name}'.lstrip('.'))]
+
+
 def measure_and_write(benchmark: str, json_arg: str | None, default_name: str, measure: Callable[[], dict],
-                      format_table: Callable[[dict], str]) -> int:
-    """A benchmark's main: check the JSON path, measure, print the table, write the JSON; the exit code."""
+                      format_table: Callable[[dict], str]) -> None:
+    """Check the JSON path, measure, print the table, write the JSON."""
+    path = json_path(json_arg, default_name)
+    result = measure()
+    print(format_table(result))
+    print(f"written: {write_json(result, path, benchmark)}")
+
+
+def run_benchmark(parser: argparse.ArgumentParser, argv: list[str] | None,
+                  work: Callable[[argparse.Namespace], object]) -> int:
+    """A benchmark's main, as main_dynn.py's: the flags parsed and held to their declared ranges, then work(args);
+    a user mistake anywhere is one `error:` line and exit code 2; the exit code."""
     def run() -> None:
-        path = json_path(json_arg, default_name)
-        result = measure()
-        print(format_table(result))
-        print(f"written: {write_json(result, path, benchmark)}")
+        args = parser.parse_args(argv)
+        check_ranges(parser, args)
+        work(args)
     return exit_code(run)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import json_path, write_json
+from benchmarks.common import json_path, run_benchmark, write_json
 from data_loader_help import build_loaders
-from errors import exit_code
+from errors import OneLineParser
 from evaluation.eval_report import evaluate_early_exit
+from jobs.flags import add_flag, non_negative
 from jobs.trained_run import reopen, reopen_data
 from learning_helpers.backbone_stage import train_one_epoch
 from learning_helpers.losses import DistillationLoss
@@ -45,13 +46,13 @@ def plain_forward_pass(model: torch.nn.Module, loader) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.dynn_costs', description=__doc__,
+    parser = OneLineParser('benchmarks.dynn_costs', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', default=DEMO_DYNN, help='dynn-stage checkpoint (make demo writes it)')
-    parser.add_argument('--data-set', default='DEMO')
-    parser.add_argument('--data-path', default=None)
-    parser.add_argument('--num_workers', type=int, default=2)
-    parser.add_argument('--json', default=None, help='default: bench/dynn_costs.json')
+    add_flag(parser, '--checkpoint', default=DEMO_DYNN, help='dynn-stage checkpoint (make demo writes it)')
+    add_flag(parser, '--data-set', default='DEMO')
+    add_flag(parser, '--data-path', default=None)
+    add_flag(parser, '--num_workers', check=non_negative, type=int, default=2)
+    add_flag(parser, '--json', default=None, help='default: bench/dynn_costs.json')
     return parser
 
 
@@ -108,8 +109,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user mistake prints one line and exits 2."""
-    args = get_args_parser().parse_args(argv)
-    return exit_code(lambda: run(args))
+    return run_benchmark(get_args_parser(), argv, run)
 
 
 if __name__ == '__main__':

@@ -12,12 +12,14 @@ import sys
 
 import torch
 
-from benchmarks.common import latency_ms, measure_and_write, throughput
-from errors import GFNetDynnError
+from benchmarks.common import latency_ms, measure_and_write, run_benchmark, throughput
+from errors import OneLineParser
 from evaluation.exit_cache import (DEFAULT_THRESHOLDS, collect_exit_outputs, per_exit_accuracy, sweep_point,
                                    threshold_sweep)
 from evaluation.latency import spread_indices
 from evaluation.operating_points import DEFAULT_BUDGET, choose, parse_budget
+from jobs.flags import add_flag, positive, probability
+from jobs.run_setup import resolve_device
 from jobs.trained_run import RunArgs, reopen, reopen_data
 from models.early_exit import EarlyExitEngine
 from models.flops import exit_gflops
@@ -27,19 +29,19 @@ NO_EXIT = 1.01  # above any gate probability: measures the engine's overhead whe
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.early_exit', description=__doc__,
+    parser = OneLineParser('benchmarks.early_exit', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='a dynn-stage checkpoint (best.pth)')
-    parser.add_argument('--data-set', default='DEMO', help='dataset_config.py entry for the validation images')
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
-    parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
-    parser.add_argument('--thresholds', type=float, nargs='+', default=DEFAULT_THRESHOLDS)
-    parser.add_argument('--latency-images', type=int, default=120,
+    add_flag(parser, '--checkpoint', required=True, help='a dynn-stage checkpoint (best.pth)')
+    add_flag(parser, '--data-set', default='DEMO', help='dataset_config.py entry for the validation images')
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--device', default='cpu', help='cpu, cuda or cuda:N')
+    add_flag(parser, '--threads', check=positive, type=int, default=None, help='CPU threads (default: torch default)')
+    add_flag(parser, '--thresholds', check=probability, type=float, nargs='+', default=DEFAULT_THRESHOLDS)
+    add_flag(parser, '--latency-images', check=positive, type=int, default=120,
                         help='images timed at batch 1, spread over the validation set')
-    parser.add_argument('--batch', type=int, default=64, help='batch size of the throughput runs')
-    parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds; the best is kept')
-    parser.add_argument('--json', default=None, help='default: bench/early_exit_{device}.json')
+    add_flag(parser, '--batch', check=positive, type=int, default=64, help='batch size of the throughput runs')
+    add_flag(parser, '--rounds', check=positive, type=int, default=3, help='interleaved timing rounds; the best is kept')
+    add_flag(parser, '--json', default=None, help='default: bench/early_exit_{device}.json')
     return parser
 
 
@@ -53,9 +55,7 @@ def load_validation_images(run_args: RunArgs, data_set: str,
 
 
 def benchmark(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise GFNetDynnError('--device cuda but no GPU is visible; use --device cpu')
+    device = resolve_device(args.device, None)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, model_args, _ = reopen(args.checkpoint)
@@ -126,10 +126,9 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    return measure_and_write('early_exit', args.json, 'early_exit_' + args.device.replace(':', '') + '.json',
-                             lambda: benchmark(args), format_table)
+    return run_benchmark(get_args_parser(), argv, lambda args: measure_and_write(
+        'early_exit', args.json, 'early_exit_' + args.device.replace(':', '') + '.json', lambda: benchmark(args),
+        format_table))
 
 
 if __name__ == '__main__':

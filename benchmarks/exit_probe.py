@@ -12,26 +12,27 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from benchmarks.common import measure_and_write
+from benchmarks.common import measure_and_write, run_benchmark
 from dataset_config import DATASET_CONFIG
-from errors import GFNetDynnError
+from errors import GFNetDynnError, OneLineParser
+from jobs.flags import add_flag, bounded, non_negative, positive
 from jobs.trained_run import reopen, reopen_data
 from learning_helpers.optim import seed_epoch
 from models.early_exit_net import EarlyExitNetwork
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('python -m benchmarks.exit_probe', description=__doc__.split('\n')[0])
-    parser.add_argument('--checkpoint', required=True, help='a dynn-stage checkpoint (best.pth of a run)')
-    parser.add_argument('--data-set', default=None, choices=sorted(DATASET_CONFIG),
+    parser = OneLineParser('python -m benchmarks.exit_probe', description=__doc__.split('\n')[0])
+    add_flag(parser, '--checkpoint', required=True, help='a dynn-stage checkpoint (best.pth of a run)')
+    add_flag(parser, '--data-set', default=None, choices=sorted(DATASET_CONFIG),
                         help="default: the data set the checkpoint was trained on")
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--epochs', type=int, default=12, help='probe training epochs over the cached features')
-    parser.add_argument('--lr', type=float, default=0.01, help='SGD lr of the probes (momentum 0.9, wd 5e-4)')
-    parser.add_argument('--train-passes', type=int, default=2,
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--epochs', check=positive, type=int, default=12, help='probe training epochs over the cached features')
+    add_flag(parser, '--lr', check=bounded(0, 10, low_open=True), type=float, default=0.01, help='SGD lr of the probes (momentum 0.9, wd 5e-4)')
+    add_flag(parser, '--train-passes', check=positive, type=int, default=2,
                         help='augmented passes over the training images whose features the probes train on')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--json', default=None, help='default: bench/exit_probe.json')
+    add_flag(parser, '--seed', check=non_negative, type=int, default=0)
+    add_flag(parser, '--json', default=None, help='default: bench/exit_probe.json')
     return parser
 
 
@@ -106,8 +107,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return measure_and_write('exit_probe', args.json, 'exit_probe.json', lambda: measure(args), format_table)
+    return run_benchmark(get_args_parser(), argv, lambda args: measure_and_write(
+        'exit_probe', args.json, 'exit_probe.json', lambda: measure(args), format_table))
 
 
 if __name__ == '__main__':

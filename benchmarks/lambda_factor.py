@@ -9,23 +9,29 @@ import sys
 
 import timm
 
-from benchmarks.common import measure_and_write
+from benchmarks.common import measure_and_write, run_benchmark
 from dataset_config import DATASET_CONFIG
-from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, arch_choices, dynn_model_name
+from errors import GFNetDynnError, OneLineParser
+from jobs.flags import add_flag, positive
 from models.flops import lambda_factor
+from models.model_factory import DEFAULT_ARCH, DEFAULT_PATCH_SIZE, arch_choices, dynn_model_name
 from models.gfnet_dynn import DEFAULT_EXIT_POSITIONS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('python -m benchmarks.lambda_factor', description=__doc__.split('\n')[0])
-    parser.add_argument('--arch', type=str, default=DEFAULT_ARCH, choices=arch_choices(), help='GFNet-Dynn variant')
-    parser.add_argument('--patch-size', type=int, default=DEFAULT_PATCH_SIZE, help='patch side')
-    parser.add_argument('--json', type=str, default=None, help='output JSON (default: bench/lambda_factor.json)')
+    parser = OneLineParser('python -m benchmarks.lambda_factor', description=__doc__.split('\n')[0])
+    add_flag(parser, '--arch', type=str, default=DEFAULT_ARCH, choices=arch_choices(), help='GFNet-Dynn variant')
+    add_flag(parser, '--patch-size', check=positive, type=int, default=DEFAULT_PATCH_SIZE, help='patch side')
+    add_flag(parser, '--json', type=str, default=None, help='output JSON (default: bench/lambda_factor.json)')
     return parser
 
 
 def factor_rows(arch: str, patch_size: int) -> list[dict]:
     """One row per data set entry: its default input size, both cost vectors and the λ factor."""
+    smallest = min(entry['default_input_size'] for entry in DATASET_CONFIG.values())
+    if patch_size > smallest:
+        raise GFNetDynnError(f'--patch-size {patch_size} is larger than the smallest data set input ({smallest} px): '
+                             f'a patch must fit in every image; pass at most {smallest}')
     rows = []
     for name, entry in sorted(DATASET_CONFIG.items()):
         size = entry['default_input_size']
@@ -48,12 +54,11 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    def measure() -> dict:
+    def measure(args: argparse.Namespace) -> dict:
         return {'arch': args.arch, 'patch_size': args.patch_size, 'exit_positions': list(DEFAULT_EXIT_POSITIONS),
                 'rows': factor_rows(args.arch, args.patch_size)}
-    return measure_and_write('lambda_factor', args.json, 'lambda_factor.json', measure, format_table)
+    return run_benchmark(get_args_parser(), argv, lambda args: measure_and_write(
+        'lambda_factor', args.json, 'lambda_factor.json', lambda: measure(args), format_table))
 
 
 if __name__ == '__main__':

@@ -16,11 +16,12 @@ import sys
 import numpy as np
 import torch
 
-from benchmarks.common import latency_ms, measure_and_write
+from benchmarks.common import latency_ms, measure_and_write, run_benchmark
 from benchmarks.early_exit import load_validation_images
 from deployment.onnx_runner import OnnxEarlyExit, read_manifest
-from errors import GFNetDynnError
+from errors import GFNetDynnError, OneLineParser
 from evaluation.latency import spread_indices
+from jobs.flags import add_flag, positive, probability
 from jobs.trained_run import reopen
 from models.early_exit import EarlyExitEngine
 
@@ -30,19 +31,19 @@ TARGETS = ('int8 accuracy within 1 point of float', 'int8 early exit >= 1.5x fas
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.onnx_edge', description=__doc__,
+    parser = OneLineParser('benchmarks.onnx_edge', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--export', required=True, help='folder written by --export onnx --quantize int8')
-    parser.add_argument('--data-set', default='DEMO', help='dataset_config.py entry for the validation images')
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--checkpoint', default=None, help="the PyTorch model to compare; default: the manifest's")
-    parser.add_argument('--threshold', type=float, default=None,
+    add_flag(parser, '--export', required=True, help='folder written by --export onnx --quantize int8')
+    add_flag(parser, '--data-set', default='DEMO', help='dataset_config.py entry for the validation images')
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--checkpoint', default=None, help="the PyTorch model to compare; default: the manifest's")
+    add_flag(parser, '--threshold', check=probability, type=float, default=None,
                         help="exit threshold of the early-exit rows (default: the manifest's)")
-    parser.add_argument('--threads', type=int, default=1,
+    add_flag(parser, '--threads', check=positive, type=int, default=1,
                         help='threads of onnxruntime and torch alike (1: a small board, and steady timings)')
-    parser.add_argument('--latency-images', type=int, default=200, help='validation images timed at batch 1')
-    parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds; the best is kept')
-    parser.add_argument('--json', default=None, help='default: bench/onnx_edge.json')
+    add_flag(parser, '--latency-images', check=positive, type=int, default=200, help='validation images timed at batch 1')
+    add_flag(parser, '--rounds', check=positive, type=int, default=3, help='interleaved timing rounds; the best is kept')
+    add_flag(parser, '--json', default=None, help='default: bench/onnx_edge.json')
     return parser
 
 
@@ -176,9 +177,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    return measure_and_write('onnx_edge', args.json, 'onnx_edge.json', lambda: benchmark(args), format_table)
+    return run_benchmark(get_args_parser(), argv, lambda args: measure_and_write(
+        'onnx_edge', args.json, 'onnx_edge.json', lambda: benchmark(args), format_table))
 
 
 if __name__ == '__main__':

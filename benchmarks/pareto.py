@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_DIR, SMALL_DATA_BACKBONE, json_path, latency_ms, write_json
+from benchmarks.common import DEFAULT_DIR, SMALL_DATA_BACKBONE, json_path, latency_ms, run_benchmark, write_json
 from benchmarks.early_exit import load_validation_images
 from dataset_config import DATASET_CONFIG
-from errors import GFNetDynnError, exit_code
+from errors import GFNetDynnError, OneLineParser
 from evaluation.latency import spread_indices
+from jobs.flags import add_flag, positive
 from jobs.outputs import check_output_file
 from jobs.run_setup import backbone_run_folder, dynn_run_folder
 from jobs.trained_run import RunArgs, reopen
@@ -53,26 +54,26 @@ GOAL_SPEEDUP, GOAL_MAX_DROP = 1.3, 1.0  # at least this much faster, at most thi
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.pareto', description=__doc__,
+    parser = OneLineParser('benchmarks.pareto', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data-set', default='DEMO', choices=sorted(DATASET_CONFIG), help='dataset_config.py entry')
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--dynn-results', required=True, help='results.json written by main_dynn.py --eval')
-    parser.add_argument('--archs', nargs='+', default=BASELINES,
+    add_flag(parser, '--data-set', default='DEMO', choices=sorted(DATASET_CONFIG), help='dataset_config.py entry')
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--dynn-results', required=True, help='results.json written by main_dynn.py --eval')
+    add_flag(parser, '--archs', nargs='+', default=BASELINES,
                         help='static baselines: timm names, or GFNet-*-dynn for the plain GFNet')
-    parser.add_argument('--epochs', type=int, default=6, help='training epochs of every baseline')
-    parser.add_argument('--no-exits', action='store_true',
+    add_flag(parser, '--epochs', check=positive, type=int, default=6, help='training epochs of every baseline')
+    add_flag(parser, '--no-exits', action='store_true',
                         help='only the static baselines: do not train and time each timm baseline with exits')
-    parser.add_argument('--output-dir', default=str(DEFAULT_DIR / 'pareto'),
+    add_flag(parser, '--output-dir', default=str(DEFAULT_DIR / 'pareto'),
                         help='where the baselines are trained (checkpoint/backbone_{data}_{arch}/)')
-    parser.add_argument('--latency-images', type=int, default=100, help='validation images timed at batch 1')
-    parser.add_argument('--max-points', type=int, default=12,
+    add_flag(parser, '--latency-images', check=positive, type=int, default=100, help='validation images timed at batch 1')
+    add_flag(parser, '--max-points', check=positive, type=int, default=12,
                         help="early-exit operating points timed per model: spread over its --eval front, plus its "
                              'choice (timing every threshold of six models takes long)')
-    parser.add_argument('--rounds', type=int, default=2, help='interleaved timing rounds; the best is kept')
-    parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
-    parser.add_argument('--json', default=None, help='default: bench/pareto_{data}.json')
-    parser.add_argument('--plot', default=None, help='default: the JSON path with .png')
+    add_flag(parser, '--rounds', check=positive, type=int, default=2, help='interleaved timing rounds; the best is kept')
+    add_flag(parser, '--threads', check=positive, type=int, default=None, help='CPU threads (default: torch default)')
+    add_flag(parser, '--json', default=None, help='default: bench/pareto_{data}.json')
+    add_flag(parser, '--plot', default=None, help='default: the JSON path with .png')
     return parser
 
 
@@ -143,7 +144,7 @@ def train_exits(arch: str, backbone: Path, args: argparse.Namespace, dynn_args: 
     data_path = ['--data-path', args.data_path] if args.data_path else []
     command = ['--stage', 'dynn', '--data-set', args.data_set, *data_path, '--checkpoint-path', str(backbone),
                *recipe, '--output-dir', str(output_dir)]
-    folder = dynn_run_folder(output_dir, args.data_set, dynn_args.ce_ic_tradeoff)
+    folder = dynn_run_folder(output_dir, args.data_set, dynn_args.ce_ic_tradeoff, arch)
     best = _train_or_reuse(folder, command, f'training {arch} with exits')
     results = best.parent / 'results.json'
     if not results.is_file():
@@ -361,17 +362,13 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    def run() -> None:
-        if args.epochs <= 0:
-            raise GFNetDynnError(f'--epochs must be positive, got {args.epochs}')
+    def run(args: argparse.Namespace) -> None:
         path = json_path(args.json, f'pareto_{args.data_set}.json')
         png = check_output_file(args.plot or path.with_suffix('.png'), 'plot', '--plot')
         result = benchmark(args)
         print(format_table(result))
         print(f"written: {write_json(result, path, 'pareto')} {plot(result, png)}")
-    return exit_code(run)
+    return run_benchmark(get_args_parser(), argv, run)
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import torch
 
 from data_loader_help import default_train_ratio
 from errors import GFNetDynnError, OneLineParser, exit_code
+from jobs.flags import add_flag, check_ranges, non_negative, split_ratio
 from jobs.outputs import check_output_file
 from jobs.run_setup import backbone_run_folder, dynn_run_folder
 from main_dynn import main as run_main
@@ -35,15 +36,15 @@ METRICS = (('full_accuracy', 'full network accuracy (%)'), ('chosen_accuracy', '
 def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineParser('python -m benchmarks.protocol', description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data-set', required=True, help='a dataset_config.py entry')
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--train-ratio', type=float, default=None, help="default: the entry's first protocol ratio")
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='split (and training) seeds')
-    parser.add_argument('--backbone-flags', default='', help='flags for the backbone stage only, quoted')
-    parser.add_argument('--dynn-flags', default='', help='flags for the exit stages only, quoted')
-    parser.add_argument('--arch', default='GFNet-xs-dynn', help='--arch of every stage')
-    parser.add_argument('--ce_ic_tradeoff', default='0.75', help='lambda of the exit stages')
-    parser.add_argument('--output-dir', default='bench/protocol', help='one folder per seed, and the tables')
+    add_flag(parser, '--data-set', required=True, help='a dataset_config.py entry')
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--train-ratio', check=split_ratio, type=float, default=None, help="default: the entry's first protocol ratio")
+    add_flag(parser, '--seeds', check=non_negative, type=int, nargs='+', default=[0, 1, 2], help='split (and training) seeds')
+    add_flag(parser, '--backbone-flags', default='', help='flags for the backbone stage only, quoted')
+    add_flag(parser, '--dynn-flags', default='', help='flags for the exit stages only, quoted')
+    add_flag(parser, '--arch', default='GFNet-xs-dynn', help='--arch of every stage')
+    add_flag(parser, '--ce_ic_tradeoff', check=non_negative, type=float, default=0.75, help='lambda of the exit stages')
+    add_flag(parser, '--output-dir', default='bench/protocol', help='one folder per seed, and the tables')
     return parser
 
 
@@ -71,9 +72,9 @@ def run_seed(args: argparse.Namespace, seed: int, ratio: float, common: list[str
     backbone = backbone_run_folder(out, args.data_set, args.arch)
     run_stage(backbone, ['--stage', 'backbone', *shared, '--train-ratio', str(ratio), '--split-seed', str(seed),
                          *shlex.split(args.backbone_flags)])
-    dynn = dynn_run_folder(out, args.data_set, float(args.ce_ic_tradeoff))
+    dynn = dynn_run_folder(out, args.data_set, args.ce_ic_tradeoff, args.arch)
     run_stage(dynn, [*shared, '--checkpoint-path', str(backbone / 'best.pth'), '--ce_ic_tradeoff',
-                     args.ce_ic_tradeoff, *shlex.split(args.dynn_flags)])
+                     str(args.ce_ic_tradeoff), *shlex.split(args.dynn_flags)])
     results_path = dynn / 'results.json'  # --eval's default: beside the checkpoint
     if not results_path.is_file() or results_path.stat().st_mtime < (dynn / 'best.pth').stat().st_mtime:
         data = ['--data-set', args.data_set, *(['--data-path', args.data_path] if args.data_path else [])]
@@ -137,8 +138,13 @@ def run(args: argparse.Namespace, common: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: unknown flags go to every stage; a user mistake prints one line and exits 2."""
-    args, common = get_args_parser().parse_known_args(argv)
-    return exit_code(lambda: run(args, common))
+    parser = get_args_parser()
+
+    def parsed_run() -> None:
+        args, common = parser.parse_known_args(argv)
+        check_ranges(parser, args)
+        run(args, common)
+    return exit_code(parsed_run)
 
 
 if __name__ == '__main__':

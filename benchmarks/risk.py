@@ -22,13 +22,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import measure_and_write
+from benchmarks.common import measure_and_write, run_benchmark
 from data_loader_help import build_loaders
-from errors import GFNetDynnError
+from errors import GFNetDynnError, OneLineParser
 from evaluation.exit_cache import ExitCache, collect_exit_outputs
 from evaluation.operating_points import BASELINE_RULES, exit_scores, exits_at
 from evaluation.risk_control import (DEFAULT_DELTA, LTT_GRID, RISK_LOSSES, RISK_RULES, image_losses, scan,
                                      scan_thresholds, select)
+from jobs.flags import add_flag, bounded, non_negative, positive
 from jobs.trained_run import reopen, reopen_data
 from models.flops import exit_gflops
 
@@ -39,24 +40,24 @@ SYNTHETIC_GFLOPS = [0.5, 1.0]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.risk', description=__doc__,
+    parser = OneLineParser('benchmarks.risk', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', default=None, help='a dynn-stage checkpoint (best.pth)')
-    parser.add_argument('--synthetic', action='store_true', help='synthetic scores with a known risk curve')
-    parser.add_argument('--data-set', default='DEMO', help='dataset_config.py entry of the held-out images')
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--batch', type=int, default=96, help='batch size of the cached pass')
-    parser.add_argument('--acc-drop', type=float, nargs='+', default=[1.0, 2.0, 5.0],
+    add_flag(parser, '--checkpoint', default=None, help='a dynn-stage checkpoint (best.pth)')
+    add_flag(parser, '--synthetic', action='store_true', help='synthetic scores with a known risk curve')
+    add_flag(parser, '--data-set', default='DEMO', help='dataset_config.py entry of the held-out images')
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--batch', check=positive, type=int, default=96, help='batch size of the cached pass')
+    add_flag(parser, '--acc-drop', check=bounded(0, 100, low_open=True, high_open=True), type=float, nargs='+', default=[1.0, 2.0, 5.0],
                         help='budgets acc-drop=P, in points (the risk level is P/100)')
-    parser.add_argument('--delta', type=float, default=DEFAULT_DELTA, help='ltt: allowed failure probability')
-    parser.add_argument('--risk-loss', default='error', choices=RISK_LOSSES, help='the per-image loss controlled')
-    parser.add_argument('--exit-rules', nargs='+', default=['gate', *BASELINE_RULES],
+    add_flag(parser, '--delta', check=bounded(0, 1, low_open=True, high_open=True), type=float, default=DEFAULT_DELTA, help='ltt: allowed failure probability')
+    add_flag(parser, '--risk-loss', default='error', choices=RISK_LOSSES, help='the per-image loss controlled')
+    add_flag(parser, '--exit-rules', nargs='+', default=['gate', *BASELINE_RULES],
                         choices=['gate', *BASELINE_RULES], help='exit scores whose thresholds are chosen')
-    parser.add_argument('--resplits', type=int, default=500, help='random calibration / test re-splits')
-    parser.add_argument('--calib-size', type=int, default=None,
+    add_flag(parser, '--resplits', check=positive, type=int, default=500, help='random calibration / test re-splits')
+    add_flag(parser, '--calib-size', check=positive, type=int, default=None,
                         help='calibration images per re-split; default: half of the held-out images (synthetic: 500)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the re-splits')
-    parser.add_argument('--json', default=None,
+    add_flag(parser, '--seed', check=non_negative, type=int, default=0, help='seed of the re-splits')
+    add_flag(parser, '--json', default=None,
                         help='default: bench/risk_{data}.json (synthetic: bench/risk_synthetic.json)')
     return parser
 
@@ -204,20 +205,17 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    def measure() -> dict:
+    def measure(args: argparse.Namespace) -> dict:
         if args.synthetic == bool(args.checkpoint):
             raise GFNetDynnError('pass either --checkpoint C (a trained model) or --synthetic')
-        if not 0 < args.delta < 1 or not all(0 < p < 100 for p in args.acc_drop) or args.resplits < 1:
-            raise GFNetDynnError('--delta must lie in (0, 1), every --acc-drop in (0, 100), --resplits be positive')
         levels = [p / 100 for p in args.acc_drop]
         result = synthetic_study(args, levels) if args.synthetic else checkpoint_study(args, levels)
         return {**result, 'resplits': args.resplits, 'delta': args.delta, 'risk_loss': args.risk_loss,
                 'seed': args.seed, 'command': ' '.join(['python -m benchmarks.risk', *(argv or sys.argv[1:])])}
 
-    name = 'risk_synthetic.json' if args.synthetic else f'risk_{args.data_set}.json'
-    return measure_and_write('risk', args.json, name, measure, format_table)
+    return run_benchmark(get_args_parser(), argv, lambda args: measure_and_write(
+        'risk', args.json, 'risk_synthetic.json' if args.synthetic else f'risk_{args.data_set}.json',
+        lambda: measure(args), format_table))
 
 
 if __name__ == '__main__':

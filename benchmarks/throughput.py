@@ -13,8 +13,10 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the GFNet variants with timm)
-from benchmarks.common import json_path, write_json
-from errors import exit_code
+from benchmarks.common import json_path, run_benchmark, write_json
+from errors import OneLineParser
+from jobs.flags import add_flag, positive
+from jobs.run_setup import resolve_device
 from runtime.distributed import synchronize
 
 CONFIGS = [('gfnet_ti', 64, 8), ('gfnet_ti', 224, 16), ('gfnet_ti', 256, 16),
@@ -22,12 +24,12 @@ CONFIGS = [('gfnet_ti', 64, 8), ('gfnet_ti', 224, 16), ('gfnet_ti', 256, 16),
 
 
 def images_per_second(step, batch: torch.Tensor, device: torch.device, seconds: float) -> float:
-    """Run `step(batch)` for about `seconds` after two warm-up calls."""
+    """Run `step(batch)` for about `seconds` (at least once) after two warm-up calls."""
     step(batch)
     step(batch)
     synchronize(device)
     started, images = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
+    while not images or time.perf_counter() - started < seconds:
         step(batch)
         synchronize(device)
         images += batch.shape[0]
@@ -58,17 +60,17 @@ def measure(name: str, size: int, patch: int, device: torch.device, batch: int, 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.throughput', description=__doc__,
+    parser = OneLineParser('benchmarks.throughput', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, default=None, help='default: 64 on CUDA, 8 on CPU')
-    parser.add_argument('--seconds', type=float, default=3.0, help='timed seconds per measurement')
-    parser.add_argument('--json', default=None, help='default: bench/throughput_{device}.json')
+    add_flag(parser, '--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add_flag(parser, '--batch', check=positive, type=int, default=None, help='default: 64 on CUDA, 8 on CPU')
+    add_flag(parser, '--seconds', check=positive, type=float, default=3.0, help='timed seconds per measurement')
+    add_flag(parser, '--json', default=None, help='default: bench/throughput_{device}.json')
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
+    device = resolve_device(args.device, None)
     path = json_path(args.json, f'throughput_{device.type}.json')
     batch = args.batch or (64 if device.type == 'cuda' else 8)
     rows = [measure(name, size, patch, device, batch, args.seconds) for name, size, patch in CONFIGS]
@@ -83,8 +85,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user mistake prints one line and exits 2."""
-    args = get_args_parser().parse_args(argv)
-    return exit_code(lambda: run(args))
+    return run_benchmark(get_args_parser(), argv, run)
 
 
 if __name__ == '__main__':

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import json_path, write_json
+from benchmarks.common import json_path, run_benchmark, write_json
 from data_loader_help import build_loaders
-from errors import GFNetDynnError, exit_code
+from errors import GFNetDynnError, OneLineParser
 from evaluation.exit_cache import collect_exit_outputs, per_exit_accuracy
 from evaluation.operating_points import Budget, all_points, choose, pareto_front
+from jobs.flags import add_flag, positive
 from jobs.outputs import check_output_file
 from jobs.trained_run import reopen, reopen_data
 from models.flops import exit_gflops
@@ -26,14 +27,14 @@ COMPUTE_SHARES = (0.4, 0.6, 0.8)  # the table's GFLOPs budgets, as shares of the
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('benchmarks.tradeoff', description=__doc__,
+    parser = OneLineParser('benchmarks.tradeoff', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('checkpoints', nargs='+', help='dynn-stage checkpoints (best.pth) of one data set')
-    parser.add_argument('--data-set', default='DEMO', help='dataset_config.py entry of the validation images')
-    parser.add_argument('--data-path', default=None, help="default: the entry's default_data_path")
-    parser.add_argument('--batch', type=int, default=96)
-    parser.add_argument('--json', default=None, help='default: bench/tradeoff.json')
-    parser.add_argument('--plot', default=None, help='default: the JSON path with .png')
+    add_flag(parser, 'checkpoints', nargs='+', help='dynn-stage checkpoints (best.pth) of one data set')
+    add_flag(parser, '--data-set', default='DEMO', help='dataset_config.py entry of the validation images')
+    add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
+    add_flag(parser, '--batch', check=positive, type=int, default=96)
+    add_flag(parser, '--json', default=None, help='default: bench/tradeoff.json')
+    add_flag(parser, '--plot', default=None, help='default: the JSON path with .png')
     return parser
 
 
@@ -90,9 +91,7 @@ def plot_fronts(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    def run() -> None:
+    def run(args: argparse.Namespace) -> None:
         json_file = json_path(args.json, 'tradeoff.json')
         plot = check_output_file(Path(args.plot) if args.plot else json_file.with_suffix('.png'), 'plot', '--plot')
         for path in args.checkpoints:
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows))
         print(f"written: {write_json({'data_set': args.data_set, 'checkpoints': rows}, json_file, 'tradeoff')} "
               f'{plot_fronts(rows, plot)}')
-    return exit_code(run)
+    return run_benchmark(get_args_parser(), argv, run)
 
 
 if __name__ == '__main__':

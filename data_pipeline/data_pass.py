@@ -87,8 +87,7 @@ def make_data_sets(request: DataRequest) -> DataSets:
                                                  _relative(train_scenes.samples, layout.train), split)
         if not pool or not val_idx:
             raise GFNetDynnError(f'the split leaves no {"training" if not pool else "validation"} images of the '
-                                 f'{len(train_scenes)} in {layout.train}; choose a --train-ratio nearer 0.5 or add '
-                                 f'images')
+                                 f'{len(train_scenes)} in {layout.train}; {_empty_split_cause(method, split)}')
         ratio = split.train_ratio if method != 'file' else None
         seed = split.seed if method in ('stratified', 'random') else None
     train_idx, calib_idx = _hold_out_calibration(train_scenes, pool, split) if pool else ([], [])
@@ -161,6 +160,14 @@ def _check_class_count(request: DataRequest, folder: SceneFolder) -> None:
                              f'{len(folder.classes)}; fix the folder or the entry')
 
 
+def _empty_split_cause(method: str, split: SplitRequest) -> str:
+    """What to change when a split leaves one part empty: the file that named no images, or the ratio."""
+    return {'file': f'--split-file {split.file} names none: add some to it',
+            'random': 'choose a --train-ratio nearer 0.5 or add images',
+            'stratified': 'choose a --train-ratio nearer 0.5 or add images'}.get(
+        method, f"the run's split file {(split.recorded or {}).get('file')} names none")
+
+
 def _one_folder_split(entry: dict, scenes: SceneFolder, relative: list[str],
                       request: SplitRequest) -> tuple[str, list[int], list[int]]:
     """(method, training indices, validation indices): a published split file, else the run's recorded split
@@ -168,7 +175,8 @@ def _one_folder_split(entry: dict, scenes: SceneFolder, relative: list[str],
     recorded = request.recorded or {}
     recorded_file = recorded.get('file')
     if request.file:
-        return 'file', *split_from_names(relative, *read_split_file(request.file), f'--split-file {request.file}')
+        return 'file', *split_from_names(relative, *read_split_file(request.file), f'--split-file {request.file}',
+                                         (scenes.targets, scenes.classes))
     if recorded_file and Path(recorded_file).is_file():
         train, val = split_from_names(relative, *read_split_file(recorded_file), f"the run's split {recorded_file}")
         return recorded.get('method', 'file'), train, val

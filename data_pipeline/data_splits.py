@@ -139,10 +139,11 @@ def read_split_file(path: str | Path) -> tuple[list[str], list[str]]:
     return lines[0], lines[1]
 
 
-def split_from_names(relative_paths: list[str], train_names: list[str], val_names: list[str],
-                     source: str) -> tuple[list[int], list[int]]:
+def split_from_names(relative_paths: list[str], train_names: list[str], val_names: list[str], source: str,
+                     classes: tuple[list[int], list[str]] | None = None) -> tuple[list[int], list[int]]:
     """Indices of the samples named in a split file: a name matches a relative path, or a file name when the
-    file names are unique (torchgeo's lists hold bare file names)."""
+    file names are unique (torchgeo's lists hold bare file names). No image may be named twice; with `classes`
+    (every sample's target, the class names) every class needs training and validation images."""
     by_path = {p: i for i, p in enumerate(relative_paths)}
     by_name: dict[str, int] = {}
     for i, p in enumerate(relative_paths):
@@ -159,10 +160,32 @@ def split_from_names(relative_paths: list[str], train_names: list[str], val_name
         return sorted(found)
 
     train, val = indices(train_names), indices(val_names)
-    overlap = set(train) & set(val)
-    if overlap:
-        raise GFNetDynnError(f'{source} puts {len(overlap)} image(s) in both training and validation; fix the file')
+    _check_named_once(train, val, relative_paths, source)
+    if classes is not None:
+        targets, names = classes
+        for part, chosen in (('training', train), ('validation', val)):
+            present = {targets[i] for i in chosen}
+            lacking = [name for c, name in enumerate(names) if c not in present]
+            if lacking:
+                raise GFNetDynnError(f'{source} gives class {lacking[0]} no {part} images'
+                                     f"{f' ({len(lacking)} classes lack them)' if len(lacking) > 1 else ''}; every "
+                                     f'class needs training and validation images: fix the file')
     return train, val
+
+
+def _check_named_once(train: list[int], val: list[int], relative_paths: list[str], source: str) -> None:
+    """The first image a split names twice (in one part, or in both) is a one-line error naming it."""
+    for part, chosen in (('training', train), ('validation', val)):
+        seen = set()
+        for i in chosen:
+            if i in seen:
+                raise GFNetDynnError(f'{source} names {relative_paths[i]} twice in its {part} part; each image '
+                                     f'belongs once to one part: fix the file')
+            seen.add(i)
+    overlap = sorted(set(train) & set(val))
+    if overlap:
+        raise GFNetDynnError(f'{source} puts {len(overlap)} image(s) in both training and validation, e.g. '
+                             f'{relative_paths[overlap[0]]}; fix the file')
 
 
 def split_file_name(data_set: str, train_ratio: float | None, seed: int | None, method: str,

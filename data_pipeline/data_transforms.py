@@ -27,14 +27,27 @@ def _probability(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
+def _aa_policy(value) -> bool:
+    """'none', or a policy timm builds (rand-*, augmix-*, trivial, original, v0 ...): tried on a tiny pipeline."""
+    if not isinstance(value, str) or not value:
+        return False
+    if value == 'none':
+        return True
+    try:
+        create_transform(32, is_training=True, auto_augment=value)
+    except Exception:  # timm asserts, or raises KeyError / ValueError, on a policy it cannot parse
+        return False
+    return True
+
+
 # What each setting accepts, and how to say it
 AUGMENT_CHECKS = {
     'scale': (lambda v: _pair(v) and v[1] <= 1, 'two fractions low <= high <= 1, e.g. [0.5, 1.0]'),
     'ratio': (_pair, 'two aspect ratios low <= high, e.g. [0.75, 1.33]'),
     'hflip': (_probability, 'a probability in [0, 1]'),
     'vflip': (_probability, 'a probability in [0, 1]'),
-    'aa': (lambda v: isinstance(v, str) and v != '', "a timm auto-augment policy (e.g. 'rand-m9-mstd0.5-inc1') or "
-                                                    "'none'"),
+    'aa': (_aa_policy, "a timm auto-augment policy (e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5', 'trivial', 'v0') or "
+                       "'none'"),
     'color_jitter': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                      'a non-negative strength, 0 for none'),
     'train_interpolation': (lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),

@@ -104,8 +104,11 @@ class SceneFolder(ImageFolder):
         super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
         empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
         if empty:
-            raise GFNetDynnError(f'no images in {", ".join(str(Path(root) / n) for n in empty)}; '
-                                 f'add images or delete the empty class folder')
+            skipped = any(any(Path(root, n).rglob('[!.]*.*')) for n in empty)  # files there, all unreadable
+            raise GFNetDynnError(f'no {"readable " if skipped else ""}images in '
+                                 f'{", ".join(str(Path(root) / n) for n in empty)}; ' +
+                                 ('every file there was skipped as unreadable: replace them or delete the class '
+                                  'folder' if skipped else 'add images or delete the empty class folder'))
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         """Class names are the non-hidden sub-folders of directory, sorted."""

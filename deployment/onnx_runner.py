@@ -1,6 +1,7 @@
 """Real early exit on an edge runtime: chain the ONNX segments written by `deployment/onnx_export.py`.
 
-Needs only onnxruntime, numpy and Pillow: `python -m deployment.onnx_runner DIR IMAGE_OR_FOLDER ...` imports no
+Needs only onnxruntime, numpy and Pillow: `python -m deployment.onnx_runner DIR IMAGE_OR_FOLDER ...` (from the
+repository) or `python PATH/TO/deployment/onnx_runner.py DIR IMAGE_OR_FOLDER ...` (from any directory) imports no
 torch and no training code (importing the `models` package registers nothing until a model is asked for).
 """
 import argparse
@@ -14,6 +15,9 @@ from typing import Iterator, TextIO
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+
+if not __package__:  # run as a file from any directory: its own modules are found from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_pipeline.image_io import DECODE_ERRORS, BandCountError, open_rgb
 from deployment.onnx_manifest import MANIFEST_FORMAT, MANIFEST_KEYS, MANIFEST_NAME
@@ -113,6 +117,20 @@ class OnnxEarlyExit:
                 raise GFNetDynnError(f'{path} is not a usable ONNX graph ({reason}); copy the export folder '
                                      f'again or export again') from None
         self.input_names = [session.get_inputs()[0].name for session in self.sessions]
+        self._check_graph_shapes(Path(directory) / MANIFEST_NAME)
+
+    def _check_graph_shapes(self, manifest_path: Path) -> None:
+        """The manifest agrees with the graphs (the first takes input_size images, every head predicts one score per
+        class name) before any image is read; a symbolic dimension is not checked."""
+        image_shape = self.sessions[0].get_inputs()[0].shape
+        if len(image_shape) == 4 and any(isinstance(d, int) and d != self.input_size for d in image_shape[2:]):
+            raise GFNetDynnError(f'{manifest_path}: input_size {self.input_size}, but the first graph takes '
+                                 f'{image_shape[2]}x{image_shape[3]} images; export the model again')
+        for k, session in enumerate(self.sessions):
+            logits = session.get_outputs()[0 if k == self.num_exits - 1 else 1].shape
+            if logits and isinstance(logits[-1], int) and logits[-1] != len(self.class_names):
+                raise GFNetDynnError(f'{manifest_path}: {len(self.class_names)} class_names, but the heads predict '
+                                     f'{logits[-1]} classes; export the model again')
 
     @property
     def num_exits(self) -> int:
@@ -258,24 +276,36 @@ def _write_rows(rows: Iterator[dict], out: TextIO, as_json: bool, num_exits: int
     return count
 
 
-def classify(runner: OnnxEarlyExit, paths: Iterator[str], batch_size: int) -> Iterator[dict]:
-    """One row per image: file, class name, exit index (from 0) and the model's ms per image (decoding and
-    preprocessing excluded)."""
+def readable(paths: Iterator[str], runner: OnnxEarlyExit, skipped: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, preprocessed image) of each readable image; an unreadable one is named in one line on stderr, added
+    to `skipped`, and the others go on."""
     manifest = runner.manifest
-    pending: list[str] = []
+    for path in paths:
+        try:
+            yield path, preprocess(path, runner.input_size, manifest['mean'], manifest['std'])
+        except GFNetDynnError as error:
+            print(f'skipped: {error}', file=sys.stderr, flush=True)
+            skipped.append(path)
+
+
+def classify(runner: OnnxEarlyExit, paths: Iterator[str], batch_size: int,
+             skipped: list[str] | None = None) -> Iterator[dict]:
+    """One row per readable image: file, class name, exit index (from 0) and the model's ms per image (decoding
+    and preprocessing excluded); unreadable images are skipped (named on stderr, listed in `skipped`)."""
+    pending: list[tuple[str, np.ndarray]] = []
 
     def flush() -> Iterator[dict]:
-        images = np.stack([preprocess(p, runner.input_size, manifest['mean'], manifest['std']) for p in pending])
+        images = np.stack([image for _, image in pending])
         started = time.perf_counter()
         predictions, exit_index = runner.predict(images)
         latency_ms = (time.perf_counter() - started) * 1e3 / len(pending)
-        for path, label, k in zip(pending, predictions, exit_index):
+        for (path, _), label, k in zip(pending, predictions, exit_index):
             yield {'file': path, 'class': runner.class_names[label], 'exit': int(k),
                    'latency_ms': round(latency_ms, 3)}
         pending.clear()
 
-    for path in paths:
-        pending.append(path)
+    for item in readable(paths, runner, [] if skipped is None else skipped):
+        pending.append(item)
         if len(pending) == batch_size:
             yield from flush()
     if pending:
@@ -301,19 +331,27 @@ def run(args: argparse.Namespace) -> None:
         raise GFNetDynnError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(args.images)}')
     runner = OnnxEarlyExit(args.directory, threshold=args.threshold, num_threads=args.threads,
                            precision=args.precision)
-    rows = classify(runner, iter(paths), args.batch_size)
+    skipped: list[str] = []
+    rows = classify(runner, iter(paths), args.batch_size, skipped)
     if jsonl is None:
         _write_rows(rows, sys.stdout, args.jsonl == '-', runner.num_exits)
+        _check_some_read(skipped, paths)
     else:
         tmp = jsonl.with_name(jsonl.name + '.tmp')
         jsonl.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, 'w') as out:
                 count = _write_rows(rows, out, True, runner.num_exits)
+            _check_some_read(skipped, paths)  # before the rename: an earlier output is not replaced by nothing
             os.replace(tmp, jsonl)
         finally:
             tmp.unlink(missing_ok=True)
         print(f'{count} images classified: {jsonl}', file=sys.stderr)
+
+
+def _check_some_read(skipped: list[str], paths: list[str]) -> None:
+    if skipped and len(skipped) == len(paths):
+        raise GFNetDynnError(f'none of the {len(paths)} images could be read (each is named above); pass image files')
 
 
 def main(argv: list[str] | None = None) -> int:

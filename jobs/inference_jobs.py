@@ -20,10 +20,12 @@ from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from evaluation.risk_control import RiskControl
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
-from jobs.run_setup import build_data, checkpoint_args, dynn_run_folder, resolve_model_shape, split_request
+from jobs.run_setup import (build_data, check_class_count, checkpoint_args, dataset_num_classes, dynn_run_folder,
+                            resolve_model_shape, split_request)
 from jobs.trained_run import RunArgs, TrainedRun, reopen
 from learning_helpers.checkpoint import suggested_checkpoint
 from models.flops import exit_gflops
+from models.model_factory import DEFAULT_ARCH
 from runtime.atomic import save_json
 
 CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
@@ -34,7 +36,8 @@ def load_for_inference(args: argparse.Namespace, given: set[str], names: dict[st
     contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
     wanted = suggested_checkpoint(args.output_dir, f'checkpoint_{args.data_set}_*_confEE/best.pth',
                                   "the dynn stage's best.pth",
-                                  dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff) / 'best.pth')
+                                  dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff,
+                                                  args.arch or DEFAULT_ARCH) / 'best.pth')
     checkpoint, source_args = checkpoint_args(args.checkpoint_path, wanted)
     for dest in CHECKPOINT_SHAPE_FLAGS:
         stored = source_args.given(dest)
@@ -58,9 +61,8 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
     data = build_data(args, model_args.input_size, distributed=False, recorded=recorded, need_train=False)
     val_loader, class_names = data.val_loader, data.classes
-    if len(class_names) != model.num_classes:
-        raise GFNetDynnError(f'{args.checkpoint_path} predicts {model.num_classes} classes but --data-set '
-                             f'{args.data_set} has {len(class_names)}; evaluate it on the dataset it was trained on')
+    check_class_count(args.checkpoint_path, model.num_classes, args.data_set, len(class_names),
+                      'evaluate it on the dataset it was trained on')
     model.to(device)
     results, _ = evaluate_early_exit(
         model, val_loader, device, gflops_per_exit=exit_gflops(model), class_names=class_names,
@@ -81,12 +83,21 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     return json_path
 
 
+def runner_command(module: str) -> str:
+    """How to start a runner module: `-m MODULE` from the repository, else its file, which runs from anywhere."""
+    repo = Path(__file__).resolve().parent.parent
+    return f'-m {module}' if Path.cwd().resolve() == repo else str(repo.joinpath(*module.split('.')).with_suffix('.py'))
+
+
 def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> Path:
     """--export: the format's EXPORTERS entry writes it (onnx: one graph per segment plus a manifest; with
     --quantize int8 also statically quantised twins, calibrated on training images). The export is written beside
     --out first and replaces it whole once complete."""
     out = check_export_folder(args.out)
     model, model_args, checkpoint = load_for_inference(args, given, names)
+    if 'data_set' in given or args.quantize:  # the data set names the classes the export is for
+        check_class_count(args.checkpoint_path, model.num_classes, args.data_set, dataset_num_classes(args.data_set),
+                          'export it with the --data-set it was trained on')
     calibration = None
     if args.quantize:  # read the images before the export: a data problem stops the job before the long part
         recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
@@ -105,10 +116,8 @@ def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str])
         shutil.rmtree(staged, ignore_errors=True)
     kinds = 'float and int8' if args.quantize else 'float'
     precision = exporter.precision_flag if args.quantize else ''
-    repo = Path(__file__).resolve().parent.parent  # `-m RUNNER` resolves from the repository
-    cd = '' if Path.cwd().resolve() == repo else f'cd {repo} && '
     print(f'exported {len(model.exit_positions) + 1} {kinds} {exporter.noun} (exit threshold {threshold:g}) to '
-          f'{out}; run them with:\n  {cd}python -m {exporter.runner}{precision} {out.resolve()} '
+          f'{out}; run them with:\n  python {runner_command(exporter.runner)}{precision} {out.resolve()} '
           f'IMAGE_OR_FOLDER [...]')
     return out / exporter.manifest
 

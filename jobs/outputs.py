@@ -10,6 +10,7 @@ replace a trained model or a file it did not write itself.
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -68,9 +69,11 @@ def writable_location(folder: Path, flag: str, shown: Path | None = None) -> Non
         if parent.exists():
             if not parent.is_dir():
                 raise GFNetDynnError(f'{flag} {shown}: {parent} is a file, not a folder; pass a path under a folder')
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise GFNetDynnError(f'{flag} {shown}: cannot write under {parent} (permission denied); pass a '
-                                     f'writable {flag}')
+            try:  # a trial file, removed at once: permissions alone miss read-only mounts and /proc
+                tempfile.TemporaryFile(dir=parent).close()
+            except OSError as error:
+                raise GFNetDynnError(f'{flag} {shown}: cannot create files under {parent} ({error.strerror or error}); pass '
+                                     f'a writable {flag}') from None
             return
 
 

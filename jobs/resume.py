@@ -7,6 +7,7 @@ from errors import GFNetDynnError
 from jobs.run_setup import PATH_FLAGS, backbone_run_folder, dynn_run_folder
 from jobs.trained_run import RunArgs
 from learning_helpers.stage_common import extend_hint, finished, load_resume_checkpoint
+from models import model_factory
 
 # how a run runs, not what it is
 RESUME_MAY_CHANGE = frozenset({'config', 'resume', 'device', 'num_workers', 'data_path', 'check_images'})
@@ -35,8 +36,10 @@ def resumed_args(args: argparse.Namespace, given: set[str],
                              f"{extend_hint(stage, stored.get('data_set'), folder / 'best.pth')}")
     recorded = RunArgs.from_dict(stored)
     expected = (backbone_run_folder('.', recorded.data_set, recorded.given('arch')) if stage == 'backbone' else
-                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff)).name
-    if folder.name != expected or folder.parent.name != 'checkpoint':
+                dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff, recorded.arch)).name
+    # a timm backbone's dynn run written before the folder name carried the backbone's name
+    earlier = dynn_run_folder('.', recorded.data_set, recorded.ce_ic_tradeoff, model_factory.DEFAULT_ARCH).name
+    if folder.name not in {expected, earlier if stage == 'dynn' else expected} or folder.parent.name != 'checkpoint':
         raise GFNetDynnError(f'{args.resume} is not in its run folder (OUTPUT/checkpoint/{expected}/); --resume '
                              f'continues a run where it was written: put the file back there')
     # flags added since: their default, or the value that reproduces how runs trained before the flag existed

@@ -75,6 +75,18 @@ def dataset_num_classes(data_set: str) -> int:
     return dataset_entry(data_set)['num_classes']
 
 
+def check_class_count(source: str, checkpoint_classes: int | None, data_set: str, data_classes: int,
+                      hint: str) -> None:
+    """A model whose head predicts another number of classes than the data set has is a one-line error naming both
+    (None: the checkpoint has no final head to compare)."""
+    if checkpoint_classes is None:
+        raise GFNetDynnError(f'{source} has no final classifier head to check against the {data_classes} classes of '
+                             f'--data-set {data_set}; {hint}')
+    if checkpoint_classes != data_classes:
+        raise GFNetDynnError(f'{source} predicts {checkpoint_classes} classes but --data-set {data_set} has '
+                             f'{data_classes}; {hint}')
+
+
 def checkpoint_args(path: str | None, wanted: str = 'a .pth file a run wrote') -> tuple[dict, RunArgs]:
     """(checkpoint, its stored run args as a record); an empty dict and the defaults when no checkpoint is given.
     `wanted` says what the job needs, for the message when the file is missing."""
@@ -173,8 +185,11 @@ def backbone_run_folder(output_dir: str | Path, data_set: str, arch: str) -> Pat
     return Path(output_dir) / 'checkpoint' / f'backbone_{data_set}_{arch}'
 
 
-def dynn_run_folder(output_dir: str | Path, data_set: str, tradeoff: float) -> Path:
-    return Path(output_dir) / 'checkpoint' / f'checkpoint_{data_set}_{tradeoff}_confEE'
+def dynn_run_folder(output_dir: str | Path, data_set: str, tradeoff: float, arch: str) -> Path:
+    """checkpoint_{dataset}_{lambda}_confEE for GFNet (the seed README's name); another backbone's name is added
+    (checkpoint_{dataset}_{arch}_{lambda}_confEE), so that runs of two backbones never share a folder."""
+    backbone = '' if model_factory.is_gfnet(arch) else f'{arch}_'
+    return Path(output_dir) / 'checkpoint' / f'checkpoint_{data_set}_{backbone}{tradeoff}_confEE'
 
 
 def warmup_folder(output_dir: str | Path, data_set: str, arch: str, input_size: int, max_warmup_epoch: int,
@@ -191,9 +206,9 @@ def make_writer(output_dir: Path, name: str) -> SummaryWriter | None:
 
 @contextmanager
 def removed_on_bad_input(roots: list[Path]):
-    """A run stopped by a user mistake (a bad image, a bad value) before it saved a checkpoint leaves nothing
-    behind: what the block created under `roots` (split file, lock, run folders, TensorBoard events) and the
-    folders above them it made are removed again. A run that saved a checkpoint keeps everything, to resume."""
+    """A run stopped by a user mistake (a bad image, a bad value) or by Ctrl-C before it saved a checkpoint leaves
+    nothing behind: what the block created under `roots` (split file, lock, run folders, TensorBoard events) and
+    the folders above them it made are removed again. A run that saved a checkpoint keeps everything, to resume."""
     roots = [Path(root).absolute() for root in roots]
 
     def tree() -> dict[Path, int]:  # every path under the roots -> its modification time
@@ -202,7 +217,7 @@ def removed_on_bad_input(roots: list[Path]):
     made_parents = {parent for root in roots for parent in root.parents if not parent.exists()}
     try:
         yield
-    except GFNetDynnError:
+    except (GFNetDynnError, Interrupted, KeyboardInterrupt):
         after = tree()
         saved = any(path.suffix == '.pth' and before.get(path) != mtime for path, mtime in after.items())
         if is_main_process() and not saved:
@@ -235,4 +250,5 @@ def claim_run(folders: list[Path], overwrite: bool):
             if last.is_file():
                 raise Interrupted(f'{where}; the last finished epoch is in {last}: continue with python '
                                   f'main_dynn.py --resume {last}') from None
-            raise Interrupted(f'{where}, before the first epoch finished: nothing was saved') from None
+            raise Interrupted(f'{where}, before the first epoch finished: nothing was saved, and what the run had '
+                              f'created is removed') from None

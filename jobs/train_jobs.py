@@ -8,8 +8,8 @@ import torch
 
 from errors import GFNetDynnError
 from jobs.outputs import check_new_run, writable_location
-from jobs.run_setup import (backbone_run_folder, build_data, check_split_file, checkpoint_args, claim_run,
-                            dataset_num_classes, dynn_run_folder, make_writer, removed_on_bad_input,
+from jobs.run_setup import (backbone_run_folder, build_data, check_class_count, check_split_file, checkpoint_args,
+                            claim_run, dataset_num_classes, dynn_run_folder, make_writer, removed_on_bad_input,
                             resolve_model_shape, run_args_dict, save_split, warmup_folder)
 from jobs.trained_run import RunArgs
 from jobs.flags import with_stage_defaults
@@ -25,7 +25,7 @@ from learning_helpers.warmup_stage import WarmupConfig
 from models import model_factory
 from models.exit_costs import DEFAULT_EXIT_COSTS, EXIT_COSTS
 from models.exit_heads import ExitHeadConfig
-from models.weights import load_state
+from models.weights import LoadReport, load_state
 from runtime.distributed import is_main_process
 
 DYNN_STAGES = ('warmup', 'joint')  # what a dynn-stage checkpoint says under 'stage'
@@ -83,8 +83,31 @@ def _start_model(args: argparse.Namespace, build, resume: dict, stage: str) -> t
     shape = resolve_model_shape(args, source_args)
     model = build(shape, dataset_num_classes(args.data_set))
     if start:
-        load_state(model, start, source=args.checkpoint_path)
+        report = load_state(model, start, source=args.checkpoint_path)
+        if stage == 'dynn':
+            _check_head(args, model, start, source_args, report)
     return model, shape, source_args.recorded_split(args.data_set)
+
+
+def _check_head(args: argparse.Namespace, model: torch.nn.Module, start: dict, source_args: RunArgs,
+                report: LoadReport) -> None:
+    """The exits train on top of the backbone's final head: a --checkpoint-path whose head was dropped for another
+    class count is an error, unless --new-head asks for a fresh one (logged)."""
+    prefixes = getattr(model, 'classifier_prefixes', ('head.',))
+    dropped = [key for key in report.fresh if key.startswith(prefixes)]
+    if not dropped:
+        return
+    state = start.get('model', start)
+    shapes = [state[k].shape[0] for key in dropped[:1] for k in (key, key.removeprefix('backbone.'), f'module.{key}')
+              if torch.is_tensor(state.get(k))]
+    count = len(source_args.class_names) if source_args.class_names else (shapes[0] if shapes else None)
+    classes = dataset_num_classes(args.data_set)
+    if args.new_head:
+        logging.warning('--new-head: the final classifier starts fresh for the %d classes of %s (the checkpoint\'s '
+                        'predicts %s)', classes, args.data_set, count if count is not None else 'none')
+        return
+    check_class_count(args.checkpoint_path, count, args.data_set, classes,
+                      'pass the backbone trained on this data set, or --new-head to train a fresh final head')
 
 
 def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
@@ -140,7 +163,7 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     if not resume and not args.checkpoint_path:
         logging.warning('no --checkpoint-path: training exits on a randomly initialised backbone; train one '
                         'first with --stage backbone')
-    run_folder = dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff)
+    run_folder = dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff, shape['arch'])
     heads_dir = warmup_folder(args.output_dir, args.data_set, shape['arch'], shape['input_size'],
                               args.max_warmup_epoch, args.ce_ic_tradeoff)
     if not resume:

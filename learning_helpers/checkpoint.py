@@ -4,13 +4,18 @@ from pathlib import Path
 import torch
 
 from errors import GFNetDynnError
-from models.weights import read_checkpoint
+from models.weights import non_finite_tensors, read_checkpoint
 from runtime.atomic import atomic_write
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """torch.save `payload` atomically. Keep it plain data (tensors, numbers, str, lists, dicts)."""
+    """torch.save `payload` atomically. Keep it plain data (tensors, numbers, str, lists, dicts). A payload with a
+    NaN or inf tensor is never written: the file already there (the last finite state) is kept."""
     path = Path(path)
+    bad = non_finite_tensors(payload)
+    if bad:
+        raise GFNetDynnError(f"not writing {path}: {', '.join(bad[:3])} hold NaN or inf (training diverged); "
+                             f'{path.name} keeps its last finite state; lower --lr (and --gate-lr)')
     atomic_write(path, lambda stream: torch.save(payload, stream))
     return path
 

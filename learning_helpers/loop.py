@@ -1,10 +1,10 @@
 """The training step every stage shares, around the runtime's batch iterator: device transfer, mixed precision,
-the non-finite guard, the optimizer step, where Ctrl-C stopped."""
+the non-finite guard and its roll-back, the optimizer step, where Ctrl-C stopped."""
 from typing import Callable, Iterable
 
 import torch
 
-from learning_helpers.optim import NonFiniteGuard
+from learning_helpers.optim import NonFiniteGuard, StepUndo
 from runtime.batches import batches
 from runtime.distributed import all_reduce_sum, autocast, sync_gradients
 
@@ -40,7 +40,11 @@ def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
             sync_gradients(sync)
             if clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(trained, clip_grad)
+            undo = StepUndo(optimizer)
             optimizer.step()
+            if not guard.keeps(undo.params, epoch, step):
+                undo.restore()
+                continue
             totals += stats
     except KeyboardInterrupt:
         raise TrainingStopped(f'{desc}, batch {step}') from None

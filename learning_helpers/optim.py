@@ -63,7 +63,8 @@ def seed_epoch(seed: int, epoch: int, loader: torch.utils.data.DataLoader) -> No
 
 
 class NonFiniteGuard:
-    """Skips optimizer steps whose loss is NaN or inf; too many in a row stops the run with a clear error."""
+    """Skips optimizer steps whose loss is NaN or inf, and rolls back steps that leave a weight NaN or inf; too
+    many in a row stops the run with a clear error."""
 
     def __init__(self, max_skips: int):
         self.max_skips = max_skips
@@ -73,18 +74,48 @@ class NonFiniteGuard:
         """True if the step may proceed (epoch and batch counted from 0, like the epoch lines). One host sync
         per step, the price of never stepping on NaN. Under torchrun the ranks decide together: a rank that
         skipped alone would leave the others waiting in the gradient all-reduce."""
-        non_finite = (~torch.isfinite(loss.detach())).any().float()
-        if all_reduce_sum(non_finite).item() == 0:
-            self.in_a_row = 0
+        return self._judge((~torch.isfinite(loss.detach())).any(), f'non-finite loss ({loss.item()} on this '
+                           f'process)', 'step skipped', epoch, batch, taken=False)
+
+    def keeps(self, params: list[torch.Tensor], epoch: int, batch: int) -> bool:
+        """True if every weight the step changed is finite (the step is taken: the count in a row restarts);
+        False: the caller rolls the step back."""
+        bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in params]).any() if params else \
+            torch.tensor(False)
+        return self._judge(bad, 'non-finite weights after the step', 'step rolled back', epoch, batch, taken=True)
+
+    def _judge(self, non_finite: torch.Tensor, what: str, action: str, epoch: int, batch: int, taken: bool) -> bool:
+        if all_reduce_sum(non_finite.float()).item() == 0:
+            self.in_a_row = 0 if taken else self.in_a_row
             return True
         self.in_a_row += 1
-        _logger.warning('non-finite loss (%s on this process) at epoch %d batch %d: step skipped (%d in a row)',
-                        loss.item(), epoch, batch, self.in_a_row)
+        _logger.warning('%s at epoch %d batch %d: %s (%d in a row)', what, epoch, batch, action, self.in_a_row)
         if self.in_a_row > self.max_skips:
-            raise GFNetDynnError(f'loss was non-finite for {self.in_a_row} batches in a row, more than '
-                                 f'--max-nan-skips {self.max_skips} (epoch {epoch}, batch {batch}); lower '
-                                 f'--lr or check the data; the last good checkpoint is kept')
+            raise GFNetDynnError(f'the loss or the weights were non-finite for {self.in_a_row} batches in a row, more than '
+                                 f'--max-nan-skips {self.max_skips} (epoch {epoch}, batch {batch}); lower --lr '
+                                 f'(and --gate-lr) or check the data; the last good checkpoint is kept')
         return False
+
+
+class StepUndo:
+    """The weights a step is about to change and their optimizer state, copied before it, to put back when the
+    step leaves a weight non-finite (the last finite state)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group['params'] if p.grad is not None]
+        self.weights = [p.detach().clone() for p in self.params]
+        self.states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+                       for p in self.params]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, weight, state in zip(self.params, self.weights, self.states):
+            param.copy_(weight)
+            if state:
+                self.optimizer.state[param] = state
+            else:
+                self.optimizer.state.pop(param, None)
 
 
 def set_requires_grad(module: torch.nn.Module, flag: bool) -> None:

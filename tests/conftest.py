@@ -167,3 +167,17 @@ def halve_at_each_exit(model, images: torch.Tensor):
         gate.linear.bias.fill_(-50.0 * median)
         inside &= max_prob < median
     return model.train(was_training)
+
+
+@pytest.fixture
+def dynn_best(small_data, tmp_path) -> Path:
+    """An untrained 3-class GFNet-Dynn (16 px, patch 8, exits 3 7) saved as the dynn stage saves best.pth."""
+    from learning_helpers.checkpoint import save_checkpoint
+    from models.model_factory import build_dynn
+    torch.manual_seed(0)
+    model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], 'unc')
+    args = {'arch': 'GFNet-ti-dynn', 'patch_size': 8, 'input_size': 16, 'exit_positions': [3, 7], 'gate': 'unc',
+            'data_set': 'TINY', 'ce_ic_tradeoff': 0.75, 'num_epoch': 2, 'batch': 8,
+            'class_names': ['class0', 'class1', 'class2']}
+    return save_checkpoint(tmp_path / 'run' / 'best.pth', {'model': model.state_dict(), 'stage': 'joint',
+                                                           'epoch': 1, 'acc': 50.0, 'best_acc': 50.0, 'args': args})

@@ -61,7 +61,7 @@ def test_exits_train_with_the_gfnet_runs_recipe_and_lambda(tmp_path, monkeypatch
     assert train[:2] == ['--stage', 'dynn'] and ' '.join(train[4:]) == (
         f"--checkpoint-path {tmp_path / 'backbone.pth'} --num_epoch 8 --max_warmup_epoch 2 --lr 0.01 "
         f"--ce_ic_tradeoff 0.5 --output-dir {tmp_path / 'exits_resnet18'}")
-    best = tmp_path / 'exits_resnet18' / 'checkpoint' / 'checkpoint_DEMO_0.5_confEE' / 'best.pth'
+    best = tmp_path / 'exits_resnet18' / 'checkpoint' / 'checkpoint_DEMO_resnet18_0.5_confEE' / 'best.pth'
     assert evaluate == ['--eval', '--data-set', 'DEMO', '--checkpoint-path', str(best)]
     assert results == best.parent / 'results.json'
 

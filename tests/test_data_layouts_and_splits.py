@@ -116,6 +116,46 @@ def test_a_split_file_naming_missing_images_is_one_clear_error(raw, tmp_path):
         build_datasets('RAW', raw, 32, split=SplitRequest(file=str(tmp_path / 'raw-train.txt')))
 
 
+def _write_split(folder: Path, train: list[str], val: list[str]) -> Path:
+    (folder / 'raw-train.txt').write_text('\n'.join(train))
+    (folder / 'raw-val.txt').write_text('\n'.join(val))
+    return folder / 'raw-train.txt'
+
+
+ALL_TRAIN = [f'class{c}/{i:03d}.png' for c in range(3) for i in range(7)]
+ALL_VAL = [f'class{c}/{i:03d}.png' for c in range(3) for i in range(7, 10)]
+
+
+@pytest.mark.parametrize('train, val, message', [
+    ([n for n in ALL_TRAIN if not n.startswith('class1')], ALL_VAL,
+     r'gives class class1 no training images; every class needs training and validation images'),
+    (ALL_TRAIN, [n for n in ALL_VAL if not n.startswith('class2')], r'gives class class2 no validation images'),
+    (ALL_TRAIN + ['class0/003.png'], ALL_VAL, r'names class0/003\.png twice in its training part'),
+    (ALL_TRAIN, ALL_VAL + ['class2/001.png'], r'puts 1 image\(s\) in both training and validation, e\.g\. '
+                                              r'class2/001\.png'),
+])
+def test_a_split_file_with_a_class_missing_or_an_image_twice_names_the_first_offender(raw, tmp_path, train, val,
+                                                                                     message):
+    with pytest.raises(GFNetDynnError, match=message):
+        build_datasets('RAW', raw, 32, split=SplitRequest(file=str(_write_split(tmp_path, train, val))))
+
+
+def test_a_bad_split_file_is_refused_by_the_cli_and_nothing_written(raw, tmp_path, capsys):
+    from conftest import folder_checksums
+    split = _write_split(tmp_path, ALL_TRAIN + ['class0/003.png'], ALL_VAL)
+    before = folder_checksums(tmp_path)
+    line = one_error(capsys, ['--stage', 'backbone', *RUN_FLAGS, '--num_epoch', '1', '--split-file', str(split),
+                              '--output-dir', str(tmp_path / 'out')])
+    assert 'names class0/003.png twice' in line
+    assert folder_checksums(tmp_path) == before
+
+
+def test_a_split_file_with_no_validation_images_names_the_file_not_the_ratio(raw, tmp_path):
+    with pytest.raises(GFNetDynnError, match=r'^--split-file .*raw-train\.txt gives class class0 no validation images '
+                                             r'\(3 classes lack them\)'):
+        build_datasets('RAW', raw, 32, split=SplitRequest(file=str(_write_split(tmp_path, ALL_TRAIN, []))))
+
+
 # --- the split belongs to the run --------------------------------------------------------------------------------
 
 RUN_FLAGS = ['--data-set', 'RAW', '--arch', 'GFNet-ti-dynn', '--patch-size', '8', '--num_workers', '0',

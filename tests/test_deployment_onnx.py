@@ -332,13 +332,56 @@ def test_cli_missing_manifest_exits_2_with_one_line(tmp_path, capsys, folder):
 
 
 @pytest.mark.slow
-def test_cli_unreadable_image_exits_2_with_one_line(exported, tmp_path, capsys):
+def test_cli_skips_an_unreadable_image_with_one_line_and_classifies_the_rest(exported, tmp_path, capsys):
     out_dir, _, _ = exported
     bad = tmp_path / 'broken.png'
     bad.write_bytes(b'not a png')
-    assert main([str(out_dir), str(bad)]) == 2
+    good = _write_pngs(tmp_path, 2)
+    assert main([str(out_dir), good[0], str(bad), good[1]]) == 0
     captured = capsys.readouterr()
+    assert captured.err.splitlines() == [line for line in captured.err.splitlines() if line.startswith('skipped: ')]
     assert len(captured.err.splitlines()) == 1 and 'broken.png' in captured.err
+    assert [line.split('\t')[0] for line in captured.out.splitlines()] == good
+
+
+def test_cli_with_no_readable_image_exits_2_and_keeps_an_earlier_jsonl(exported, tmp_path, capsys):
+    out_dir, _, _ = exported
+    bad = tmp_path / 'broken.png'
+    bad.write_bytes(b'not a png')
+    jsonl = tmp_path / 'out.jsonl'
+    jsonl.write_text(json.dumps({'file': 'a.png', 'class': 'beach', 'exit': 0, 'latency_ms': 1.0}) + '\n')
+    before = jsonl.read_bytes()
+    assert main([str(out_dir), str(bad), '--jsonl', str(jsonl)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith('skipped: cannot read image') and 'broken.png' in err[0]
+    assert err[1:] == ['error: none of the 1 images could be read (each is named above); pass image files']
+    assert jsonl.read_bytes() == before
+
+
+def test_a_manifest_with_fewer_class_names_than_the_heads_is_refused_before_any_image(exported, tmp_path, capsys):
+    out_dir, _, _ = exported
+    copy = tmp_path / 'export'
+    copy.mkdir()
+    for path in out_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((copy / 'manifest.json').read_text())
+    manifest['class_names'] = manifest['class_names'][:2]
+    (copy / 'manifest.json').write_text(json.dumps(manifest))
+    image = _write_pngs(tmp_path, 1)[0]
+    line = one_error(capsys, [str(copy), image], main)
+    assert line == (f"error: {copy / 'manifest.json'}: 2 class_names, but the heads predict {len(CLASS_NAMES)} "
+                    f'classes; export the model again')
+
+
+@pytest.mark.process
+def test_the_runner_file_runs_from_any_directory(exported, tmp_path):
+    out_dir, _, _ = exported
+    image = _write_pngs(tmp_path, 1)[0]
+    done = subprocess.run([sys.executable, str(REPO / 'deployment' / 'onnx_runner.py'), str(out_dir),
+                           Path(image).name], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split('\t')[0] == Path(image).name
 
 
 @pytest.mark.parametrize('height, width', [(40, 50), (64, 37), (36, 36)])

@@ -106,7 +106,7 @@ def test_unknown_flag_is_one_line(capsys):
 
 @pytest.mark.parametrize('flags, pattern', [
     (['--batch', '0'], r'--batch must be positive, got 0'),
-    (['--lr', '-0.1'], r'--lr must be positive, got -0\.1'),
+    (['--lr', '-0.1'], r'--lr must lie in \(0, 10\], got -0\.1'),
     (['--split-ratio', '0'], r'--train-ratio 0\.0 must be between 0 and 1 \(exclusive\), e\.g\. 0\.8'),
     (['--split-ratio', '1'], r'--train-ratio 1\.0 must be between 0 and 1'),
     (['--split-ratio', '1.5'], r'--train-ratio 1\.5 must be between 0 and 1'),

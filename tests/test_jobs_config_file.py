@@ -61,7 +61,7 @@ def test_config_key_of_another_job_is_the_error_of_that_flag(tmp_path, capsys):
 
 def test_config_values_are_checked_as_flags(tmp_path, capsys):
     assert 'argument --lr: invalid float value' in one_error(capsys, ['--config', _config(tmp_path, 'lr: fast\n')])
-    assert '--lr must be positive' in one_error(capsys, ['--config', _config(tmp_path, 'lr: -1\n')])
+    assert '--lr must lie in (0, 10], got -1.0' in one_error(capsys, ['--config', _config(tmp_path, 'lr: -1\n')])
     assert 'give it true or false' in one_error(capsys, ['--config', _config(tmp_path, 'freeze_backbone: 1\n')])
 
 

@@ -14,11 +14,9 @@ from PIL import Image
 
 from conftest import FAST_FLAGS, TINY_FLAGS, folder_checksums, one_error
 from errors import GFNetDynnError
-from learning_helpers.checkpoint import save_checkpoint
 from evaluation.eval_report import versus_baselines
 from jobs.inference_jobs import calibration_images, export_threshold
 from evaluation.latency import segment_latency_ms
-from models.model_factory import build_dynn
 from evaluation.operating_points import parse_budget
 from main_dynn import main
 
@@ -166,18 +164,6 @@ def test_a_run_stopped_by_a_bad_image_leaves_nothing_behind(stage, small_data, t
 
 
 # --eval of part of the images, and the threshold --export takes from it
-
-@pytest.fixture
-def dynn_best(small_data, tmp_path) -> Path:
-    """An untrained 3-class GFNet-Dynn (16 px, patch 8, exits 3 7) saved as the dynn stage saves best.pth."""
-    torch.manual_seed(0)
-    model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], 'unc')
-    args = {'arch': 'GFNet-ti-dynn', 'patch_size': 8, 'input_size': 16, 'exit_positions': [3, 7], 'gate': 'unc',
-            'data_set': 'TINY', 'ce_ic_tradeoff': 0.75, 'num_epoch': 2, 'batch': 8,
-            'class_names': ['class0', 'class1', 'class2']}
-    return save_checkpoint(tmp_path / 'run' / 'best.pth', {'model': model.state_dict(), 'stage': 'joint',
-                                                           'epoch': 1, 'acc': 50.0, 'best_acc': 50.0, 'args': args})
-
 
 def test_a_partial_eval_is_marked_in_every_output(dynn_best, monkeypatch, capsys):
     titles = []

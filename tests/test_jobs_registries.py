@@ -131,6 +131,6 @@ def test_an_exit_cost_entry_gives_the_flag_its_choice_and_the_training_its_vecto
     monkeypatch.setattr(dynn_training, 'run_joint_stage', lambda model, tl, vl, opt, sch, device, costs, *rest:
                         seen.setdefault('costs', costs.tolist()))
     from learning_helpers.stage_common import StartPoint
-    dynn_training.train_dynn(model, None, None, None, None, torch.device('cpu'), None, None, None, 'ramp', None,
-                             StartPoint('joint', 0, 0.0, {}))
+    dynn_training.train_dynn(model, None, None, None, None, torch.device('cpu'), None, None, None,
+                             dynn_training.exit_cost_vector(model, 'ramp'), None, StartPoint('joint', 0, 0.0, {}))
     assert seen['costs'] == pytest.approx([1 / 3, 2 / 3, 1.0])

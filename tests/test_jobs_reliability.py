@@ -261,7 +261,7 @@ def test_nonfinite_losses_in_a_row_stop_with_one_line_and_keep_the_checkpoints(n
     assert 'Traceback' not in err
     errors = [line for line in err.splitlines() if line.startswith('error:')]
     assert errors == [err.strip().splitlines()[-1]]
-    assert errors[0].startswith('error: loss was non-finite for 3 batches in a row, more than --max-nan-skips 2 '
+    assert errors[0].startswith('error: the loss or the weights were non-finite for 3 batches in a row, more than --max-nan-skips 2 '
                                 '(epoch 1, batch 2)')
     assert len(_epoch_lines(out, 'backbone')) == 1
     saved = probe['files_at_first_nan']
@@ -269,6 +269,79 @@ def test_nonfinite_losses_in_a_row_stop_with_one_line_and_keep_the_checkpoints(n
     for name, content in saved.items():
         assert (checkpoint_dir / name).read_bytes() == content
         assert _load(checkpoint_dir / name)['epoch'] == 0
+
+
+# non-finite weights: AdamW's step is patched to leave a NaN weight at chosen steps
+
+@pytest.fixture
+def poisoned_run(make_learnable_folder, tmp_path, monkeypatch):
+    """Factory: poisoned_run(poison_steps, extra_flags) runs the backbone stage on 3 learnable classes (3 batches
+    an epoch) where the optimizer step of the given 0-based training steps leaves a weight NaN after updating.
+    Returns (rc, finite_states, checkpoint_dir): the trainable weights after each step that stayed finite."""
+    data = make_learnable_folder(tmp_path / 'tiny')
+    monkeypatch.setitem(dataset_config.DATASET_CONFIG, 'TINY', tiny_entry(data))
+    step = torch.optim.AdamW.step
+    finite_states, calls = [], []
+
+    def poisoning_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        params = [p for group in self.param_groups for p in group['params']]
+        if len(calls) in poison_steps[0]:
+            with torch.no_grad():
+                params[0].view(-1)[0] = float('nan')
+        else:
+            finite_states.append([p.detach().clone() for p in params])
+        calls.append(len(calls))
+        return result
+
+    poison_steps = [set()]
+    monkeypatch.setattr(torch.optim.AdamW, 'step', poisoning_step)
+
+    def run(steps, extra_flags):
+        poison_steps[0] = steps
+        rc = main(['--stage', 'backbone', *TINY_FLAGS, '--output-dir', str(tmp_path), *extra_flags])
+        return rc, finite_states, tmp_path / 'checkpoint' / 'backbone_TINY_GFNet-ti-dynn'
+
+    return run
+
+
+def _all_finite(checkpoint: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in checkpoint['model'].values() if v.is_floating_point())
+
+
+def test_a_step_that_leaves_a_nan_weight_is_rolled_back_and_never_saved(poisoned_run, capsys):
+    rc, _, checkpoint_dir = poisoned_run({4}, ['--num_epoch', '2'])  # epoch 1, batch 1
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert 'non-finite weights after the step at epoch 1 batch 1: step rolled back (1 in a row)' in err
+    for path in checkpoint_dir.glob('*.pth'):
+        assert _all_finite(_load(path)), path
+
+
+def test_weights_that_stay_nan_stop_the_run_and_best_pth_is_the_last_finite_state(poisoned_run, capsys):
+    # epoch 0 (steps 0-2) trains and saves; every later step leaves a NaN: the 3rd rolled back in a row stops
+    rc, finite_states, checkpoint_dir = poisoned_run(set(range(3, 100)), ['--num_epoch', '2', '--max-nan-skips', '2'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'Traceback' not in err
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'non-finite for 3 batches in a row' in errors[0], err
+    best = _load(checkpoint_dir / 'best.pth')
+    assert best['epoch'] == 0 and _all_finite(best)
+    assert len(finite_states) == 3  # the weights after step 2 are the last finite state
+    model = model_factory.build_backbone('GFNet-ti-dynn', 3, 32, 8, 0.0, None)
+    model.load_state_dict(best['model'])
+    for saved, expected in zip(model.parameters(), finite_states[-1]):  # the optimizer lists the model's first
+        assert torch.equal(saved, expected)
+
+
+def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
+    from errors import GFNetDynnError
+    from learning_helpers.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / 'best.pth', {'model': {'w': torch.ones(2)}})
+    before = (tmp_path / 'best.pth').read_bytes()
+    with pytest.raises(GFNetDynnError, match=r'not writing .*best\.pth: model\.w hold NaN or inf'):
+        save_checkpoint(tmp_path / 'best.pth', {'model': {'w': torch.tensor([1.0, float('inf')])}})
+    assert (tmp_path / 'best.pth').read_bytes() == before
 
 
 # torchrun: two gloo processes on CPU

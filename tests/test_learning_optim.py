@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.optim import NonFiniteGuard, build_scheduler, lr_factor
+from learning_helpers.optim import NonFiniteGuard, StepUndo, build_scheduler, lr_factor
 
 
 # lr schedule
@@ -47,10 +47,31 @@ def test_non_finite_guard_skips_nan_and_stops_after_max_skips_plus_one_in_a_row(
         guard.allows(torch.tensor(float('nan')), 0, 2)
 
 
-def test_non_finite_guard_resets_on_a_finite_loss():
+def test_non_finite_guard_resets_on_a_step_taken():
     guard = NonFiniteGuard(max_skips=2)
     for _ in range(3):
         assert guard.allows(torch.tensor(float('nan')), 0, 0) is False
         assert guard.allows(torch.tensor(float('nan')), 0, 1) is False
         assert guard.allows(torch.tensor(1.5), 0, 2) is True
+        assert guard.keeps([torch.ones(2)], 0, 2) is True
     assert guard.in_a_row == 0
+
+
+def test_a_rolled_back_step_counts_in_a_row_though_the_next_loss_is_finite():
+    guard = NonFiniteGuard(max_skips=1)
+    assert guard.allows(torch.tensor(1.0), 0, 0) and not guard.keeps([torch.tensor([float('nan')])], 0, 0)
+    with pytest.raises(GFNetDynnError, match='non-finite for 2 batches'):
+        guard.allows(torch.tensor(1.0), 0, 1) and guard.keeps([torch.tensor([float('inf')])], 0, 1)
+
+
+def test_step_undo_puts_back_the_weights_and_momentum_of_before_the_step():
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    weight.grad = torch.tensor([1.0, 1.0])
+    optimizer.step()  # weight [0.9, 1.9], momentum [1, 1]
+    weight.grad = torch.tensor([float('nan'), 1.0])
+    undo = StepUndo(optimizer)
+    optimizer.step()
+    undo.restore()
+    assert torch.equal(weight.detach(), torch.tensor([0.9, 1.9]))
+    assert torch.equal(optimizer.state[weight]['momentum_buffer'], torch.tensor([1.0, 1.0]))

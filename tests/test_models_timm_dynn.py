@@ -203,7 +203,7 @@ def test_stage0_to_onnx_runner_end_to_end(family, size, small_data, tmp_path, ca
     backbone = out / 'checkpoint' / f'backbone_TINY_{arch}' / 'best.pth'
     assert main([*run, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
                  '--output-dir', str(out)]) == 0
-    best = out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
+    best = out / 'checkpoint' / f'checkpoint_TINY_{arch}_0.75_confEE' / 'best.pth'
     checkpoint = read_checkpoint(best)
     assert checkpoint['args']['arch'] == arch and checkpoint['args']['exit_positions'] == list(DEFAULT_EXITS[family])
     assert any(key.startswith('gates.0.') for key in checkpoint['model'])
@@ -276,7 +276,7 @@ def test_timm_dynn_run_resumes_in_the_joint_stage(small_data, tmp_path, capsys):
     run = ['--data-set', 'TINY', '--arch', 'test_resnet', '--num_workers', '0', '--batch', '8', '--device', 'cpu',
            '--input-size', '16', '--barely_train', '--output-dir', str(tmp_path)]
     assert main([*run, '--num_epoch', '2', '--max_warmup_epoch', '1']) == 0  # warm-up epoch 0, joint epoch 1
-    last = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'last.pth'
+    last = tmp_path / 'checkpoint' / 'checkpoint_TINY_test_resnet_0.75_confEE' / 'last.pth'
     checkpoint = torch.load(last, map_location='cpu', weights_only=True)
     checkpoint['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
     torch.save(checkpoint, last)

@@ -1,6 +1,7 @@
 """Checkpoint loading: exact round trips, official GFNet checkpoints at another size, clear errors, no code run."""
 import argparse
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,6 +10,7 @@ from torch.testing import assert_close
 
 import models  # noqa: F401  (registers the GFNet variants with timm)
 from errors import GFNetDynnError
+from jobs.trained_run import RunArgs
 from models.gfnet import _resize_complex_weight, _resize_pos_embed
 from models.weights import load_checkpoint, load_state, read_checkpoint
 
@@ -168,11 +170,13 @@ def test_checkpoint_holding_a_non_dict_is_refused(tmp_path):
         read_checkpoint(path)
 
 
-def test_checkpoint_holding_a_namespace_is_refused(tmp_path, tiny_dynn):
-    path = tmp_path / 'with-args.pth'
-    torch.save({'model': tiny_dynn.state_dict(), 'args': argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(GFNetDynnError, match='not a readable PyTorch checkpoint'):
-        read_checkpoint(path)
+def test_checkpoint_holding_a_namespace_and_numpy_scalars_is_read_as_data(tmp_path, tiny_dynn):
+    path = tmp_path / 'with-args.pth'  # as GFNet's and DeiT's main.py save them
+    torch.save({'model': tiny_dynn.state_dict(), 'args': argparse.Namespace(lr=np.float64(0.1), seed=np.int64(0)),
+                'max_accuracy': np.float32(81.5)}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint['args'].lr == 0.1 and checkpoint['max_accuracy'] == np.float32(81.5)
+    assert RunArgs.of(checkpoint) == RunArgs()  # a foreign Namespace is not taken for our run's arguments
 
 
 class _WritesFileOnUnpickle:
