@@ -1,0 +1,35 @@
+"""The typed --eval record: it writes the same results.json as before it was typed, and docs/RESULTS_JSON.md is
+what its field metadata generate."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_FLAGS
+from main_dynn import main
+
+GOLDEN = Path(__file__).parent / 'eval_results_golden.json'
+# measured on the machine (wall clock) or naming this run's files: they differ run to run
+VOLATILE = {'timing', 'checkpoint', 'segment', 'cumulative', 'mean_ms', 'median_ms', 'predicted_mean_ms', 'images',
+            'expected_latency_ms', 'measured_latency_ms', 'file'}
+
+
+def stable(value):
+    """`value` without the keys that are timings or paths, at any depth."""
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
+def eval_results(checkpoint: Path, out: Path) -> dict:
+    """results.json of a short --eval of `checkpoint`."""
+    assert main([*TINY_FLAGS, '--input-size', '16', '--eval', '--checkpoint-path', str(checkpoint),
+                 '--results-json', str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_eval_writes_the_results_json_it_wrote_before_it_was_typed(dynn_best, tmp_path):
+    assert stable(eval_results(dynn_best, tmp_path / 'results.json')) == json.loads(GOLDEN.read_text())
