@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_FLAGS
+from evaluation.eval_record import DOC_PATH, results_json_doc
 from main_dynn import main
 
 GOLDEN = Path(__file__).parent / 'eval_results_golden.json'
@@ -33,3 +34,14 @@ def eval_results(checkpoint: Path, out: Path) -> dict:
 @pytest.mark.slow
 def test_eval_writes_the_results_json_it_wrote_before_it_was_typed(dynn_best, tmp_path):
     assert stable(eval_results(dynn_best, tmp_path / 'results.json')) == json.loads(GOLDEN.read_text())
+
+
+def test_docs_page_is_what_the_record_generates():
+    assert DOC_PATH.read_text() == results_json_doc(), 'run: python -m evaluation.eval_record'
+
+
+def test_docs_page_names_every_key_of_the_recorded_results_json():
+    golden = json.loads(GOLDEN.read_text())
+    names = [*golden, *(f'{k}.{sub}' for k, v in golden.items() if isinstance(v, dict) and k != 'split' for sub in v)]
+    page = DOC_PATH.read_text()
+    assert [name for name in names if f'| `{name}` |' not in page] == []
