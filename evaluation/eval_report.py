@@ -211,7 +211,7 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
         exit_positions=list(model.exit_positions), gflops_per_exit=gflops_per_exit,
         full_gflops=gflops_per_exit[-1], per_exit_accuracy=accuracies, full_accuracy=accuracies[-1],
         latency_table_ms=LatencyTable(segment=segment_ms, cumulative=latency, batch=1, device=str(device)),
-        selection=selection_record(selecting, cache, picked, chosen, real, budget, risk, certificate,
+        selection=selection_report(selecting, cache, picked, chosen, real, budget, risk, certificate,
                                    exit_threshold, calibrated=calib_loader is not None),
         front=front, num_operating_points=len(val_points['gate']),
         sweep=(threshold_sweep(cache, thresholds, gflops_per_exit) if thresholds
@@ -235,7 +235,7 @@ def budget_rule(budget: Budget, exit_threshold: float | None) -> str:
     return str(budget) if exit_threshold is None else f'--exit-threshold {exit_threshold:g}'
 
 
-def selection_record(selecting: ExitCache, val: ExitCache, picked: dict, chosen: dict, real: dict, budget: Budget,
+def selection_report(selecting: ExitCache, val: ExitCache, picked: dict, chosen: dict, real: dict, budget: Budget,
                      risk: RiskControl, certificate: Selection | None, exit_threshold: float | None, *,
                      calibrated: bool) -> SelectionReport:
     """How the threshold was chosen, what it measures on the validation images and on the selecting images,
