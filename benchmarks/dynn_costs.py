@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     plain_forward_pass(model, val_loader)  # warm-up: first-call allocations, loader start-up code paths
     plain_seconds, _ = timed(lambda: [plain_forward_pass(model, loader) for loader in (val_loader, calib_loader)
                                       if loader is not None])
-    eval_seconds, (results, _) = timed(lambda: evaluate_early_exit(
+    eval_seconds, (report, _) = timed(lambda: evaluate_early_exit(
         model, val_loader, device, gflops_per_exit=gflops, class_names=class_names, calib_loader=calib_loader))
 
     run = RunConfig(num_epochs=1, seed=0, checkpoint_dir=Path('unused'), run_args={})  # no files written
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> None:
     adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 0.05, lr=1e-3)
     backbone_seconds, _ = timed(lambda: train_one_epoch(backbone, criterion, train_loader, adamw, device, 0,
                                                         NonFiniteGuard(5), run))
+    results = report.to_json()
     chosen = results['chosen']
     report = {
         'threads': torch.get_num_threads(), 'checkpoint': args.checkpoint,

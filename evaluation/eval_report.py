@@ -7,6 +7,8 @@ import torch
 
 from errors import GFNetDynnError
 from evaluation.conformal import conformal_thresholds, prediction_set_stats
+from evaluation.eval_record import (Baselines, ClassReport, Chosen, Conformal, EvalReport, ExitPoint, LatencyTable,
+                                    Oracle, RealEarlyExit, SelectionReport, Timing, VersusBaselines)
 from evaluation.exit_cache import (ExitCache, collect_exit_outputs, conditional_exit_choice, exit_point,
                                    gated_predictions, oracle_exit_choice, per_exit_accuracy, threshold_sweep)
 from evaluation.latency import cumulative_ms, measured_early_exit_ms, segment_latency_ms, spread_indices
@@ -30,7 +32,8 @@ def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: 
             'confusion_matrix': confusion_matrix(targets, predictions, labels=labels).tolist()}
 
 
-def conformal_report(cache: ExitCache, stored: dict | None, calibration: ExitCache | None = None) -> dict | None:
+def conformal_report(cache: ExitCache, stored: dict | None,
+                     calibration: ExitCache | None = None) -> Conformal | None:
     """Coverage and mean size of the conformal prediction sets on the validation images. With calibration images
     (--calib-ratio) the qhats are fit on them, so the coverage is measured out of sample; without, the qhats the
     checkpoint stored are used, fit on these same validation images, so the coverage holds by construction
@@ -45,8 +48,8 @@ def conformal_report(cache: ExitCache, stored: dict | None, calibration: ExitCac
         fit = {'calibrated_on': 'the validation images, when the checkpoint was written', 'in_sample': True}
     else:
         return None
-    return {**fit, **rule, 'thresholds': thresholds,
-            **prediction_set_stats(cache, conditional_exit_choice(cache.gate_probs), thresholds)}
+    return Conformal(**fit, **rule, thresholds=thresholds,
+                     **prediction_set_stats(cache, conditional_exit_choice(cache.gate_probs), thresholds))
 
 
 LATENCY_IMAGES = 64  # validation images real early exit runs at batch 1 to measure its mean latency
@@ -179,8 +182,8 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
                         risk: RiskControl = RiskControl(), exit_threshold: float | None = None,
                         thresholds: list[float] | None = None,
                         calib_loader=None, conformal: dict | None = None, max_batches: int | None = None,
-                        amp: bool = False) -> tuple[dict, ExitCache]:
-    """Everything --eval reports (the results dict documented in the README): the threshold picked on the
+                        amp: bool = False) -> tuple[EvalReport, ExitCache]:
+    """Everything --eval reports (the record docs/RESULTS_JSON.md documents): the threshold picked on the
     calibration images (the validation images without them) by the budget and the risk rule, every number
     reported on the validation images."""
     started = time.perf_counter()
@@ -201,38 +204,50 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
                                   0.25 * cached_pass_seconds)
     baselines = baselines_report(cache, val_points, selecting, selecting_points, budget, gflops_per_exit, latency,
                                  risk)
-    points, front = val_points['gate'], pareto_front(val_points['gate'])
-    selection = {'set': 'val' if calib_loader is None else 'calibration', 'num_images': int(selecting.targets.numel()),
-                 'budget': str(budget) if exit_threshold is None else f'--exit-threshold {exit_threshold:g}',
-                 'threshold': chosen['threshold'], 'accuracy': chosen['accuracy'],
-                 'expected_gflops': chosen['expected_gflops'], 'expected_latency_ms': chosen['expected_latency_ms'],
-                 'measured_latency_ms': real['mean_ms'],
-                 'on_selection_set': {key: picked[key] for key in ('accuracy', 'expected_gflops',
-                                                                    'expected_latency_ms')},
-                 # without calibration images the rule chose on the images it is judged on: out_of_sample False
-                 **risk_fields(selecting, cache, 'gate', chosen['threshold'], budget, risk, certificate)}
     accuracies = per_exit_accuracy(cache)
-    results = {
-        'num_classes': len(class_names), 'class_names': class_names, 'num_val': int(cache.targets.numel()),
-        'exit_positions': list(model.exit_positions), 'gflops_per_exit': gflops_per_exit,
-        'full_gflops': gflops_per_exit[-1], 'per_exit_accuracy': accuracies, 'full_accuracy': accuracies[-1],
-        'latency_table_ms': {'segment': segment_ms, 'cumulative': latency, 'batch': 1, 'device': str(device)},
-        'selection': selection, 'front': front, 'num_operating_points': len(points),
-        'sweep': (threshold_sweep(cache, thresholds, gflops_per_exit) if thresholds
-                  else table_rows(front, chosen, TABLE_ROWS)),
-        'chosen': {**chosen, 'rule': selection['budget'],
-                   'flops_saving': 1 - chosen['expected_gflops'] / gflops_per_exit[-1]},
-        'baselines': baselines,
-        'versus_baselines': versus_baselines(chosen, baselines, budget, accuracies[-1]),
-        'real_early_exit': real,
-        'training_rule': exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops_per_exit),
-        'oracle': oracle_report(cache, gflops_per_exit, latency, chosen),
-        'conformal': conformal_report(cache, conformal, selecting if calib_loader is not None else None),
-        'timing': {'cached_pass_seconds': cached_pass_seconds, 'total_seconds': time.perf_counter() - started},
-        'full_network': class_report(cache.targets, cache.logits[-1].argmax(-1), class_names),
-        'at_chosen_threshold': class_report(cache.targets, predictions, class_names),
-    }
-    return results, cache
+    front = pareto_front(val_points['gate'])
+    report = EvalReport(
+        num_classes=len(class_names), class_names=class_names, num_val=int(cache.targets.numel()),
+        exit_positions=list(model.exit_positions), gflops_per_exit=gflops_per_exit,
+        full_gflops=gflops_per_exit[-1], per_exit_accuracy=accuracies, full_accuracy=accuracies[-1],
+        latency_table_ms=LatencyTable(segment=segment_ms, cumulative=latency, batch=1, device=str(device)),
+        selection=selection_report(selecting, cache, picked, chosen, real, budget, risk, certificate,
+                                   exit_threshold, calibrated=calib_loader is not None),
+        front=front, num_operating_points=len(val_points['gate']),
+        sweep=(threshold_sweep(cache, thresholds, gflops_per_exit) if thresholds
+               else table_rows(front, chosen, TABLE_ROWS)),
+        chosen=Chosen(**chosen, rule=budget_rule(budget, exit_threshold),
+                      flops_saving=1 - chosen['expected_gflops'] / gflops_per_exit[-1]),
+        baselines=Baselines(**baselines),
+        versus_baselines=VersusBaselines(**versus_baselines(chosen, baselines, budget, accuracies[-1])),
+        real_early_exit=RealEarlyExit(**real),
+        training_rule=ExitPoint(**exit_point(cache, conditional_exit_choice(cache.gate_probs), gflops_per_exit)),
+        oracle=Oracle(**oracle_report(cache, gflops_per_exit, latency, chosen)),
+        conformal=conformal_report(cache, conformal, selecting if calib_loader is not None else None),
+        timing=Timing(cached_pass_seconds=cached_pass_seconds, total_seconds=time.perf_counter() - started),
+        full_network=ClassReport(**class_report(cache.targets, cache.logits[-1].argmax(-1), class_names)),
+        at_chosen_threshold=ClassReport(**class_report(cache.targets, predictions, class_names)))
+    return report, cache
+
+
+def budget_rule(budget: Budget, exit_threshold: float | None) -> str:
+    """What chose the point, as results.json names it: the budget, or the given --exit-threshold."""
+    return str(budget) if exit_threshold is None else f'--exit-threshold {exit_threshold:g}'
+
+
+def selection_report(selecting: ExitCache, val: ExitCache, picked: dict, chosen: dict, real: dict, budget: Budget,
+                     risk: RiskControl, certificate: Selection | None, exit_threshold: float | None, *,
+                     calibrated: bool) -> SelectionReport:
+    """How the threshold was chosen, what it measures on the validation images and on the selecting images,
+    and what the selection rule promises."""
+    return SelectionReport(
+        set='calibration' if calibrated else 'val', num_images=int(selecting.targets.numel()),
+        budget=budget_rule(budget, exit_threshold), threshold=chosen['threshold'], accuracy=chosen['accuracy'],
+        expected_gflops=chosen['expected_gflops'], expected_latency_ms=chosen['expected_latency_ms'],
+        measured_latency_ms=real['mean_ms'],
+        on_selection_set={key: picked[key] for key in ('accuracy', 'expected_gflops', 'expected_latency_ms')},
+        # without calibration images the rule chose on the images it is judged on: out_of_sample False
+        **risk_fields(selecting, val, 'gate', chosen['threshold'], budget, risk, certificate))
 
 
 def real_early_exit_report(model: EarlyExitNetwork, images: list[torch.Tensor], indices: list[int],

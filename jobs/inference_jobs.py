@@ -16,6 +16,7 @@ from data_loader_help import build_datasets, resolve_data_path
 from data_pipeline.data_splits import split_summary
 from deployment.exporters import EXPORTERS
 from errors import GFNetDynnError
+from evaluation.eval_record import EvalRun
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from evaluation.risk_control import RiskControl
@@ -64,17 +65,17 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     check_class_count(args.checkpoint_path, model.num_classes, args.data_set, len(class_names),
                       'evaluate it on the dataset it was trained on')
     model.to(device)
-    results, _ = evaluate_early_exit(
+    report, _ = evaluate_early_exit(
         model, val_loader, device, gflops_per_exit=exit_gflops(model), class_names=class_names,
         budget=parse_budget(args.budget), risk=RiskControl(args.risk_control, args.delta, args.risk_loss),
         exit_threshold=args.exit_threshold, thresholds=args.thresholds,
         calib_loader=data.calib_loader,
         conformal=checkpoint.get('conformal'), max_batches=4 if args.barely_train else None, amp=args.amp)
     total = len(val_loader.dataset)
-    results = {'dataset': args.data_set, 'arch': model_args.arch, 'input_size': model_args.input_size,
-               'checkpoint': str(args.checkpoint_path), 'device': str(device),
-               'partial': results['num_val'] < total, 'num_val_total': total,
-               'split': split_summary(data.split, (recorded or {}).get('file')), **results}
+    results = EvalRun(dataset=args.data_set, arch=model_args.arch, input_size=model_args.input_size,
+                      checkpoint=str(args.checkpoint_path), device=str(device), partial=report.num_val < total,
+                      num_val_total=total, split=split_summary(data.split, (recorded or {}).get('file')),
+                      report=report).to_json()
     save_json(json_path, results)
     tradeoff_png = plot_tradeoff(results, plot_paths[0])
     confusion_png = plot_confusion(results, plot_paths[1])

@@ -230,8 +230,8 @@ def test_conformal_coverage_holds_out_of_sample_over_random_resplits():
         order = torch.randperm(400, generator=generator)
         calibration, held_out = _subset(cache, order[:200]), _subset(cache, order[200:])
         report = conformal_report(held_out, None, calibration)
-        assert report['in_sample'] is False
-        for row in report['overall']:
+        assert report.in_sample is False
+        for row in report.overall:
             if row['alpha'] in alphas:
                 coverages[row['alpha']].append(row['general']['coverage'])
     for alpha in alphas:
@@ -244,8 +244,8 @@ def test_conformal_report_says_when_its_coverage_is_in_sample():
     cache = _random_cache(num_exits=3, n=100, seed=3)
     stored = conformal_thresholds(cache, conditional_exit_choice(cache.gate_probs))
     in_sample = conformal_report(cache, stored)
-    assert in_sample['in_sample'] is True and in_sample['thresholds'] == stored
+    assert in_sample.in_sample is True and in_sample.thresholds == stored
     held_out = conformal_report(_subset(cache, torch.arange(50)), stored, _subset(cache, torch.arange(50, 100)))
-    assert held_out['in_sample'] is False and held_out['thresholds'] != stored  # refit on the calibration images
-    assert '50 calibration images' in held_out['calibrated_on']
+    assert held_out.in_sample is False and held_out.thresholds != stored  # refit on the calibration images
+    assert '50 calibration images' in held_out.calibrated_on
     assert conformal_report(cache, None) is None
