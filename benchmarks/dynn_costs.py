@@ -21,7 +21,7 @@ from errors import OneLineParser
 from evaluation.eval_report import evaluate_early_exit
 from jobs.flags import add_flag, non_negative
 from jobs.trained_run import reopen, reopen_data
-from learning_helpers.backbone_stage import train_one_epoch
+from learning_helpers.backbone_stage import BackboneStep, train_one_epoch
 from learning_helpers.losses import DistillationLoss
 from learning_helpers.optim import NonFiniteGuard, build_optimizer
 from learning_helpers.stage_common import RunConfig
@@ -78,12 +78,12 @@ def run(args: argparse.Namespace) -> None:
     run = RunConfig(num_epochs=1, seed=0, checkpoint_dir=Path('unused'), run_args={})  # no files written
     heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
     warmup_seconds, _ = timed(lambda: warmup_train_one_epoch(model, train_loader, heads, device, 0,
-                                                             NonFiniteGuard(5), run))
+                                                             NonFiniteGuard(5), run, BackboneStep()))
     backbone = build_backbone(model_args.arch, len(class_names), model_args.input_size, model_args.patch_size, 0.0)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
     adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 0.05, lr=1e-3)
     backbone_seconds, _ = timed(lambda: train_one_epoch(backbone, criterion, train_loader, adamw, device, 0,
-                                                        NonFiniteGuard(5), run))
+                                                        NonFiniteGuard(5), run, BackboneStep()))
     results = report.to_json()
     chosen = results['chosen']
     report = {
