@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     run = RunConfig(num_epochs=1, seed=0, checkpoint_dir=Path('unused'), run_args={})  # no files written
     heads = build_optimizer([{'params': list(model.intermediate_heads.parameters())}], 'sgd', 5e-4, lr=1e-3)
     warmup_seconds, _ = timed(lambda: warmup_train_one_epoch(model, train_loader, heads, device, 0,
-                                                             NonFiniteGuard(5), run, BackboneStep()))
+                                                             NonFiniteGuard(5), run))
     backbone = build_backbone(model_args.arch, len(class_names), model_args.input_size, model_args.patch_size, 0.0)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
     adamw = build_optimizer([{'params': list(backbone.parameters())}], 'adamw', 0.05, lr=1e-3)

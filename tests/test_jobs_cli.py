@@ -51,8 +51,10 @@ def test_help_runs_from_another_directory_and_shows_groups_and_defaults(tmp_path
     for group in ('data:', 'data loading:', 'model:', 'training:', 'distillation (backbone stage):',
                   'early exits (dynn stage):', 'evaluation and export:', 'runtime:'):
         assert group in text
-    defaults = {'--batch BATCH': '64', '--num_epoch NUM_EPOCH': '100', '--ce_ic_tradeoff CE_IC_TRADEOFF': '0.75',
-                '--lr LR': '0.001'}
+    defaults = {'--batch BATCH': '64', '--num_epoch NUM_EPOCH': '100', '--ce_ic_tradeoff CE_IC_TRADEOFF': '0.75'}
+    # --lr's default is each stage's own: GFNet's transfer recipe for stage 0, the reference's for stages 1-2
+    assert ('--lr LR learning rate; default: 0.0001 with --stage backbone (GFNet\'s), 0.001 with --stage dynn '
+            "(the reference's)") in text
     # the seed README's --split-ratio: an alias of --train-ratio, 0.8 unless a checkpoint or the entry says otherwise
     ratio_help = text[text.index('--train-ratio TRAIN_RATIO'):].split(' --split-seed')[0]
     assert '--split-ratio TRAIN_RATIO' in ratio_help and 'else 0.8' in ratio_help

@@ -330,7 +330,12 @@ def test_weights_that_stay_nan_stop_the_run_and_best_pth_is_the_last_finite_stat
     assert len(finite_states) == 3  # the weights after step 2 are the last finite state
     model = model_factory.build_backbone('GFNet-ti-dynn', 3, 32, 8, 0.0, None)
     model.load_state_dict(best['model'])
-    for saved, expected in zip(model.parameters(), finite_states[-1]):  # the optimizer lists the model's first
+    # the parameters in the optimizer's order: timm's factory lists the weight-decayed ones, then the rest
+    from timm.optim import create_optimizer_v2
+    ordered = [p for group in create_optimizer_v2(model, 'adamw', weight_decay=1e-4).param_groups
+               for p in group['params']]
+    assert len(ordered) == len(finite_states[-1])
+    for saved, expected in zip(ordered, finite_states[-1]):
         assert torch.equal(saved, expected)
 
 

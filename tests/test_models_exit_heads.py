@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import one_error
 from torch.testing import assert_close
 
+from jobs.run_setup import dynn_run_folder
 from models.exit_heads import ExitHead, ExitHeadConfig, adaptive_windows, build_exit_head, grid_pool
 from models.flops import count_flops, exit_gflops
 from models.model_factory import build_dynn
@@ -140,7 +141,7 @@ def test_pool_head_with_norm_and_distillation_end_to_end(family, small_data, tmp
              '--exit-distill-tau', '2']
     assert main([*run, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
                  *heads]) == 0
-    folder = tmp_path / 'checkpoint' / 'checkpoint_TINY_0.75_confEE'
+    folder = tmp_path / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, arch).name
     last = folder / 'last.pth'
     checkpoint = torch.load(last, map_location='cpu', weights_only=True)
     assert {key: checkpoint['args'][key] for key in ('exit_head', 'exit_grid', 'exit_norm', 'exit_distill',

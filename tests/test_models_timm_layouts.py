@@ -78,7 +78,7 @@ def test_a_registered_layout_trains_evaluates_and_exports(mambaout, small_data, 
     out = tmp_path / 'out'
     assert main([*run, '--arch', 'test_mambaout', '--input-size', str(SIZE), '--exit-head', 'pool',
                  '--num_epoch', '2', '--max_warmup_epoch', '1', '--output-dir', str(out)]) == 0
-    best = out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
+    best = out / 'checkpoint' / 'checkpoint_TINY_test_mambaout_0.75_confEE' / 'best.pth'  # a timm backbone's run
     checkpoint = read_checkpoint(best)
     assert checkpoint['args']['exit_positions'] == [0, 1, 2]
     assert checkpoint['model']['intermediate_heads.2.fc.weight'].shape == (3, WIDTHS[2] * 2 * 2)
