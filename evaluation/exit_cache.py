@@ -6,7 +6,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from models.exit_levels import best_exit, exit_mass, level_error
+from models.exit_rule import best_exit, exit_mass, level_error
 from models.exit_rule import first_exit
 from runtime.batches import batches
 from runtime.distributed import all_gather_cat, autocast

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.exit_levels import best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy
+from models.exit_rule import best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy
 
 
 class SoftDistillation(nn.Module):

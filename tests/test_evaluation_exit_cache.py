@@ -11,7 +11,7 @@ from evaluation.eval_report import conformal_report
 from evaluation.exit_cache import (ExitCache, best_exit_counts, conditional_exit_choice, exit_choice, exit_point,
                                    gated_predictions, per_exit_accuracy, threshold_sweep, updated_pos_weight)
 from evaluation.operating_points import Budget, choose
-from models.exit_levels import best_exit, per_exit_cross_entropy
+from models.exit_rule import best_exit, per_exit_cross_entropy
 
 THRESHOLDS = [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
 GFLOPS = [0.11, 0.23, 0.37, 0.52]

@@ -14,7 +14,7 @@ from learning_helpers.losses import (CLASSIFIER_LOSSES, DistillationLoss, ExitDi
                                      GateLoss, GateWeightedClassifierLoss, SoftDistillation, WarmupLoss,
                                      WithExitDistillation, WithFinalExit, aligned_depths, classifier_loss,
                                      exit_distillation)
-from models.exit_levels import best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy
+from models.exit_rule import best_exit, exit_mass, gate_targets, level_error, per_exit_cross_entropy
 
 
 def _log_softmax_by_hand(logits: torch.Tensor) -> torch.Tensor:
