@@ -4,7 +4,7 @@ import argparse
 
 from errors import GFNetDynnError
 from evaluation.operating_points import parse_budget
-from jobs.flags import STAGE_DEFAULTS, TRAINING, check_ranges, flag_jobs, option_names
+from jobs.flags import TRAINING, check_ranges, flag_jobs, option_names, with_stage_defaults
 from models import model_factory
 from models.exit_costs import EXIT_COSTS
 from models.exit_heads import EXIT_HEADS
@@ -52,8 +52,8 @@ def check_flags_apply(parser: argparse.ArgumentParser, job: str, given: set[str]
             and not model_factory.is_gfnet(args.arch)):
         raise GFNetDynnError(f"--exit-costs {args.exit_costs} is the reference's GFNet op counter; --arch {args.arch} "
                              f'trains with its true FLOPs: drop --exit-costs or pass flops')
-    if job in TRAINING and 'min_lr' in given and args.min_lr > _lr(job, args):
-        raise GFNetDynnError(f'--min-lr {args.min_lr:g} exceeds --lr {_lr(job, args):g}: the cosine schedule would '
+    if job in TRAINING and 'min_lr' in given and args.min_lr > (lr := with_stage_defaults(args, job).lr):
+        raise GFNetDynnError(f'--min-lr {args.min_lr:g} exceeds --lr {lr:g}: the cosine schedule would '
                              f'rise instead of decay; pass a --min-lr below --lr')
     if job == 'eval' and {'budget', 'exit_threshold'} <= given:
         raise GFNetDynnError('--exit-threshold fixes the threshold, so --budget has no effect; drop one of them')
@@ -75,11 +75,6 @@ def check_flags_apply(parser: argparse.ArgumentParser, job: str, given: set[str]
                                  f'that reads images (for calibration): add --quantize int8, or drop them')
     if job == 'eval' and {'output_dir', 'results_json'} <= given:
         raise GFNetDynnError('--output-dir has no effect when --results-json names the file; drop one of them')
-
-
-def _lr(job: str, args: argparse.Namespace) -> float:
-    """--lr as given, else the training stage's own default."""
-    return args.lr if args.lr is not None else STAGE_DEFAULTS[job]['lr']
 
 
 def _check_exit_head_flags(job: str, given: set[str], args: argparse.Namespace) -> None:
