@@ -124,10 +124,15 @@ def supported_families() -> str:
     return f"{listed} models (e.g. {', '.join(examples)})"
 
 
-def has_exit_layout(name: str) -> bool:
-    """Whether timm model `name` comes from a family with a layout (cheap: nothing is built)."""
+def layout_for_name(name: str) -> Layout | None:
+    """The layout of timm model `name`'s family, or None (cheap: nothing is built)."""
     module = model_entrypoint(name).__module__.rsplit('.', 1)[-1]
-    return any(module in layout.modules for layout in LAYOUTS)
+    return next((layout for layout in LAYOUTS if module in layout.modules), None)
+
+
+def has_exit_layout(name: str) -> bool:
+    """Whether timm model `name` comes from a family with a layout."""
+    return layout_for_name(name) is not None
 
 
 class TimmDynn(EarlyExitNetwork):

@@ -1,13 +1,12 @@
 """benchmarks.pareto: the front rule, reading the --eval results (front first, else the sweep), the summary of
-every early-exit model, and how a baseline's exits are trained."""
+every early-exit model, which runs are planned and how each is trained and evaluated, and the goal per seed and
+over seeds."""
 import json
 
 import pytest
 
 from benchmarks import pareto
-from benchmarks.pareto import get_args_parser, main, pareto_front, read_dynn_points, summary, train_exits
-from conftest import one_error
-from jobs.trained_run import RunArgs
+from benchmarks.pareto import get_args_parser, pareto_front, read_points, summary, train_exits
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points():
@@ -21,14 +20,14 @@ def test_dynn_points_come_from_the_front_else_the_sweep(key, tmp_path):
     point = {'threshold': 0.5, 'accuracy': 91.0, 'expected_gflops': 0.1}
     path = tmp_path / 'results.json'
     path.write_text(json.dumps({key: [point], **({'sweep': [{**point, 'threshold': 0.9}]} if key == 'front' else {})}))
-    assert read_dynn_points(path)[1] == [point]
+    assert read_points(path)[1] == [point]
 
 
-def test_results_without_thresholds_are_one_line(tmp_path, capsys):
+def test_results_without_thresholds_say_to_evaluate_anew(tmp_path):
     path = tmp_path / 'results.json'
     path.write_text(json.dumps({'sweep': []}))
-    line = one_error(capsys, ['--dynn-results', str(path), '--json', str(tmp_path / 'p.json')], main)
-    assert 'has no front or sweep' in line
+    with pytest.raises(pareto.GFNetDynnError, match='has no front or sweep of thresholds; delete it'):
+        read_points(path)
 
 
 def _point(model: str, accuracy: float, latency_ms: float, gflops: float, exit_model: str | None = None) -> dict:
@@ -49,53 +48,79 @@ def test_summary_places_each_early_exit_model_on_each_front():
                          '  resnet18 + exits is on it at 1 of 1 thresholds (0.5)']
 
 
-def test_exits_train_with_the_gfnet_runs_recipe_and_lambda(tmp_path, monkeypatch):
+def test_exits_train_with_their_familys_recipe_and_evaluate_with_the_budget_and_rule(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(pareto, '_run_main_dynn', lambda command, what: commands.append(command))
-    args = get_args_parser().parse_args(['--dynn-results', 'r.json', '--data-set', 'DEMO',
-                                         '--output-dir', str(tmp_path)])
-    dynn_args = RunArgs.from_dict({'ce_ic_tradeoff': 0.5, 'num_epoch': 8, 'max_warmup_epoch': 2, 'lr': 0.01,
-                                   'opt': None})
-    results = train_exits('resnet18', tmp_path / 'backbone.pth', args, dynn_args)
+    args = get_args_parser().parse_args(['--data-set', 'DEMO', '--output-dir', str(tmp_path), '--budget', 'acc-drop=2'])
+    results = train_exits('resnet18', 43, tmp_path / 'backbone.pth', args)
     train, evaluate = commands
-    assert train[:2] == ['--stage', 'dynn'] and ' '.join(train[4:]) == (
-        f"--checkpoint-path {tmp_path / 'backbone.pth'} --num_epoch 8 --max_warmup_epoch 2 --lr 0.01 "
-        f"--ce_ic_tradeoff 0.5 --output-dir {tmp_path / 'exits_resnet18'}")
-    best = tmp_path / 'exits_resnet18' / 'checkpoint' / 'checkpoint_DEMO_resnet18_0.5_confEE' / 'best.pth'
-    assert evaluate == ['--eval', '--data-set', 'DEMO', '--checkpoint-path', str(best)]
+    assert train[:4] == ['--stage', 'dynn', '--config', str(pareto.RECIPES / 'small_data_cnn.yaml')]
+    exits_dir = tmp_path / 'seed43' / 'exits_resnet18'
+    assert ' '.join(train[4:]) == (f"--data-set DEMO --checkpoint-path {tmp_path / 'backbone.pth'} --batch 64 "
+                                   f"--ce_ic_tradeoff 0.75 --seed 43 --output-dir {exits_dir}")
+    best = tmp_path / 'seed43' / 'exits_resnet18' / 'checkpoint' / 'checkpoint_DEMO_resnet18_0.75_confEE' / 'best.pth'
+    assert evaluate == ['--eval', '--data-set', 'DEMO', '--checkpoint-path', str(best), '--budget', 'acc-drop=2',
+                        '--risk-control', 'crc']
     assert results == best.parent / 'results.json'
+    assert pareto.exit_recipe('deit_tiny_patch16_224', args) == pareto.exit_recipe('GFNet-ti-dynn', args) == str(
+        pareto.RECIPES / 'small_data.yaml')
+
+
+def test_an_earlier_eval_is_reused_only_when_it_chose_with_the_same_budget_and_rule(tmp_path):
+    args = get_args_parser().parse_args([])
+    results = tmp_path / 'results.json'
+    assert not pareto._chose_as_asked(results, args)  # none yet
+    results.write_text(json.dumps({'selection': {'budget': 'acc-drop=1', 'risk_control': 'crc'}}))
+    assert pareto._chose_as_asked(results, args)
+    results.write_text(json.dumps({'selection': {'budget': 'acc-drop=1', 'risk_control': 'none'}}))
+    assert not pareto._chose_as_asked(results, args)
+
+
+def test_every_model_runs_with_the_first_seed_and_the_seeded_ones_with_all():
+    args = get_args_parser().parse_args(['--archs', 'resnet18', 'resnet50', '--seeds', '1', '2', '3',
+                                         '--seeded-archs', 'resnet50'])
+    assert pareto.planned_runs(args) == [('resnet18', 1), ('resnet50', 1), ('resnet50', 2), ('resnet50', 3)]
 
 
 def test_goal_sets_each_choice_against_its_own_static_model():
-    rows = [{**_point('resnet18', 97.0, 12.0, 0.6), 'arch': 'resnet18'},
-            {**_point('convnext_atto', 95.0, 10.0, 0.5), 'arch': 'convnext_atto'},
+    rows = [{**_point('resnet18', 97.0, 12.0, 0.6), 'arch': 'resnet18', 'seed': 1},
+            {**_point('resnet18', 96.0, 12.0, 0.6), 'arch': 'resnet18', 'seed': 2},
+            {**_point('convnext_atto', 95.0, 10.0, 0.5), 'arch': 'convnext_atto', 'seed': 1},
             _point('resnet18 + exits t=0.2', 96.5, 8.0, 0.3, 'resnet18 + exits')]
-    selection = {'threshold': 0.2, 'accuracy': 96.5, 'budget': 'acc-drop=1', 'set': 'calibration'}
-    met = pareto.goal_row('resnet18 + exits', selection, 8.0, rows)
+    results = {'selection': {'threshold': 0.2, 'accuracy': 96.5, 'expected_gflops': 0.3, 'budget': 'acc-drop=1',
+                             'set': 'calibration'}, 'full_gflops': 0.6, 'oracle': {'flops_saving': 0.8}}
+    met = pareto.goal_row('resnet18', 1, results, 8.0, rows)
     assert met['speedup'] == 12.0 / 8.0 and met['accuracy_drop'] == 0.5 and met['met']
-    slow = pareto.goal_row('resnet18 + exits', selection, 9.5, rows)  # 1.26x: too little
-    lossy = pareto.goal_row('resnet18 + exits', {**selection, 'accuracy': 95.5}, 8.0, rows)  # 1.5 points lost
+    assert met['flops_saving'] == 0.5 and met['oracle_flops_saving'] == 0.8
+    slow = pareto.goal_row('resnet18', 1, results, 9.5, rows)  # 1.26x: too little
+    lossy = pareto.goal_row('resnet18', 1, {**results, 'selection': {**results['selection'], 'accuracy': 95.5}}, 8.0,
+                            rows)  # 1.5 points lost
     assert not slow['met'] and not lossy['met']
+    second = pareto.goal_row('resnet18', 2, results, 6.0, rows)  # against seed 2's static model: 2x, -0.5 points
+    assert second['speedup'] == 2.0 and second['accuracy_drop'] == -0.5 and second['met']
     for cost in ('latency_ms', 'gflops'):
         front = pareto_front(rows, cost)
         for i, row in enumerate(rows):
             row[f'on_{cost}_front'] = i in front
-    lines = pareto.goal_summary([met, slow], rows)
-    assert lines[0] == ('resnet18 + exits at its choice (acc-drop=1 on the calibration images): 96.50% at 8.00 ms vs '
-                        'static 97.00% at 12.00 ms: 1.50x, +0.50 points lost: met (goal >= 1.3x, <= 1 point)')
-    assert lines[1].endswith('1.26x, +0.50 points lost: missed (goal >= 1.3x, <= 1 point)')
-    assert lines[2] == ('most accurate early-exit point: resnet18 + exits t=0.2 (96.50% at 8.00 ms): on the latency '
+    lines = pareto.goal_summary([met, second], rows)
+    assert lines[0] == ('resnet18 + exits at its choice vs static, 2 seeds: 1.75x ± 0.35, +0.00 ± 0.71 points lost '
+                        '(static 96.50%): met on the mean, in 2 of 2 (goal >= 1.3x, <= 1 point)')
+    assert lines[1] == ('most accurate early-exit point: resnet18 + exits t=0.2 (96.50% at 8.00 ms): on the latency '
                         'front against every static model')
+    assert pareto.by_model([slow])[0]['met_on_mean'] is False
 
 
-def test_baselines_hold_out_the_gfnet_runs_calibration_share(tmp_path, monkeypatch):
+def test_every_model_holds_out_the_calibration_share_with_its_seed(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(pareto, '_run_main_dynn', lambda command, what: commands.append(command))
-    args = get_args_parser().parse_args(['--dynn-results', 'r.json', '--output-dir', str(tmp_path)])
-    pareto.train_baseline('resnet18', args, 64, 8, calib_ratio=0.1)
-    pareto.train_baseline('resnet50', args, 64, 8)
-    with_calib, without = commands
-    assert with_calib[with_calib.index('--calib-ratio') + 1] == '0.1' and '--calib-ratio' not in without
+    args = get_args_parser().parse_args(['--data-set', 'DIGITS', '--output-dir', str(tmp_path)])
+    pareto.train_baseline('GFNet-ti-dynn', 44, args)
+    pareto.train_baseline('resnet50', 42, args)
+    gfnet, resnet = commands
+    assert gfnet[gfnet.index('--patch-size') + 1] == '4' and '--patch-size' not in resnet  # 32 px / 8
+    for command, seed in ((gfnet, '44'), (resnet, '42')):
+        assert command[command.index('--calib-ratio') + 1] == '0.2' and command[command.index('--seed') + 1] == seed
+        assert command[command.index('--output-dir') + 1] == str(tmp_path / f'seed{seed}')
 
 
 def test_spread_points_keep_both_ends_of_the_front():
