@@ -3,7 +3,7 @@ before any file is written."""
 import pytest
 
 from deployment.exporters import EXPORTERS
-from jobs.flags import flag_jobs
+from jobs.flags import FlagFacts
 from main_dynn import get_args_parser, main
 
 
@@ -32,13 +32,13 @@ def test_a_value_out_of_its_flags_range_is_one_error_line_before_any_file(flags,
 
 def test_every_numeric_flag_declares_a_range():
     numeric = [a.option_strings[0] for a in get_args_parser()._actions if a.type in (int, float)]
-    assert numeric and all(getattr(a, 'check', None) for a in get_args_parser()._actions if a.type in (int, float))
+    assert numeric and all(a.flag.check for a in get_args_parser()._actions if a.type in (int, float))
 
 
 def test_a_flag_knows_its_jobs_where_it_is_defined():
-    jobs = flag_jobs(get_args_parser())
-    assert jobs['lr'] == {'backbone', 'dynn'} and jobs['ce_ic_tradeoff'] == {'dynn'}
-    assert jobs['quantize'] == {'export'} and jobs['data_set'] is None  # None: every job
+    flags = FlagFacts(get_args_parser())
+    assert flags['lr'].jobs == {'backbone', 'dynn'} and flags['ce_ic_tradeoff'].jobs == {'dynn'}
+    assert flags['quantize'].jobs == {'export'} and flags['data_set'].jobs is None  # None: every job
 
 
 def test_export_choices_come_from_the_exporter_registry():
