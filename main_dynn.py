@@ -24,6 +24,7 @@ from errors import OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
 from jobs.config_file import CONFIG_FLAG, expand_config
+from jobs.flag_docs import PrintFlagsDoc
 from jobs.flag_policy import check_flags_apply, job_of, validate_args
 from jobs.flags import (BACKBONE, DYNN, DYNN_WEIGHT_DECAY, EVAL, EXPORT, MAY_CHANGE, READS_DATA, STAGE_DEFAULTS,
                         TRAINING, FlagFacts, add_flag, below_one, bounded, non_negative, positive, probability,
@@ -305,6 +306,9 @@ def get_args_parser() -> argparse.ArgumentParser:
              help='auto (cuda if available), cpu, cuda, cuda:N')
     add_flag(runtime, '--seed', type=int, default=42, jobs=READS_DATA, check=non_negative,
              help='seed of the shuffles and of initialisation (--split-seed seeds the split)')
+    add_flag(runtime, '--flags-doc', action=PrintFlagsDoc, on_resume=MAY_CHANGE,
+             help="print every flag's declaration (type, default, range, jobs, --resume policy) as markdown, the "
+                  'page docs/FLAGS.md, and exit')
     return parser
 
 
