@@ -9,6 +9,7 @@ from models import model_factory
 from models.exit_costs import EXIT_COSTS
 from models.exit_heads import EXIT_HEADS
 
+
 def job_of(args: argparse.Namespace) -> str:
     """The one job the command line asks for: export, eval, or the training stage."""
     if args.eval and args.export:

@@ -30,6 +30,7 @@ from models.flops import exit_gflops
 from models.model_factory import DEFAULT_ARCH
 from runtime.atomic import save_json
 
+
 def load_for_inference(args: argparse.Namespace, given: set[str], flags: FlagFacts) -> TrainedRun:
     """The trained run of --checkpoint-path, its model built from the checkpoint's own args. A flag declared
     from_checkpoint that contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
