@@ -24,10 +24,11 @@ from errors import OneLineParser, exit_code
 from evaluation.operating_points import DEFAULT_BUDGET, parse_budget
 from evaluation.risk_control import DEFAULT_DELTA, RISK_LOSSES, RISK_RULES
 from jobs.config_file import CONFIG_FLAG, expand_config
+from jobs.flag_docs import PrintFlagsDoc
 from jobs.flag_policy import check_flags_apply, job_of, validate_args
-from jobs.flags import (BACKBONE, DYNN, DYNN_WEIGHT_DECAY, EVAL, EXPORT, READS_DATA, STAGE_DEFAULTS, TRAINING, add_flag,
-                        below_one, bounded, non_negative, option_names, positive, probability, split_ratio,
-                        stage_default_help)
+from jobs.flags import (BACKBONE, DYNN, DYNN_WEIGHT_DECAY, EVAL, EXPORT, MAY_CHANGE, READS_DATA, STAGE_DEFAULTS,
+                        TRAINING, FlagFacts, add_flag, below_one, bounded, non_negative, positive, probability,
+                        split_ratio, stage_default_help)
 from jobs.inference_jobs import run_eval, run_export
 from jobs.resume import resumed_args
 from jobs.run_setup import resolve_device
@@ -62,22 +63,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group('data')
     add_flag(data, '--data-set', type=str, default='DEMO', choices=sorted(DATASET_CONFIG),
              help='dataset name, an entry of dataset_config.py')
-    add_flag(data, '--data-path', type=str, default=None, jobs=READS_DATA | EXPORT,
+    add_flag(data, '--data-path', type=str, default=None, jobs=READS_DATA | EXPORT, path=True, on_resume=MAY_CHANGE,
+             calibration=True,
              help="dataset root; default: the entry's default_data_path (DEMO is generated there)")
     add_flag(data, '--input-size', type=int, default=None, check=positive,
              help="image side in pixels; default: the checkpoint's, else the dataset's default")
     add_flag(data, '--train-ratio', '--split-ratio', '--split_ratio', dest='train_ratio', type=float, default=None,
-             jobs=READS_DATA | EXPORT, check=split_ratio,
+             jobs=READS_DATA | EXPORT, calibration=True, check=split_ratio,
              help="training share when one folder of class folders is split; default: the checkpoint's "
                   "split, else the entry's first protocol ratio, else 0.8")
-    add_flag(data, '--split-seed', type=int, default=None, jobs=READS_DATA | EXPORT, check=non_negative,
+    add_flag(data, '--split-seed', type=int, default=None, jobs=READS_DATA | EXPORT, calibration=True,
+             check=non_negative,
              help="seed of that split; default: the checkpoint's, else 42 (the reference's)")
     add_flag(data, '--calib-ratio', type=float, default=None, jobs=READS_DATA,
              check=bounded(0, 1, high_open=True, text='must lie in [0, 1), e.g. 0.1'),
              help="share of the training images held out of every stage for --eval to choose its threshold "
                   "on (stratified, e.g. 0.1); default: the checkpoint's, else 0 (none: --eval chooses on the "
                   "validation images it reports)")
-    add_flag(data, '--split-file', type=str, default=None, jobs=READS_DATA | EXPORT,
+    add_flag(data, '--split-file', type=str, default=None, jobs=READS_DATA | EXPORT, path=True, calibration=True,
              help='a published split: a splits/*.json this tool wrote, or a torchgeo *-train.txt')
     augment = parser.add_argument_group('training augmentation (default: the data set entry\'s train_augment, '
                                         'else the reference\'s recipe)')
@@ -100,35 +103,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(augment, '--reprob', type=float, default=None, jobs=TRAINING, check=probability,
              help='random-erase probability (0)')
     data = parser.add_argument_group('data loading')
-    add_flag(data, '--skip-bad-images', action='store_true', jobs=READS_DATA | EXPORT,
+    add_flag(data, '--skip-bad-images', action='store_true', jobs=READS_DATA | EXPORT, calibration=True,
              help='drop unreadable images with a warning instead of stopping')
-    add_flag(data, '--check-images', action='store_true', jobs=READS_DATA | EXPORT,
+    add_flag(data, '--check-images', action='store_true', jobs=READS_DATA | EXPORT, on_resume=MAY_CHANGE,
+             calibration=True,
              help='fully decode every image before training (slower); without it, headers and file structure are '
                   'checked')
-    add_flag(data, '--num_workers', type=int, default=2, jobs=READS_DATA | EXPORT, check=non_negative,
+    add_flag(data, '--num_workers', type=int, default=2, jobs=READS_DATA | EXPORT, on_resume=MAY_CHANGE,
+             calibration=True, check=non_negative,
              help='data-loading worker processes')
 
     model = parser.add_argument_group('model')
-    add_flag(model, '--arch', type=str, default=None,
+    add_flag(model, '--arch', type=str, default=None, from_checkpoint=True,
              help=f"architecture, one of {', '.join(model_factory.arch_choices())}, a timm ResNet, EfficientNet, "
                   f"MobileNetV3, ConvNeXt or ViT (resnet18), or with --stage backbone any timm model name; "
                   f"default: the checkpoint's, else {model_factory.DEFAULT_ARCH}")
-    add_flag(model, '--patch-size', type=int, default=None, check=positive,
+    add_flag(model, '--patch-size', type=int, default=None, from_checkpoint=True, check=positive,
              help=f"patch side; default: the checkpoint's, else {model_factory.DEFAULT_PATCH_SIZE}")
     add_flag(model, '--drop-path', type=float, default=0.0, jobs=TRAINING, check=below_one,
              help="stochastic depth rate of the last block; 0 is GFNet's for XS and Ti (its scripts parse "
                   "--drop-path 0.1 but fix the rate per model: S 0.15, B 0.25 from scratch, none when fine-tuning) "
                   "and the reference's model's")
     add_flag(model, '--exit-positions', type=int, nargs='+', default=None, jobs=DYNN | EVAL | EXPORT,
-             check=non_negative,
+             from_checkpoint=True, check=non_negative,
              help="0-based blocks (GFNet, ViT) or stages (CNNs) followed by an early exit; default: the "
                   f"architecture's ({' '.join(map(str, DEFAULT_EXIT_POSITIONS))} for GFNet; README lists the "
                   "others), with --eval and --export the checkpoint's")
     add_flag(model, '--gate', type=str, default='unc', choices=sorted(GATES), jobs=DYNN | EVAL | EXPORT,
+             from_checkpoint=True,
              help=gates_help())
-    add_flag(model, '--checkpoint-path', type=str, default=None,
+    add_flag(model, '--checkpoint-path', type=str, default=None, path=True,
              help='weights to start from (training) or to evaluate/export (--eval, --export)')
-    add_flag(model, '--pretrained', type=str, default=None, jobs=BACKBONE,
+    add_flag(model, '--pretrained', type=str, default=None, jobs=BACKBONE, path=True,
              help='backbone stage: ImageNet weights of --arch from a local file, loaded by timm (a head '
                   'of another class count is dropped)')
 
@@ -161,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              help='bf16 mixed precision on CUDA (Ampere or newer; ignored on CPU)')
     add_flag(train, '--max-nan-skips', type=int, default=5, jobs=TRAINING, check=non_negative,
              help='non-finite losses in a row tolerated (step skipped) before stopping')
-    add_flag(train, '--resume', type=str, default=None, jobs=TRAINING,
+    add_flag(train, '--resume', type=str, default=None, jobs=TRAINING, on_resume=MAY_CHANGE,
              help="a run's last.pth: continue where it stopped")
     add_flag(train, '--barely_train', action='store_true', jobs=READS_DATA,
              help='a few batches per epoch (smoke tests)')
@@ -169,7 +175,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     distill = parser.add_argument_group('distillation (backbone stage)')
     add_flag(distill, '--teacher-model', type=str, default=None, jobs=BACKBONE,
              help='teacher: a GFNet variant (GFNet-b-dynn) or any timm model name')
-    add_flag(distill, '--teacher-path', type=str, default=None, jobs=BACKBONE, help="teacher's weights on this dataset")
+    add_flag(distill, '--teacher-path', type=str, default=None, jobs=BACKBONE, path=True,
+             help="teacher's weights on this dataset")
     add_flag(distill, '--distillation-type', type=str, default='none', choices=['none', 'soft', 'hard', 'freq'],
              jobs=BACKBONE, help='soft: KL on logits; hard: CE on teacher argmax; freq: soft + frequency maps')
     add_flag(distill, '--distillation-alpha', type=float, default=0.5, jobs=BACKBONE, check=probability,
@@ -220,11 +227,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(dynn, '--classifier_loss', type=str, default='boosted', choices=sorted(CLASSIFIER_LOSSES), jobs=DYNN,
              help='classifier phase: boosted (the reference: equals the mean CE over the intermediate '
                   "exits) or gate_weighted (ours: exits weighted by the gates' exit mass, final included)")
-    add_flag(dynn, '--final-exit-loss', type=str, default='off', choices=FINAL_EXIT_LOSS, jobs=DYNN,
+    add_flag(dynn, '--final-exit-loss', type=str, default='off', choices=FINAL_EXIT_LOSS, jobs=DYNN, before_flag='off',
              help="off: the reference's classifier-phase loss alone; auto (ours): while the backbone trains in "
                   "joint training, the final exit's CE joins it, a guard against the full network drifting in "
                   'long runs (--freeze-backbone is always the reference)')
     add_flag(dynn, '--exit-costs', type=str, default='reference', choices=sorted(EXIT_COSTS), jobs=DYNN,
+             before_flag='flops',
              help=exit_costs_help())
     add_flag(dynn, '--transfer-ratio', type=float, default=0.01, jobs=DYNN, check=bounded(0, 1),
              help='backbone lr = lr * this in joint training')
@@ -282,22 +290,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(evaluation, '--quantize', type=str, default=None, choices=['int8'], jobs=EXPORT,
              help='--export onnx: also write statically quantised int8 segments (QDQ), calibrated on '
                   'training images of --data-set')
-    add_flag(evaluation, '--calib-images', type=int, default=256, jobs=EXPORT, check=positive,
+    add_flag(evaluation, '--calib-images', type=int, default=256, jobs=EXPORT, calibration=True, check=positive,
              help='--quantize: training images the int8 calibration reads')
 
     runtime = parser.add_argument_group('runtime')
-    add_flag(runtime, CONFIG_FLAG, type=str, default=None,
+    add_flag(runtime, CONFIG_FLAG, type=str, default=None, on_resume=MAY_CHANGE,
              help='a YAML file of flag values (num_epoch: 16, or the spelling min-lr: 1e-4), read before the command '
                   'line, which wins; recipes/ holds some. Runs record the resolved values')
-    add_flag(runtime, '--output-dir', type=str, default='.', jobs=READS_DATA,
+    add_flag(runtime, '--output-dir', type=str, default='.', jobs=READS_DATA, path=True,
              help='where checkpoint*/ and runs/ go; with --eval, the folder of results.json (default '
                   'there: beside the checkpoint)')
     add_flag(runtime, '--overwrite', action='store_true', jobs=TRAINING,
              help="replace an earlier run's checkpoints in the run folder instead of stopping")
-    add_flag(runtime, '--device', type=str, default='auto', jobs=READS_DATA,
+    add_flag(runtime, '--device', type=str, default='auto', jobs=READS_DATA, on_resume=MAY_CHANGE,
              help='auto (cuda if available), cpu, cuda, cuda:N')
     add_flag(runtime, '--seed', type=int, default=42, jobs=READS_DATA, check=non_negative,
              help='seed of the shuffles and of initialisation (--split-seed seeds the split)')
+    add_flag(runtime, '--flags-doc', action=PrintFlagsDoc, on_resume=MAY_CHANGE,
+             help="print every flag's declaration (type, default, range, jobs, --resume policy) as markdown, the "
+                  'page docs/FLAGS.md, and exit')
     return parser
 
 
@@ -311,14 +322,13 @@ def given_flags(argv: list[str] | None) -> set[str]:
 
 def run(args: argparse.Namespace, given: set[str]) -> Path:
     """Check every flag, set up the process, dispatch to the requested job."""
-    parser = get_args_parser()
-    names = option_names(parser)
-    validate_args(parser, args)
+    flags = FlagFacts(get_args_parser())
+    validate_args(flags, args)
     resume = {}
     if args.resume:
-        args, resume = resumed_args(args, given, names)
+        args, resume = resumed_args(args, given, flags)
     job = job_of(args)
-    check_flags_apply(parser, job, given, args)
+    check_flags_apply(flags, job, given, args)
     model_factory.check_arch(args.arch, job)
     distributed, distributed_device = init_distributed(args.device)
     device = resolve_device(args.device, distributed_device)
@@ -327,10 +337,10 @@ def run(args: argparse.Namespace, given: set[str]) -> Path:
                         device.type)
     torch.manual_seed(args.seed)
     if job == 'export':
-        return run_export(args, given, names)
+        return run_export(args, given, flags)
     if job == 'eval':
-        return run_eval(args, given, names, device)
-    path = (run_backbone if job == 'backbone' else run_dynn)(args, device, distributed, resume)
+        return run_eval(args, given, flags, device)
+    path = (run_backbone if job == 'backbone' else run_dynn)(args, flags, device, distributed, resume)
     barrier()
     return path
 

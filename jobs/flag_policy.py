@@ -1,17 +1,13 @@
 """Cross-flag policy: which job a command line asks for, that every flag given acts in it, and the combinations
-no job can run. Each check reads the flags' own declarations (jobs/flags.py) from the parser it is handed."""
+no job can run. Each check reads the flags' own declarations (jobs/flags.py) from the FlagFacts it is handed."""
 import argparse
 
 from errors import GFNetDynnError
 from evaluation.operating_points import parse_budget
-from jobs.flags import TRAINING, check_ranges, flag_jobs, option_names, with_stage_defaults
+from jobs.flags import TRAINING, FlagFacts, check_ranges, with_stage_defaults
 from models import model_factory
 from models.exit_costs import EXIT_COSTS
 from models.exit_heads import EXIT_HEADS
-
-# The data flags --export reads with --quantize (calibration images), and only then.
-CALIBRATION_FLAGS = ('data_path', 'train_ratio', 'split_seed', 'split_file', 'skip_bad_images', 'check_images',
-                     'num_workers')
 
 
 def job_of(args: argparse.Namespace) -> str:
@@ -27,18 +23,17 @@ def _describe_jobs(jobs) -> str:
     return ' and '.join(named) if len(named) < 3 else f"{', '.join(named[:-1])} and {named[-1]}"
 
 
-def check_flags_apply(parser: argparse.ArgumentParser, job: str, given: set[str],
-                      args: argparse.Namespace) -> None:
+def check_flags_apply(flags: FlagFacts, job: str, given: set[str], args: argparse.Namespace) -> None:
     """Every flag on the command line acts in this job: none is silently ignored. All the flags that do not are
     named in one line; one given at its default value changes nothing, so a script may keep it."""
-    names, acts_in = option_names(parser), flag_jobs(parser)
-    idle = [dest for dest in sorted(given) if acts_in[dest] is not None and job not in acts_in[dest]
-            and getattr(args, dest) != parser.get_default(dest)]
+    names = flags.names
+    idle = [dest for dest in sorted(given) if flags[dest].jobs is not None and job not in flags[dest].jobs
+            and getattr(args, dest) != flags.default(dest)]
     if len(idle) == 1:
         raise GFNetDynnError(f'{names[idle[0]]} has no effect with {_describe_jobs({job})}: it applies to '
-                             f'{_describe_jobs(acts_in[idle[0]])}; drop it')
+                             f'{_describe_jobs(flags[idle[0]].jobs)}; drop it')
     if idle:
-        described = '; '.join(f'{names[dest]} to {_describe_jobs(acts_in[dest])}' for dest in idle)
+        described = '; '.join(f'{names[dest]} to {_describe_jobs(flags[dest].jobs)}' for dest in idle)
         raise GFNetDynnError(f"{', '.join(names[dest] for dest in idle)} have no effect with "
                              f'{_describe_jobs({job})} (they apply: {described}); drop them')
     if job == 'backbone' and args.distillation_type == 'none':
@@ -68,8 +63,8 @@ def check_flags_apply(parser: argparse.ArgumentParser, job: str, given: set[str]
         raise GFNetDynnError(f'--delta is the failure probability of --risk-control ltt; with --risk-control '
                              f'{args.risk_control} it has no effect: drop it or use --risk-control ltt')
     if job == 'export' and not args.quantize:
-        extra = sorted(names[d] for d in given & {*CALIBRATION_FLAGS, 'calib_images'}
-                       if getattr(args, d) != parser.get_default(d))
+        extra = sorted(names[d] for d in given & set(flags.where(calibration=True))
+                       if getattr(args, d) != flags.default(d))
         if extra:
             raise GFNetDynnError(f"{', '.join(extra)} given with --export but without --quantize int8, the only export "
                                  f'that reads images (for calibration): add --quantize int8, or drop them')
@@ -87,9 +82,9 @@ def _check_exit_head_flags(job: str, given: set[str], args: argparse.Namespace) 
                              '0.5, or drop it')
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def validate_args(flags: FlagFacts, args: argparse.Namespace) -> None:
     """Reject impossible values (each flag's declared range, then combinations) with a message naming the flag."""
-    check_ranges(parser, args)
+    check_ranges(flags.parser, args)
     checks = [
         (args.risk_control == 'none' or (parse_budget(args.budget).kind == 'acc-drop'
                                          and 0 < parse_budget(args.budget).value < 100),

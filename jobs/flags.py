@@ -1,10 +1,13 @@
-"""Flags that declare, where they are defined, the jobs they act in and their valid range.
+"""Flags that declare, where they are defined, every fact about them: the jobs they act in, their valid range,
+whether they name a path, and what --resume does with them.
 
-`add_flag(group, '--lr', type=float, default=1e-3, jobs=TRAINING, check=positive, help=...)` records both on the
-argparse action; `check_ranges` and `flag_jobs` read them back, so no table elsewhere repeats a flag.
+`add_flag(group, '--lr', type=float, default=1e-3, jobs=TRAINING, check=positive, help=...)` keeps these facts on the
+argparse action; `FlagFacts` reads them back from the parser for the checks, the jobs and docs/FLAGS.md, so no table
+elsewhere repeats a flag.
 """
 import argparse
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from data_pipeline.data_splits import check_train_ratio
@@ -13,8 +16,10 @@ from errors import GFNetDynnError
 TRAINING = frozenset({'backbone', 'dynn'})
 READS_DATA = TRAINING | {'eval'}
 BACKBONE, DYNN, EVAL, EXPORT = frozenset({'backbone'}), frozenset({'dynn'}), frozenset({'eval'}), frozenset({'export'})
+FIXED, MAY_CHANGE = 'fixed', 'may_change'  # on_resume: what the run is, or how it runs
 
-Check = Callable[[str, float], None]  # (flag, one value) -> None, or raises GFNetDynnError naming the flag
+# (flag, one value) -> None, or raises GFNetDynnError naming the flag; its `range` attribute is the docs' text
+Check = Callable[[str, float], None]
 
 
 def bounded(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False,
@@ -30,6 +35,8 @@ def bounded(low: float, high: float = math.inf, *, low_open: bool = False, high_
         inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
         if not inside:  # nan is never inside
             raise GFNetDynnError(f'{flag} {text}, got {value}')
+    check.range = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                   f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
     return check
 
 
@@ -39,39 +46,64 @@ probability = bounded(0, 1)  # thresholds, flip and erase probabilities, mixing 
 below_one = bounded(0, 1, high_open=True)  # a share or rate that cannot be all
 
 
-def finite(flag: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise GFNetDynnError(f'{flag} must be finite, got {value}')
+@dataclass(frozen=True)
+class Flag:
+    """What one flag declares beyond argparse (add_flag's keywords), kept on its argparse action as `.flag`."""
+    jobs: frozenset[str] | None = None  # the jobs it acts in; None: every job
+    check: Check | None = None  # each of its values passes it
+    path: bool = False  # a file or folder: recorded absolute, so --resume compares it resolved
+    on_resume: str = FIXED  # MAY_CHANGE: how a run runs, not what it is, so --resume takes a new value
+    before_flag: object = None  # the value that reproduces runs trained before the flag existed (None: its default)
+    calibration: bool = False  # with --export, read only by --quantize (for its calibration images)
+    from_checkpoint: bool = False  # shapes the model: --eval and --export build it as the checkpoint has it
 
 
-def add_flag(group, *names: str, jobs: Iterable[str] | None = None, check: Check | None = None,
+def add_flag(group, *names: str, jobs: Iterable[str] | None = None, check: Check | None = None, path: bool = False,
+             on_resume: str = FIXED, before_flag=None, calibration: bool = False, from_checkpoint: bool = False,
              **kwargs) -> argparse.Action:
-    """group.add_argument(*names, **kwargs), remembering the jobs the flag acts in (None: every job) and the
-    check each of its values must pass."""
+    """group.add_argument(*names, **kwargs), remembering every other fact about the flag (see `Flag`)."""
+    if on_resume not in (FIXED, MAY_CHANGE):
+        raise ValueError(f'on_resume of {names[0]} must be {FIXED!r} or {MAY_CHANGE!r}, not {on_resume!r}')
     action = group.add_argument(*names, **kwargs)
-    action.jobs = frozenset(jobs) if jobs is not None else None
-    action.check = check
+    action.flag = Flag(frozenset(jobs) if jobs is not None else None, check, path, on_resume, before_flag,
+                       calibration, from_checkpoint)
     return action
 
 
 def declared(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [action for action in parser._actions if action.option_strings]
+    return [action for action in parser._actions if hasattr(action, 'flag')]
 
 
-def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """dest -> the flag as users write it (--data-set, --num_epoch)."""
-    return {action.dest: action.option_strings[0] for action in declared(parser)}
+class FlagFacts:
+    """A parser's add_flag declarations by dest, in the parser's order. The entry point builds it and hands it to
+    the jobs (which sit below the module that builds the parser), so they read each flag's facts, not tables."""
 
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self.actions = {action.dest: action for action in declared(parser)}
+        self.names = {dest: action.option_strings[0] for dest, action in self.actions.items()}  # --data-set
 
-def flag_jobs(parser: argparse.ArgumentParser) -> dict[str, frozenset[str] | None]:
-    """dest -> the jobs the flag acts in (None: every job)."""
-    return {action.dest: getattr(action, 'jobs', None) for action in declared(parser)}
+    def __getitem__(self, dest: str) -> Flag:
+        return self.actions[dest].flag
+
+    def default(self, dest: str):
+        return self.parser.get_default(dest)
+
+    def where(self, **facts) -> list[str]:
+        """The dests whose declarations hold all these facts (where(path=True): the path flags)."""
+        return [dest for dest, action in self.actions.items()
+                if all(getattr(action.flag, fact) == value for fact, value in facts.items())]
+
+    def before_flags(self) -> dict[str, object]:
+        """dest -> the value runs trained with before the flag existed, for the flags whose default differs."""
+        return {dest: action.flag.before_flag for dest, action in self.actions.items()
+                if action.flag.before_flag is not None}
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every given numeric value within its flag's range; the first violation is a one-line error."""
     for action in declared(parser):
-        check, value = getattr(action, 'check', None), getattr(args, action.dest, None)
+        check, value = action.flag.check, getattr(args, action.dest, None)
         if check is None or value is None:
             continue
         for one in value if isinstance(value, list) else [value]:
@@ -80,6 +112,9 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def split_ratio(flag: str, value: float) -> None:
     check_train_ratio(value, flag)
+
+
+split_ratio.range = '(0, 1)'
 
 
 # What None means for a flag both training stages share: stage 0 follows GFNet's transfer recipe (its README's

@@ -20,6 +20,7 @@ from evaluation.eval_record import EvalRun
 from evaluation.eval_report import evaluate_early_exit, format_results_table
 from evaluation.operating_points import parse_budget
 from evaluation.risk_control import RiskControl
+from jobs.flags import FlagFacts
 from jobs.outputs import check_export_folder, check_output_file, replace_folder
 from jobs.run_setup import (build_data, check_class_count, checkpoint_args, dataset_num_classes, dynn_run_folder,
                             resolve_model_shape, split_request)
@@ -29,18 +30,17 @@ from models.flops import exit_gflops
 from models.model_factory import DEFAULT_ARCH
 from runtime.atomic import save_json
 
-CHECKPOINT_SHAPE_FLAGS = ('arch', 'patch_size', 'exit_positions', 'gate')  # --eval / --export take the checkpoint's
 
-
-def load_for_inference(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> TrainedRun:
-    """The trained run of --checkpoint-path, its model built from the checkpoint's own args. A model flag that
-    contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
+def load_for_inference(args: argparse.Namespace, given: set[str], flags: FlagFacts) -> TrainedRun:
+    """The trained run of --checkpoint-path, its model built from the checkpoint's own args. A flag declared
+    from_checkpoint that contradicts the checkpoint, or a checkpoint without trained exits, is an error."""
     wanted = suggested_checkpoint(args.output_dir, f'checkpoint_{args.data_set}_*_confEE/best.pth',
                                   "the dynn stage's best.pth",
                                   dynn_run_folder(args.output_dir, args.data_set, args.ce_ic_tradeoff,
                                                   args.arch or DEFAULT_ARCH) / 'best.pth')
     checkpoint, source_args = checkpoint_args(args.checkpoint_path, wanted)
-    for dest in CHECKPOINT_SHAPE_FLAGS:
+    names = flags.names
+    for dest in flags.where(from_checkpoint=True):
         stored = source_args.given(dest)
         if dest in given and stored is not None and getattr(args, dest) != stored:
             raise GFNetDynnError(f'{names[dest]} {getattr(args, dest)} differs from the checkpoint\'s ({stored}): '
@@ -49,7 +49,7 @@ def load_for_inference(args: argparse.Namespace, given: set[str], names: dict[st
     return reopen(checkpoint, args.checkpoint_path, input_size=shape['input_size'], fallback={**vars(args), **shape})
 
 
-def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], device: torch.device) -> Path:
+def run_eval(args: argparse.Namespace, given: set[str], flags: FlagFacts, device: torch.device) -> Path:
     """--eval: per-exit accuracy, the cached threshold sweep, real early exit, results.json and plots."""
     from evaluation.plots import plot_confusion, plot_tradeoff
     json_path = results_json_path(args, given)
@@ -58,7 +58,7 @@ def run_eval(args: argparse.Namespace, given: set[str], names: dict[str, str], d
     check_output_file(json_path, 'results', flag)  # before the evaluation, not after it
     for path in plot_paths:
         check_output_file(path, 'plot', flag)
-    model, model_args, checkpoint = load_for_inference(args, given, names)
+    model, model_args, checkpoint = load_for_inference(args, given, flags)
     recorded = RunArgs.of(checkpoint).recorded_split(args.data_set)
     data = build_data(args, model_args.input_size, distributed=False, recorded=recorded, need_train=False)
     val_loader, class_names = data.val_loader, data.classes
@@ -90,12 +90,12 @@ def runner_command(module: str) -> str:
     return f'-m {module}' if Path.cwd().resolve() == repo else str(repo.joinpath(*module.split('.')).with_suffix('.py'))
 
 
-def run_export(args: argparse.Namespace, given: set[str], names: dict[str, str]) -> Path:
+def run_export(args: argparse.Namespace, given: set[str], flags: FlagFacts) -> Path:
     """--export: the format's EXPORTERS entry writes it (onnx: one graph per segment plus a manifest; with
     --quantize int8 also statically quantised twins, calibrated on training images). The export is written beside
     --out first and replaces it whole once complete."""
     out = check_export_folder(args.out)
-    model, model_args, checkpoint = load_for_inference(args, given, names)
+    model, model_args, checkpoint = load_for_inference(args, given, flags)
     if 'data_set' in given or args.quantize:  # the data set names the classes the export is for
         check_class_count(args.checkpoint_path, model.num_classes, args.data_set, dataset_num_classes(args.data_set),
                           'export it with the --data-set it was trained on')

@@ -17,6 +17,7 @@ from data_loader_help import (SplitRequest, build_datasets, build_loaders, datas
 from data_pipeline.data_splits import split_file_name, split_summary
 from data_pipeline.data_transforms import AUGMENT_CHECKS, resolve_augment
 from errors import GFNetDynnError, Interrupted
+from jobs.flags import FlagFacts
 from jobs.outputs import folder_lock, remove_previous_run, writable_location
 from jobs.trained_run import RunArgs
 from learning_helpers.loop import TrainingStopped
@@ -25,8 +26,6 @@ from models.weights import read_checkpoint
 from runtime.atomic import save_json
 from runtime.distributed import barrier, is_main_process
 
-# stored absolute
-PATH_FLAGS = ('data_path', 'checkpoint_path', 'pretrained', 'teacher_path', 'output_dir', 'split_file')
 AUGMENT_FLAGS = tuple(AUGMENT_CHECKS)  # the training-augmentation flags, one per setting
 
 
@@ -170,12 +169,12 @@ def save_split(path: Path, split: dict) -> None:
         save_json(path, split)
 
 
-def run_args_dict(args: argparse.Namespace, shape: dict, data: RunData, split_path: Path) -> dict:
-    """Plain-data copy of the run's arguments with the resolved shape, class names and split, paths made
-    absolute so that --resume works from any directory: checkpoints stay weights_only."""
+def run_args_dict(args: argparse.Namespace, flags: FlagFacts, shape: dict, data: RunData, split_path: Path) -> dict:
+    """Plain-data copy of the run's arguments with the resolved shape, class names and split, the flags declared
+    path=True made absolute so that --resume works from any directory: checkpoints stay weights_only."""
     run_args = {**vars(args), **shape, 'class_names': list(data.classes), 'data_path': str(data.data_path.resolve()),
                 'split': split_summary(data.split, split_path)}
-    for dest in PATH_FLAGS:
+    for dest in flags.where(path=True):
         if run_args.get(dest):
             run_args[dest] = str(Path(run_args[dest]).resolve())
     return run_args

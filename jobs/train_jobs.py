@@ -12,7 +12,7 @@ from jobs.run_setup import (backbone_run_folder, build_data, check_class_count, 
                             claim_run, dataset_num_classes, dynn_run_folder, make_writer, removed_on_bad_input,
                             resolve_model_shape, run_args_dict, save_split, warmup_folder)
 from jobs.trained_run import RunArgs
-from jobs.flags import with_stage_defaults
+from jobs.flags import FlagFacts, with_stage_defaults
 from learning_helpers.backbone_recipe import (BackboneRecipe, base_criterion, build_backbone_optimizer,
                                               build_backbone_scheduler, build_mixup)
 from learning_helpers.backbone_stage import BackboneStep, run_backbone_stage
@@ -110,7 +110,8 @@ def _check_head(args: argparse.Namespace, model: torch.nn.Module, start: dict, s
                       'pass the backbone trained on this data set, or --new-head to train a fresh final head')
 
 
-def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
+def run_backbone(args: argparse.Namespace, flags: FlagFacts, device: torch.device, distributed: bool,
+                 resume: dict) -> Path:
     """Stage 0: plain GFNet, optionally distilled, with GFNet's recipe by default."""
     args = with_stage_defaults(args, 'backbone')
     recipe = backbone_recipe(args)
@@ -135,7 +136,7 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
     start = resume_training(resume, model, optimizer, scheduler, args.resume) if resume else FRESH_START
     if resume:
         criterion.load_learned_state_dict(start.state['criterion'])
-    run = run_config(args, run_folder, run_args_dict(args, shape, data, split_path))
+    run = run_config(args, run_folder, run_args_dict(args, flags, shape, data, split_path))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     with removed_on_bad_input([run_folder, split_path, Path(args.output_dir) / 'runs']), \
             claim_run([run_folder], args.overwrite and not resume):
@@ -148,7 +149,8 @@ def run_backbone(args: argparse.Namespace, device: torch.device, distributed: bo
     return summary.best_path
 
 
-def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, resume: dict) -> Path:
+def run_dynn(args: argparse.Namespace, flags: FlagFacts, device: torch.device, distributed: bool,
+             resume: dict) -> Path:
     """Stages 1-2: warm-up of the exits, then joint training with the cost trade-off."""
     args = with_stage_defaults(args, 'dynn')
     model, shape, recorded = _start_model(args, lambda s, classes: model_factory.build_dynn(
@@ -179,7 +181,8 @@ def run_dynn(args: argparse.Namespace, device: torch.device, distributed: bool, 
     # measured once per run (--exit-costs latency) and recorded, so a resumed run trains against the same vector
     costs = exit_cost_vector(model, args.exit_costs, (resume.get('args') or {}).get('exit_cost_vector'))
     logging.info('exit costs (--exit-costs %s): %s', args.exit_costs, ' '.join(f'{c:.3f}' for c in costs))
-    run = run_config(args, run_folder, run_args_dict(args, {**shape, 'exit_cost_vector': costs}, data, split_path))
+    run_args = run_args_dict(args, flags, {**shape, 'exit_cost_vector': costs}, data, split_path)
+    run = run_config(args, run_folder, run_args)
     distillation = exit_distillation(args.exit_distill, args.exit_distill_tau)
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir, distillation)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,

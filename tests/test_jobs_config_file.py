@@ -8,6 +8,7 @@ import torch
 from conftest import FAST_FLAGS, one_error
 from jobs.config_file import expand_config
 from jobs.flag_policy import check_flags_apply
+from jobs.flags import FlagFacts
 from main_dynn import get_args_parser, given_flags, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,4 +85,4 @@ def test_shipped_recipes_are_valid_dynn_flags():
     for recipe in sorted((REPO / 'recipes').glob('*.yaml')):
         args, given = _parsed(['--config', str(recipe)])
         assert given and args.stage == 'dynn', recipe
-        check_flags_apply(get_args_parser(), 'dynn', given, args)  # every key acts in stages 1-2
+        check_flags_apply(FlagFacts(get_args_parser()), 'dynn', given, args)  # every key acts in stages 1-2

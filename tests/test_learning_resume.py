@@ -13,7 +13,7 @@ import dataset_config
 import main_dynn
 from conftest import TINY_FLAGS, tiny_entry, write_learnable_folder
 from data_loader_help import build_loaders
-from jobs.flags import option_names
+from jobs.flags import FlagFacts
 from jobs import resume
 from learning_helpers import backbone_stage, joint_stage, warmup_stage
 from learning_helpers.checkpoint import save_checkpoint
@@ -254,8 +254,8 @@ def test_a_resumed_run_from_before_a_flag_keeps_what_it_trained_with(tmp_path, m
     last = tmp_path / 'checkpoint' / 'checkpoint_DEMO_0.75_confEE' / 'last.pth'
     args = main_dynn.get_args_parser().parse_args(['--resume', str(last)])
     assert (args.final_exit_loss, args.exit_costs) == ('off', 'reference')  # a new run's defaults
-    resumed = resume.resumed_args(args, {'resume'}, option_names(main_dynn.get_args_parser()))[0]
+    resumed = resume.resumed_args(args, {'resume'}, FlagFacts(main_dynn.get_args_parser()))[0]
     assert (resumed.final_exit_loss, resumed.exit_costs) == ('off', 'flops')
     stored.update(final_exit_loss='auto', exit_costs='reference')
-    resumed = resume.resumed_args(args, {'resume'}, option_names(main_dynn.get_args_parser()))[0]
+    resumed = resume.resumed_args(args, {'resume'}, FlagFacts(main_dynn.get_args_parser()))[0]
     assert (resumed.final_exit_loss, resumed.exit_costs) == ('auto', 'reference')
