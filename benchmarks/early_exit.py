@@ -40,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(parser, '--latency-images', check=positive, type=int, default=120,
                         help='images timed at batch 1, spread over the validation set')
     add_flag(parser, '--batch', check=positive, type=int, default=64, help='batch size of the throughput runs')
-    add_flag(parser, '--rounds', check=positive, type=int, default=3, help='interleaved timing rounds; the best is kept')
+    add_flag(parser, '--rounds', check=positive, type=int, default=3,
+             help='interleaved timing rounds; the best is kept')
     add_flag(parser, '--json', default=None, help='default: bench/early_exit_{device}.json')
     return parser
 

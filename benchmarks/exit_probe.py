@@ -27,8 +27,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(parser, '--data-set', default=None, choices=sorted(DATASET_CONFIG),
                         help="default: the data set the checkpoint was trained on")
     add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
-    add_flag(parser, '--epochs', check=positive, type=int, default=12, help='probe training epochs over the cached features')
-    add_flag(parser, '--lr', check=bounded(0, 10, low_open=True), type=float, default=0.01, help='SGD lr of the probes (momentum 0.9, wd 5e-4)')
+    add_flag(parser, '--epochs', check=positive, type=int, default=12,
+             help='probe training epochs over the cached features')
+    add_flag(parser, '--lr', check=bounded(0, 10, low_open=True), type=float, default=0.01,
+             help='SGD lr of the probes (momentum 0.9, wd 5e-4)')
     add_flag(parser, '--train-passes', check=positive, type=int, default=2,
                         help='augmented passes over the training images whose features the probes train on')
     add_flag(parser, '--seed', check=non_negative, type=int, default=0)

@@ -41,8 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="exit threshold of the early-exit rows (default: the manifest's)")
     add_flag(parser, '--threads', check=positive, type=int, default=1,
                         help='threads of onnxruntime and torch alike (1: a small board, and steady timings)')
-    add_flag(parser, '--latency-images', check=positive, type=int, default=200, help='validation images timed at batch 1')
-    add_flag(parser, '--rounds', check=positive, type=int, default=3, help='interleaved timing rounds; the best is kept')
+    add_flag(parser, '--latency-images', check=positive, type=int, default=200,
+             help='validation images timed at batch 1')
+    add_flag(parser, '--rounds', check=positive, type=int, default=3,
+             help='interleaved timing rounds; the best is kept')
     add_flag(parser, '--json', default=None, help='default: bench/onnx_edge.json')
     return parser
 

@@ -38,8 +38,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(parser, '--data-set', required=True, help='a dataset_config.py entry')
     add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
-    add_flag(parser, '--train-ratio', check=split_ratio, type=float, default=None, help="default: the entry's first protocol ratio")
-    add_flag(parser, '--seeds', check=non_negative, type=int, nargs='+', default=[0, 1, 2], help='split (and training) seeds')
+    add_flag(parser, '--train-ratio', check=split_ratio, type=float, default=None,
+             help="default: the entry's first protocol ratio")
+    add_flag(parser, '--seeds', check=non_negative, type=int, nargs='+', default=[0, 1, 2],
+             help='split (and training) seeds')
     add_flag(parser, '--backbone-flags', default='', help='flags for the backbone stage only, quoted')
     add_flag(parser, '--dynn-flags', default='', help='flags for the exit stages only, quoted')
     add_flag(parser, '--arch', default='GFNet-xs-dynn', help='--arch of every stage')

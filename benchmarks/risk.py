@@ -47,9 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(parser, '--data-set', default='DEMO', help='dataset_config.py entry of the held-out images')
     add_flag(parser, '--data-path', default=None, help="default: the entry's default_data_path")
     add_flag(parser, '--batch', check=positive, type=int, default=96, help='batch size of the cached pass')
-    add_flag(parser, '--acc-drop', check=bounded(0, 100, low_open=True, high_open=True), type=float, nargs='+', default=[1.0, 2.0, 5.0],
-                        help='budgets acc-drop=P, in points (the risk level is P/100)')
-    add_flag(parser, '--delta', check=bounded(0, 1, low_open=True, high_open=True), type=float, default=DEFAULT_DELTA, help='ltt: allowed failure probability')
+    add_flag(parser, '--acc-drop', check=bounded(0, 100, low_open=True, high_open=True), type=float, nargs='+',
+             default=[1.0, 2.0, 5.0], help='budgets acc-drop=P, in points (the risk level is P/100)')
+    add_flag(parser, '--delta', check=bounded(0, 1, low_open=True, high_open=True), type=float,
+             default=DEFAULT_DELTA, help='ltt: allowed failure probability')
     add_flag(parser, '--risk-loss', default='error', choices=RISK_LOSSES, help='the per-image loss controlled')
     add_flag(parser, '--exit-rules', nargs='+', default=['gate', *BASELINE_RULES],
                         choices=['gate', *BASELINE_RULES], help='exit scores whose thresholds are chosen')

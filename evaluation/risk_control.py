@@ -9,8 +9,8 @@ The risk is the expected per-image loss; a budget acc-drop=P sets the level alph
 
 - `crc`, Conformal Risk Control (Angelopoulos et al., 2022): the cheapest threshold whose empirical risk is
   at most ((n + 1) alpha - B) / n, B = 1 the loss bound; E[loss on a new image] <= alpha, the expectation taken
-  over the calibration images and the new image together (marginal), not given the calibration draw. CRC needs a loss that
-  never falls as the threshold gets more conservative, so it scans each image's running maximum from the
+  over the calibration images and the new image together (marginal), not given the calibration draw. CRC needs a
+  loss that never falls as the threshold gets more conservative, so it scans each image's running maximum from the
   conservative end (an upper bound of the loss itself).
 - `ltt`, Learn-then-Test (Angelopoulos et al., 2021): fixed-sequence testing of H0: risk > alpha over LTT_GRID,
   a grid fixed before calibration, from the conservative end with the Hoeffding-Bentkus p-value, stopping at

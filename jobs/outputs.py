@@ -72,8 +72,8 @@ def writable_location(folder: Path, flag: str, shown: Path | None = None) -> Non
             try:  # a trial file, removed at once: permissions alone miss read-only mounts and /proc
                 tempfile.TemporaryFile(dir=parent).close()
             except OSError as error:
-                raise GFNetDynnError(f'{flag} {shown}: cannot create files under {parent} ({error.strerror or error}); pass '
-                                     f'a writable {flag}') from None
+                raise GFNetDynnError(f'{flag} {shown}: cannot create files under {parent} '
+                                     f'({error.strerror or error}); pass a writable {flag}') from None
             return
 
 

@@ -91,9 +91,9 @@ class NonFiniteGuard:
         self.in_a_row += 1
         _logger.warning('%s at epoch %d batch %d: %s (%d in a row)', what, epoch, batch, action, self.in_a_row)
         if self.in_a_row > self.max_skips:
-            raise GFNetDynnError(f'the loss or the weights were non-finite for {self.in_a_row} batches in a row, more than '
-                                 f'--max-nan-skips {self.max_skips} (epoch {epoch}, batch {batch}); lower --lr '
-                                 f'(and --gate-lr) or check the data; the last good checkpoint is kept')
+            raise GFNetDynnError(f'the loss or the weights were non-finite for {self.in_a_row} batches in a row, '
+                                 f'more than --max-nan-skips {self.max_skips} (epoch {epoch}, batch {batch}); '
+                                 f'lower --lr (and --gate-lr) or check the data; the last good checkpoint is kept')
         return False
 
 
