@@ -72,3 +72,19 @@ def test_oracle_line_names_the_captured_share():
                         'chosen': {'flops_saving': 0.465}})
     assert line == ('oracle (each image at its earliest right exit): 96.25% with 60.0% fewer FLOPs; the chosen '
                     'point captures 77.5% of it (46.5% fewer)')
+
+
+@pytest.mark.parametrize('gate, rule', [('identity', 'max-probability gates'), ('unc', 'learned gates')])
+def test_the_table_names_the_rule_the_checkpoints_gate_makes(gate, rule):
+    from evaluation.eval_report import evaluate_early_exit, format_results_table
+    from models.model_factory import build_dynn
+    torch.manual_seed(0)
+    model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], gate).eval()
+    images = torch.utils.data.TensorDataset(torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    report, _ = evaluate_early_exit(model, torch.utils.data.DataLoader(images, batch_size=3), torch.device('cpu'),
+                                    gflops_per_exit=GFLOPS, class_names=['a', 'b', 'c'])
+    results = report.to_json()
+    assert results['gate'] == gate
+    verdict = next(line for line in format_results_table(results).splitlines() if ' at the same budget: ' in line)
+    assert verdict.startswith(f'{rule} vs ')
+    assert rule == 'learned gates' or 'learned gates' not in format_results_table(results)

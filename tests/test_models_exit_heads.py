@@ -117,50 +117,62 @@ def test_exit_head_flags_that_cannot_act_are_one_error_line(flags, message, tmp_
     assert not any(tmp_path.iterdir())
 
 
-# End to end through main_dynn.main: stage 0, stages 1-2 with the pool head, a LayerNorm and self-distillation,
-# --resume, --eval, --export onnx --quantize int8, the torch-free runner.
+# End to end through main_dynn.main, in this process: stages 1-2 (one exit, so two ONNX segments) with each head,
+# --resume, --eval, --export onnx --quantize int8 and the torch-free runner. The CNN and the ViT run both heads,
+# each head trains with --exit-distill on one backbone and without it on another; GFNet, whose export costs the
+# most, runs the pool head with distillation (its reference head trains, exports and runs throughout the tests).
+HEAD_FLAGS = {'linear': [], 'pool': ['--exit-head', 'pool', '--exit-grid', '2', '--exit-norm', 'layernorm']}
+DISTILL_FLAGS = ['--exit-distill', '0.5', '--exit-distill-tau', '2']
+RUNS = [('gfnet', 'pool', True), ('cnn', 'linear', True), ('cnn', 'pool', False), ('vit', 'linear', False),
+        ('vit', 'pool', True)]
+HEAD_ARGS = ('exit_head', 'exit_grid', 'exit_norm', 'exit_distill', 'exit_distill_tau')
 
-@pytest.mark.slow
-@pytest.mark.parametrize('family', sorted(ARCHS))
-def test_pool_head_with_norm_and_distillation_end_to_end(family, small_data, tmp_path, capsys):
-    pytest.importorskip('onnxscript')
+
+def _train_and_resume(family: str, head: str, distill: bool, out, capsys) -> tuple[list[str], dict]:
+    """Stages 1-2 (one warm-up and one joint epoch) on a fresh backbone, then --resume of one more joint epoch; the
+    common flags and the resumed last.pth."""
+    from main_dynn import main
+    arch, size, patch = ARCHS[family]
+    common = ['--data-set', 'TINY', '--arch', arch, *(['--patch-size', str(patch)] if patch else []), '--num_workers',
+              '0', '--batch', '8', '--device', 'cpu', '--barely_train']
+    flags = [*HEAD_FLAGS[head], *(DISTILL_FLAGS if distill else [])]
+    assert main([*common, '--input-size', str(size), '--output-dir', str(out), '--num_epoch', '2',
+                 '--max_warmup_epoch', '1', '--exit-positions', '1' if family != 'gfnet' else '3', *flags]) == 0
+    last = out / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, arch).name / 'last.pth'
+    saved = torch.load(last, map_location='cpu', weights_only=True)
+    saved['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
+    torch.save(saved, last)
+    capsys.readouterr()
+    assert main(['--resume', str(last)]) == 0
+    assert 'joint epoch 2 |' in capsys.readouterr().out
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == 2
+    assert {key: resumed['args'][key] for key in HEAD_ARGS} == {key: saved['args'][key] for key in HEAD_ARGS}
+    assert saved['args']['exit_head'] == head and saved['args']['exit_distill'] == (0.5 if distill else 0.0)
+    return common, resumed
+
+
+@pytest.mark.parametrize('family, head, distill', RUNS)
+def test_each_head_trains_resumes_evaluates_exports_and_runs_without_torch(family, head, distill, small_data,
+                                                                         tmp_path, capsys):
+    import onnx
     from deployment.onnx_runner import OnnxEarlyExit, image_files, preprocess
     from deployment.onnx_runner import main as runner_main
     from jobs.trained_run import reopen
     from main_dynn import main
     from models.early_exit import EarlyExitEngine
     from test_deployment_onnx import PORTABLE_OPS
-    import onnx
-    arch, size, patch = ARCHS[family]
-    common = ['--data-set', 'TINY', '--arch', arch, *(['--patch-size', str(patch)] if patch else []), '--num_workers',
-              '0', '--batch', '8', '--device', 'cpu', '--barely_train']
-    run = [*common, '--output-dir', str(tmp_path)]
-    assert main(['--stage', 'backbone', *run, '--input-size', str(size), '--num_epoch', '1']) == 0
-    backbone = tmp_path / 'checkpoint' / f'backbone_TINY_{arch}' / 'best.pth'
-    heads = ['--exit-head', 'pool', '--exit-grid', '2', '--exit-norm', 'layernorm', '--exit-distill', '0.5',
-             '--exit-distill-tau', '2']
-    assert main([*run, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
-                 *heads]) == 0
-    folder = tmp_path / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, arch).name
-    last = folder / 'last.pth'
-    checkpoint = torch.load(last, map_location='cpu', weights_only=True)
-    assert {key: checkpoint['args'][key] for key in ('exit_head', 'exit_grid', 'exit_norm', 'exit_distill',
-                                                     'exit_distill_tau')} == {
-        'exit_head': 'pool', 'exit_grid': 2, 'exit_norm': 'layernorm', 'exit_distill': 0.5, 'exit_distill_tau': 2.0}
-    assert 'intermediate_heads.0.alpha' in checkpoint['model'] and 'intermediate_heads.0.norm.weight' in checkpoint[
-        'model']
-    checkpoint['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
-    torch.save(checkpoint, last)
-    capsys.readouterr()
-    assert main(['--resume', str(last)]) == 0
-    assert 'joint epoch 2 |' in capsys.readouterr().out
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    common, resumed = _train_and_resume(family, head, distill, tmp_path, capsys)
+    best = tmp_path / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, ARCHS[family][0]).name / 'best.pth'
+    model, run_args, _ = reopen(str(best))
+    assert isinstance(model.intermediate_heads[0], ExitHead if head == 'pool' else nn.Linear)
+    assert (model.intermediate_heads[0].norm is not None) if head == 'pool' else True
 
-    best = folder / 'best.pth'
     results_path = tmp_path / 'results.json'
-    assert main([*common, '--eval', '--checkpoint-path', str(best), '--results-json',
-                 str(results_path)]) == 0
-    model = reopen(str(best)).model
-    assert json.loads(results_path.read_text())['gflops_per_exit'] == pytest.approx(exit_gflops(model))
+    assert main([*common, '--eval', '--checkpoint-path', str(best), '--results-json', str(results_path)]) == 0
+    results = json.loads(results_path.read_text())
+    assert len(results['per_exit_accuracy']) == 2 and results['gflops_per_exit'] == pytest.approx(exit_gflops(model))
 
     onnx_dir = tmp_path / 'onnx'
     assert main(['--data-set', 'TINY', '--export', 'onnx', '--quantize', 'int8', '--calib-images', '8',
@@ -168,13 +180,29 @@ def test_pool_head_with_norm_and_distillation_end_to_end(family, small_data, tmp
                  '--exit-threshold', '0.5']) == 0
     for name in json.loads((onnx_dir / 'manifest.json').read_text())['segments']:
         assert {node.op_type for node in onnx.load(onnx_dir / name).graph.node} <= PORTABLE_OPS, name
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    images = np.stack([preprocess(p, size, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
-                       for p in image_files([str(small_data / 'val')])])
+    paths = list(image_files([str(small_data / 'val')]))
+    images = np.stack([preprocess(p, model.input_size[0], list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+                       for p in paths])
+    float_runner = OnnxEarlyExit(onnx_dir)
+    with torch.no_grad():  # each segment's outputs, fed the same inputs
+        torch_features, torch_logits, torch_gate = model.forward_segment(0, torch.from_numpy(images))
+        torch_final = model.forward_segment(1, torch_features)[1]
+    onnx_features, onnx_logits, onnx_gate = float_runner.run_segment(0, images)
+    assert_close(torch.from_numpy(onnx_logits), torch_logits, rtol=1e-4, atol=1e-4)
+    assert_close(torch.from_numpy(onnx_gate), torch.sigmoid(torch_gate), rtol=1e-4, atol=1e-5)
+    final = float_runner.run_segment(1, torch_features.numpy())[0]
+    assert_close(torch.from_numpy(final), torch_final, rtol=1e-4, atol=1e-4)
+    assert_close(torch.from_numpy(onnx_features), torch_features, rtol=1e-4, atol=1e-4)
     expected = EarlyExitEngine(model, 0.5)(torch.from_numpy(images))
-    predictions, exits = OnnxEarlyExit(onnx_dir).predict(images)
+    predictions, exits = float_runner.predict(images)
     assert exits.tolist() == expected.exit_index.tolist()
     assert predictions.tolist() == expected.predictions.tolist()
+
     int8_predictions, _ = OnnxEarlyExit(onnx_dir, precision='int8').predict(images)
-    assert int8_predictions.shape == predictions.shape
-    assert runner_main([str(onnx_dir), str(small_data / 'val'), '--precision', 'int8']) == 0
+    assert (int8_predictions != predictions).sum() <= 1  # int8 keeps all but at most one of float's 6 answers
+    jsonl = tmp_path / 'predictions.jsonl'
+    assert runner_main([str(onnx_dir), str(small_data / 'val'), '--precision', 'int8', '--jsonl', str(jsonl)]) == 0
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [row['file'] for row in rows] == paths
+    assert [(row['class'], row['exit']) for row in rows] == [
+        (run_args.class_names[c], int(e)) for c, e in zip(*OnnxEarlyExit(onnx_dir, precision='int8').predict(images))]
