@@ -76,10 +76,11 @@ def test_oracle_line_names_the_captured_share():
 
 @pytest.mark.parametrize('gate, rule', [('identity', 'max-probability gates'), ('unc', 'learned gates')])
 def test_the_table_names_the_rule_the_checkpoints_gate_makes(gate, rule):
+    import timm
     from evaluation.eval_report import evaluate_early_exit, format_results_table
-    from models.model_factory import build_dynn
     torch.manual_seed(0)
-    model = build_dynn('GFNet-ti-dynn', 3, 16, 8, 0.0, [3, 7], gate).eval()
+    model = timm.create_model('gfnet_ti_dynn', num_classes=3, img_size=16, patch_size=8, depth=4, embed_dim=32,
+                              exit_positions=(1, 2), gate=gate).eval()
     images = torch.utils.data.TensorDataset(torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
     report, _ = evaluate_early_exit(model, torch.utils.data.DataLoader(images, batch_size=3), torch.device('cpu'),
                                     gflops_per_exit=GFLOPS, class_names=['a', 'b', 'c'])
