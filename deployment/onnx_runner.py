@@ -67,18 +67,23 @@ def _check_manifest_values(manifest: dict, path: Path) -> None:
         'exit_positions': isinstance(positions, list) and all(isinstance(p, int) for p in positions),
         'class_names': isinstance(manifest['class_names'], list) and len(manifest['class_names']) > 0
                        and all(isinstance(c, str) for c in manifest['class_names']),
-        **{key: _segment_list(manifest.get(key), positions) for key in PRECISIONS.values() if key in manifest},
+        **{key: _segment_list(manifest[key]) for key in PRECISIONS.values() if key in manifest},
         'batch': manifest.get('batch') is None or (isinstance(manifest['batch'], int) and manifest['batch'] > 0),
     }
     for key, ok in checks.items():
         if not ok:
             raise GFNetDynnError(f'{path}: {key} is {manifest[key]!r}, not a value the runner can use; export the '
                                  f'model again')
+    for key in (key for key in PRECISIONS.values() if key in manifest):
+        found, needed = len(manifest[key]), len(positions) + 1
+        if found != needed:
+            raise GFNetDynnError(f"{path}: {key} lists {found} graph{'s' * (found != 1)}, but exit_positions "
+                                 f'{positions} need {needed} (one per exit, then the final one); copy the whole '
+                                 f'export folder or export again')
 
 
-def _segment_list(names, positions) -> bool:
-    return (isinstance(names, list) and isinstance(positions, list) and len(names) == len(positions) + 1
-            and all(isinstance(name, str) and '/' not in name for name in names))
+def _segment_list(names) -> bool:
+    return isinstance(names, list) and all(isinstance(name, str) and '/' not in name for name in names)
 
 
 def fires(gate_prob: np.ndarray, threshold: float) -> np.ndarray:

@@ -82,7 +82,7 @@ class Chosen(Record):
 
 @dataclass(frozen=True)
 class Baselines(Record):
-    """Early exit without the learned gates, from the same cached pass, chosen by the same budget and rule."""
+    """Early exit without the checkpoint's gates, from the same cached pass, chosen by the same budget and rule."""
 
     max_prob: dict = key('early exit at a threshold on the exit head\'s max softmax probability: `front` (points), '
                          '`at_budget` (the point the budget picks, chosen as the gates\' is) and `risk` (the '
@@ -94,17 +94,17 @@ class Baselines(Record):
 
 @dataclass(frozen=True)
 class VersusBaselines(Record):
-    """The learned gates against the best baseline at the same budget, on the validation images."""
+    """The checkpoint's gates against the best baseline at the same budget, on the validation images."""
 
     best_baseline: str = key('the baseline rule doing best at the budget (max_prob, entropy or single_exit)')
     baseline_accuracy: float = key("its accuracy at the budget on the validation images", '%')
     baseline_gflops: float = key('its mean cost per image there', 'GFLOPs')
     baseline_keeps_budget: bool = key('whether it keeps the budget on the validation images')
-    gates_accuracy: float = key('the learned gates\' accuracy at the chosen threshold', '%')
-    gates_gflops: float = key('the learned gates\' mean cost per image there', 'GFLOPs')
-    gates_keep_budget: bool = key('whether the learned gates keep the budget on the validation images')
-    winner: str = key("'learned gates', 'tie' or the baseline's name: keeping the budget first, then cheaper "
-                      '(acc-drop budgets) or more accurate (cost budgets)')
+    gates_accuracy: float = key("the checkpoint's gates' accuracy at the chosen threshold", '%')
+    gates_gflops: float = key("the checkpoint's gates' mean cost per image there", 'GFLOPs')
+    gates_keep_budget: bool = key("whether the checkpoint's gates keep the budget on the validation images")
+    winner: str = key("'learned gates' (the checkpoint's gates, whichever `gate` names), 'tie' or the baseline's "
+                      'name: keeping the budget first, then cheaper (acc-drop budgets) or more accurate (cost budgets)')
 
 
 @dataclass(frozen=True)
@@ -179,19 +179,21 @@ class EvalReport(Record):
     class_names: list[str] = key('the class names, in label order')
     num_val: int = key('validation images evaluated', 'images')
     exit_positions: list[int] = key('the blocks after which the intermediate exits sit (the final exit follows)')
+    gate: str = key("the checkpoint's exit gate (--gate), after which the terminal report and the plot name the "
+                    'rule its thresholds apply to')
     gflops_per_exit: list[float] = key('cost of an image leaving at each exit, the final one last', 'GFLOPs')
     full_gflops: float = key('cost of the full network (the last of gflops_per_exit)', 'GFLOPs')
     per_exit_accuracy: list[float] = key('accuracy of each exit on all validation images', '%')
     full_accuracy: float = key('accuracy of the final exit', '%')
     latency_table_ms: LatencyTable = key('measured batch-1 latency per exit')
     selection: SelectionReport = key('how the threshold was chosen and what the selection rule promises')
-    front: list[dict] = key(f'the accuracy/GFLOPs Pareto front of the learned gates; each point: {POINT}')
-    num_operating_points: int = key('distinct thresholds of the learned gates on the validation images')
+    front: list[dict] = key(f"the accuracy/GFLOPs Pareto front of the checkpoint's gates; each point: {POINT}")
+    num_operating_points: int = key("distinct thresholds of the checkpoint's gates on the validation images")
     sweep: list[dict] = key('the printed rows: the --thresholds points (without expected_latency_ms), else about 12 '
                       'points of the front and the chosen one, most accurate first')
     chosen: Chosen = key('the chosen operating point on the validation images')
-    baselines: Baselines = key('early exit without the learned gates, from the same cached pass')
-    versus_baselines: VersusBaselines = key('the learned gates against the best baseline at the budget')
+    baselines: Baselines = key("early exit without the checkpoint's gates, from the same cached pass")
+    versus_baselines: VersusBaselines = key("the checkpoint's gates against the best baseline at the budget")
     real_early_exit: RealEarlyExit = key('real early exit at batch 1, checked against the cache')
     training_rule: ExitPoint = key('the operating point of the training-time exit rule (gate a_k >= 0.5)')
     oracle: Oracle = key('each image at its earliest right exit (else the final one): the best any rule can do')

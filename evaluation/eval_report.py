@@ -17,6 +17,7 @@ from evaluation.operating_points import (BASELINE_RULES, DEFAULT_BUDGET, Budget,
 from evaluation.risk_control import (GUARANTEES, LTT_GRID, RiskControl, Selection, ThresholdScan, scan, scan_thresholds,
                                      select)
 from models.early_exit_net import EarlyExitNetwork
+from models.gates import GATES
 
 
 def class_report(targets: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
@@ -208,7 +209,7 @@ def evaluate_early_exit(model: EarlyExitNetwork, val_loader, device: torch.devic
     front = pareto_front(val_points['gate'])
     report = EvalReport(
         num_classes=len(class_names), class_names=class_names, num_val=int(cache.targets.numel()),
-        exit_positions=list(model.exit_positions), gflops_per_exit=gflops_per_exit,
+        exit_positions=list(model.exit_positions), gate=model.gate_type, gflops_per_exit=gflops_per_exit,
         full_gflops=gflops_per_exit[-1], per_exit_accuracy=accuracies, full_accuracy=accuracies[-1],
         latency_table_ms=LatencyTable(segment=segment_ms, cumulative=latency, batch=1, device=str(device)),
         selection=selection_report(selecting, cache, picked, chosen, real, budget, risk, certificate,
@@ -365,11 +366,11 @@ def format_results_table(results: dict) -> str:
               f"{real['mean_ms']:.2f} ms mean over {real['images']} images (predicted for them "
               f"{real['predicted_mean_ms']:.2f}); full network {results['latency_table_ms']['cumulative'][-1]:.2f} ms; "
               f"exits differing from the cache: {real['mismatches_with_cache']}"]
-    versus = results['versus_baselines']
-    misses = [name for name, keeps in (('learned gates', versus['gates_keep_budget']),
+    versus, gates = results['versus_baselines'], GATES[results['gate']].rule
+    misses = [name for name, keeps in ((gates, versus['gates_keep_budget']),
                                        (versus['best_baseline'], versus['baseline_keeps_budget'])) if not keeps]
-    verdict = {'tie': 'tie', 'learned gates': 'learned gates win'}.get(versus['winner'], f"{versus['winner']} wins")
-    lines.append(f"learned gates vs {versus['best_baseline']} at the same budget: {versus['gates_accuracy']:.2f}% at "
+    verdict = {'tie': 'tie', 'learned gates': f'{gates} win'}.get(versus['winner'], f"{versus['winner']} wins")
+    lines.append(f"{gates} vs {versus['best_baseline']} at the same budget: {versus['gates_accuracy']:.2f}% at "
                  f"{versus['gates_gflops']:.3f} GFLOPs vs {versus['baseline_accuracy']:.2f}% at "
                  f"{versus['baseline_gflops']:.3f} GFLOPs: {verdict}"
                  + (f" ({' and '.join(misses)} miss{'es' if len(misses) == 1 else ''} the budget on the validation "

@@ -40,7 +40,8 @@ def parse_budget(text: str) -> Budget:
     except ValueError:
         number = math.nan
     if kind not in BUDGET_KINDS or not math.isfinite(number) or number < 0:
-        raise ValueError(f'--budget {text!r}: use acc-drop=POINTS, gflops=X or latency-ms=X with a number >= 0')
+        # no flag name: argparse's message already starts 'argument --budget:'
+        raise ValueError(f'{text!r} is not a budget: use acc-drop=POINTS, gflops=X or latency-ms=X with a number >= 0')
     return Budget(kind, number)
 
 

@@ -6,6 +6,8 @@ import matplotlib
 matplotlib.use('Agg')  # no display on servers and boards
 import matplotlib.pyplot as plt  # noqa: E402
 
+from models.gates import GATES  # noqa: E402
+
 
 BASELINE_STYLES = {'max_prob': ('max softmax probability', 'tab:orange'), 'entropy': ('entropy', 'tab:green')}
 
@@ -17,12 +19,12 @@ def _partial(results: dict) -> str:
 
 
 def plot_tradeoff(results: dict, path: str | Path) -> Path:
-    """Accuracy vs expected GFLOPs per image: the learned gates' front, the confidence baselines' fronts, each
+    """Accuracy vs expected GFLOPs per image: the checkpoint's gates' front, the confidence baselines' fronts, each
     exit alone, and the chosen point."""
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     front = results['front']
     ax.step([p['expected_gflops'] for p in front], [p['accuracy'] for p in front], 'o-', where='post',
-            markersize=3, label='learned gates (front)', color='tab:blue')
+            markersize=3, label=f"{GATES[results['gate']].rule} (front)", color='tab:blue')
     for rule, baseline in results.get('baselines', {}).items():
         if rule in BASELINE_STYLES:
             label, colour = BASELINE_STYLES[rule]

@@ -44,17 +44,21 @@ class IdentityGate(nn.Module):
 
 class GateEntry(NamedTuple):
     """Every fact about a gate type: its module, what the reference's op counter charges one of its gates for
-    (a function of the class count: `--exit-costs reference`), and its `--gate` help line."""
+    (a function of the class count: `--exit-costs reference`), its `--gate` help line, and what the --eval report
+    calls the exit rule its gates make."""
     module: Callable[[], nn.Module]
     reference_ops: Callable[[int], float]
     help: str
+    rule: str
 
 
 # reference_ops: the reference's counter charges the uncertainty gate 9 operations per class plus 6, and the
 # identity gate nothing
 GATES = {
-    'unc': GateEntry(UncertaintyGate, lambda num_classes: 9 * num_classes + 6, 'learnable uncertainty gate'),
-    'identity': GateEntry(IdentityGate, lambda num_classes: 0, 'max probability, nothing to learn'),
+    'unc': GateEntry(UncertaintyGate, lambda num_classes: 9 * num_classes + 6, 'learnable uncertainty gate',
+                     'learned gates'),
+    'identity': GateEntry(IdentityGate, lambda num_classes: 0, 'max probability, nothing to learn',
+                          'max-probability gates'),
 }
 
 

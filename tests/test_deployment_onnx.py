@@ -322,6 +322,15 @@ def test_runner_without_int8_segments_says_how_to_make_them(tmp_path):
         OnnxEarlyExit(_write_manifest(tmp_path / 'export'), precision='int8')
 
 
+def test_runner_says_how_many_segments_it_found_and_needs(tmp_path, capsys):
+    folder = _write_manifest(tmp_path / 'export')  # exit_positions [0]: two graphs
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    (folder / 'manifest.json').write_text(json.dumps({**manifest, 'int8_segments': ['segment_0.int8.onnx']}))
+    line = one_error(capsys, [str(folder), str(tmp_path / 'x.png')], main)
+    assert line.endswith("int8_segments lists 1 graph, but exit_positions [0] need 2 (one per exit, then the final "
+                         "one); copy the whole export folder or export again")
+
+
 @pytest.mark.parametrize('folder', ['empty', 'absent'])
 def test_cli_missing_manifest_exits_2_with_one_line(tmp_path, capsys, folder):
     (tmp_path / 'empty').mkdir()

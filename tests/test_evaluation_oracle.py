@@ -72,3 +72,20 @@ def test_oracle_line_names_the_captured_share():
                         'chosen': {'flops_saving': 0.465}})
     assert line == ('oracle (each image at its earliest right exit): 96.25% with 60.0% fewer FLOPs; the chosen '
                     'point captures 77.5% of it (46.5% fewer)')
+
+
+@pytest.mark.parametrize('gate, rule', [('identity', 'max-probability gates'), ('unc', 'learned gates')])
+def test_the_table_names_the_rule_the_checkpoints_gate_makes(gate, rule):
+    import timm
+    from evaluation.eval_report import evaluate_early_exit, format_results_table
+    torch.manual_seed(0)
+    model = timm.create_model('gfnet_ti_dynn', num_classes=3, img_size=16, patch_size=8, depth=4, embed_dim=32,
+                              exit_positions=(1, 2), gate=gate).eval()
+    images = torch.utils.data.TensorDataset(torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    report, _ = evaluate_early_exit(model, torch.utils.data.DataLoader(images, batch_size=3), torch.device('cpu'),
+                                    gflops_per_exit=GFLOPS, class_names=['a', 'b', 'c'])
+    results = report.to_json()
+    assert results['gate'] == gate
+    verdict = next(line for line in format_results_table(results).splitlines() if ' at the same budget: ' in line)
+    assert verdict.startswith(f'{rule} vs ')
+    assert rule == 'learned gates' or 'learned gates' not in format_results_table(results)

@@ -27,7 +27,8 @@ class MarginGate(nn.Module):
         return self.linear((top2[:, :1] - top2[:, 1:]).to(self.linear.weight.dtype)).squeeze(-1)  # (B,)
 
 
-TOY_GATE = GateEntry(MarginGate, lambda num_classes: 3 * num_classes, 'margin of the top two probabilities')
+TOY_GATE = GateEntry(MarginGate, lambda num_classes: 3 * num_classes, 'margin of the top two probabilities',
+                     'learned margin gates')
 
 
 def test_a_gate_entry_gives_the_flag_its_choice_and_help(monkeypatch):

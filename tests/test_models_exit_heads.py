@@ -4,16 +4,25 @@ trains, resumes, evaluates, exports (float and int8) and runs in the torch-free 
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import one_error
+from test_deployment_onnx import PORTABLE_OPS
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.testing import assert_close
 
+from deployment.onnx_runner import OnnxEarlyExit, image_files, preprocess
+from deployment.onnx_runner import main as runner_main
 from jobs.run_setup import dynn_run_folder
+from jobs.trained_run import reopen
+from main_dynn import main
+from models.early_exit import EarlyExitEngine
 from models.exit_heads import ExitHead, ExitHeadConfig, adaptive_windows, build_exit_head, grid_pool
 from models.flops import count_flops, exit_gflops
+from models.gfnet import VARIANTS
 from models.model_factory import build_dynn
 
 POOL = ExitHeadConfig('pool', 'layernorm', 2)
@@ -112,69 +121,94 @@ def test_pool_head_flops_are_the_analytic_count_and_join_the_exit_costs(family):
     (['--exit-distill', '-1'], '--exit-distill must be >= 0'),
     (['--exit-head', 'pool', '--eval', '--checkpoint-path', 'x.pth'], '--exit-head has no effect with --eval')])
 def test_exit_head_flags_that_cannot_act_are_one_error_line(flags, message, tmp_path, capsys):
-    from main_dynn import main
     assert message in one_error(capsys, [*flags, '--output-dir', str(tmp_path)], main)
     assert not any(tmp_path.iterdir())
 
 
-# End to end through main_dynn.main: stage 0, stages 1-2 with the pool head, a LayerNorm and self-distillation,
-# --resume, --eval, --export onnx --quantize int8, the torch-free runner.
+# End to end through main_dynn.main, in this process: stages 1-2 (one exit, so two ONNX segments) with each head,
+# --resume, --eval, --export onnx --quantize int8 and the torch-free runner. Every backbone runs both heads, each
+# head with and without --exit-distill across the backbones. An export costs seconds, so the first tier runs two:
+# the pool head with distillation on GFNet and the linear head with it on the CNN (without it, the linear head is the
+# reference's, which the rest of the first tier trains and exports on GFNet); the second tier runs the other four.
+HEAD_FLAGS = {'linear': [], 'pool': ['--exit-head', 'pool', '--exit-grid', '2', '--exit-norm', 'layernorm']}
+DISTILL_FLAGS = ['--exit-distill', '0.5', '--exit-distill-tau', '2']
+RUNS = [('gfnet', 'pool', True), ('cnn', 'linear', True),
+        *(pytest.param(*run, marks=pytest.mark.slow) for run in (('gfnet', 'linear', False), ('cnn', 'pool', False),
+                                                                 ('vit', 'linear', True), ('vit', 'pool', False)))]
+HEAD_ARGS = ('exit_head', 'exit_grid', 'exit_norm', 'exit_distill', 'exit_distill_tau')
 
-@pytest.mark.slow
-@pytest.mark.parametrize('family', sorted(ARCHS))
-def test_pool_head_with_norm_and_distillation_end_to_end(family, small_data, tmp_path, capsys):
-    pytest.importorskip('onnxscript')
-    from deployment.onnx_runner import OnnxEarlyExit, image_files, preprocess
-    from deployment.onnx_runner import main as runner_main
-    from jobs.trained_run import reopen
-    from main_dynn import main
-    from models.early_exit import EarlyExitEngine
-    from test_deployment_onnx import PORTABLE_OPS
-    import onnx
+
+def _train_and_resume(family: str, head: str, distill: bool, out, capsys) -> list[str]:
+    """Stages 1-2 (one warm-up and one joint epoch) on a fresh backbone, then --resume of one more joint epoch, which
+    keeps the run's head; the flags later jobs share."""
     arch, size, patch = ARCHS[family]
     common = ['--data-set', 'TINY', '--arch', arch, *(['--patch-size', str(patch)] if patch else []), '--num_workers',
               '0', '--batch', '8', '--device', 'cpu', '--barely_train']
-    run = [*common, '--output-dir', str(tmp_path)]
-    assert main(['--stage', 'backbone', *run, '--input-size', str(size), '--num_epoch', '1']) == 0
-    backbone = tmp_path / 'checkpoint' / f'backbone_TINY_{arch}' / 'best.pth'
-    heads = ['--exit-head', 'pool', '--exit-grid', '2', '--exit-norm', 'layernorm', '--exit-distill', '0.5',
-             '--exit-distill-tau', '2']
-    assert main([*run, '--checkpoint-path', str(backbone), '--num_epoch', '2', '--max_warmup_epoch', '1',
-                 *heads]) == 0
-    folder = tmp_path / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, arch).name
-    last = folder / 'last.pth'
-    checkpoint = torch.load(last, map_location='cpu', weights_only=True)
-    assert {key: checkpoint['args'][key] for key in ('exit_head', 'exit_grid', 'exit_norm', 'exit_distill',
-                                                     'exit_distill_tau')} == {
-        'exit_head': 'pool', 'exit_grid': 2, 'exit_norm': 'layernorm', 'exit_distill': 0.5, 'exit_distill_tau': 2.0}
-    assert 'intermediate_heads.0.alpha' in checkpoint['model'] and 'intermediate_heads.0.norm.weight' in checkpoint[
-        'model']
-    checkpoint['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
-    torch.save(checkpoint, last)
+    flags = [*HEAD_FLAGS[head], *(DISTILL_FLAGS if distill else [])]
+    assert main([*common, '--input-size', str(size), '--output-dir', str(out), '--num_epoch', '2',
+                 '--max_warmup_epoch', '1', '--exit-positions', '0', *flags]) == 0
+    last = out / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, arch).name / 'last.pth'
+    saved = torch.load(last, map_location='cpu', weights_only=True)
+    assert saved['args']['exit_head'] == head and saved['args']['exit_distill'] == (0.5 if distill else 0.0)
+    saved['args']['num_epoch'] = 3  # as if a 3-epoch run had stopped after its second epoch
+    torch.save(saved, last)
     capsys.readouterr()
     assert main(['--resume', str(last)]) == 0
     assert 'joint epoch 2 |' in capsys.readouterr().out
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == 2
+    assert {key: resumed['args'][key] for key in HEAD_ARGS} == {key: saved['args'][key] for key in HEAD_ARGS}
+    return common
 
-    best = folder / 'best.pth'
+
+def _check_float_segments(onnx_dir, model: nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each float segment gives what torch gives on the same input (standard ops only), and the chained segments
+    take the engine's exits; the float predictions and exits."""
+    runner = OnnxEarlyExit(onnx_dir)
+    for name in runner.manifest['segments']:
+        assert {node.op_type for node in onnx.load(onnx_dir / name).graph.node} <= PORTABLE_OPS, name
+    with torch.no_grad():
+        features, logits, gate_logits = model.forward_segment(0, torch.from_numpy(images))
+        final = model.forward_segment(1, features)[1]
+    onnx_features, onnx_logits, onnx_gate = runner.run_segment(0, images)
+    assert_close(torch.from_numpy(onnx_features), features, rtol=1e-4, atol=1e-4)
+    assert_close(torch.from_numpy(onnx_logits), logits, rtol=1e-4, atol=1e-4)
+    assert_close(torch.from_numpy(onnx_gate), torch.sigmoid(gate_logits), rtol=1e-4, atol=1e-5)
+    assert_close(torch.from_numpy(runner.run_segment(1, features.numpy())[0]), final, rtol=1e-4, atol=1e-4)
+    expected = EarlyExitEngine(model, 0.5)(torch.from_numpy(images))
+    predictions, exits = runner.predict(images)
+    assert exits.tolist() == expected.exit_index.tolist()
+    assert predictions.tolist() == expected.predictions.tolist()
+    return predictions, exits
+
+
+@pytest.mark.parametrize('family, head, distill', RUNS)
+def test_each_head_trains_resumes_evaluates_exports_and_runs_without_torch(family, head, distill, small_data,
+                                                                         tmp_path, capsys, monkeypatch):
+    # GFNet-Ti cut to 2 blocks of width 32: the same code path, at a fraction of the cost of tracing 12 blocks
+    monkeypatch.setitem(VARIANTS, 'gfnet_ti', {**VARIANTS['gfnet_ti'], 'depth': 2, 'embed_dim': 32})
+    common = _train_and_resume(family, head, distill, tmp_path, capsys)
+    best = tmp_path / 'checkpoint' / dynn_run_folder('.', 'TINY', 0.75, ARCHS[family][0]).name / 'best.pth'
+    model, run_args, _ = reopen(str(best))
+    assert type(model.intermediate_heads[0]) is (ExitHead if head == 'pool' else nn.Linear)
+
     results_path = tmp_path / 'results.json'
-    assert main([*common, '--eval', '--checkpoint-path', str(best), '--results-json',
-                 str(results_path)]) == 0
-    model = reopen(str(best)).model
-    assert json.loads(results_path.read_text())['gflops_per_exit'] == pytest.approx(exit_gflops(model))
+    assert main([*common, '--eval', '--checkpoint-path', str(best), '--results-json', str(results_path)]) == 0
+    results = json.loads(results_path.read_text())
+    assert len(results['per_exit_accuracy']) == 2 and results['gflops_per_exit'] == pytest.approx(exit_gflops(model))
 
     onnx_dir = tmp_path / 'onnx'
     assert main(['--data-set', 'TINY', '--export', 'onnx', '--quantize', 'int8', '--calib-images', '8',
                  '--num_workers', '0', '--checkpoint-path', str(best), '--out', str(onnx_dir),
                  '--exit-threshold', '0.5']) == 0
-    for name in json.loads((onnx_dir / 'manifest.json').read_text())['segments']:
-        assert {node.op_type for node in onnx.load(onnx_dir / name).graph.node} <= PORTABLE_OPS, name
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    images = np.stack([preprocess(p, size, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
-                       for p in image_files([str(small_data / 'val')])])
-    expected = EarlyExitEngine(model, 0.5)(torch.from_numpy(images))
-    predictions, exits = OnnxEarlyExit(onnx_dir).predict(images)
-    assert exits.tolist() == expected.exit_index.tolist()
-    assert predictions.tolist() == expected.predictions.tolist()
-    int8_predictions, _ = OnnxEarlyExit(onnx_dir, precision='int8').predict(images)
-    assert int8_predictions.shape == predictions.shape
-    assert runner_main([str(onnx_dir), str(small_data / 'val'), '--precision', 'int8']) == 0
+    paths = list(image_files([str(small_data / 'val')]))
+    images = np.stack([preprocess(p, model.input_size[0], list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+                       for p in paths])
+    predictions, _ = _check_float_segments(onnx_dir, model, images)
+    int8_predictions, int8_exits = OnnxEarlyExit(onnx_dir, precision='int8').predict(images)
+    assert (int8_predictions != predictions).sum() <= 1  # int8 keeps all but at most one of float's 6 answers
+    jsonl = tmp_path / 'predictions.jsonl'
+    assert runner_main([str(onnx_dir), str(small_data / 'val'), '--precision', 'int8', '--jsonl', str(jsonl)]) == 0
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(row['file'], row['class'], row['exit']) for row in rows] == [
+        (path, run_args.class_names[c], int(e)) for path, c, e in zip(paths, int8_predictions, int8_exits)]
