@@ -244,6 +244,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                   '--data-set has (without it, that is an error)')
     add_flag(dynn, '--freeze-backbone', action='store_true', jobs=DYNN,
              help='keep the backbone frozen in joint training')
+    add_flag(dynn, '--joint-momentum', default='keep', choices=['keep', 'reset'], jobs=DYNN,
+             help="keep: joint training goes on with the warm-up's optimizer state (the reference); reset: it "
+                  "starts without the warm-up's momentum, which at a high lr throws the first exits off")
     add_flag(dynn, '--exit-head', type=str, default='linear', choices=sorted(EXIT_HEADS), jobs=DYNN,
              help='each intermediate exit\'s head: ' + '; '.join(f'{name}: {kind.help}'
                                                                 for name, kind in EXIT_HEADS.items()))

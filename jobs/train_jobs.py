@@ -186,7 +186,8 @@ def run_dynn(args: argparse.Namespace, flags: FlagFacts, device: torch.device, d
     distillation = exit_distillation(args.exit_distill, args.exit_distill_tau)
     warmup = WarmupConfig(min(args.max_warmup_epoch, args.num_epoch), args.patience, heads_dir, distillation)
     joint = JointConfig(args.ce_ic_tradeoff, args.bilevel_batch_count, args.phase_counter, args.gate_objective,
-                        args.classifier_loss, args.freeze_backbone, args.final_exit_loss, distillation)
+                        args.classifier_loss, args.freeze_backbone, args.final_exit_loss, distillation,
+                        args.joint_momentum)
     with removed_on_bad_input([run_folder, heads_dir, split_path, Path(args.output_dir) / 'runs']), \
             claim_run([run_folder, heads_dir], args.overwrite and not resume):
         save_split(split_path, data.split)

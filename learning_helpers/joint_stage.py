@@ -40,6 +40,14 @@ class JointConfig:
     freeze_backbone: bool
     final_exit_loss: str  # 'auto': the final exit's CE joins the classifier phase when the backbone trains; 'off'
     distillation: ExitDistillation | None = None  # --exit-distill in the classifier phase (None: the reference)
+    joint_momentum: str = 'keep'  # 'keep': the warm-up's optimizer state carries on (the reference); 'reset'
+
+
+def forget_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Drop every parameter's optimizer state (SGD's momentum buffers) as joint training starts: the warm-up weights
+    exit k by G - k in a sum, the joint loss averages over the exits, so the warm-up's momentum alone would carry
+    the first heads far for a gradient many times smaller."""
+    optimizer.state.clear()
 
 
 def set_joint_trainable(model: EarlyExitNetwork, freeze_backbone: bool) -> None:
@@ -156,6 +164,8 @@ def run_joint_stage(model: EarlyExitNetwork, train_loader, val_loader, optimizer
     pos_weight = start.state['pos_weight'] if resumed else torch.ones(len(model.exit_positions))
     best_acc = start.best_acc if resumed else 0.0
     set_joint_trainable(model, config.freeze_backbone)
+    if config.joint_momentum == 'reset' and not resumed:
+        forget_momentum(optimizer)
     trainer = JointTrainer(model, optimizer, costs.to(device), config, run, device,
                            start.state['global_step'] if resumed else 0)
     _warn_if_only_gates_train(config, batches_per_epoch(train_loader, run.max_batches), trainer.gates_learn)

@@ -15,10 +15,11 @@ from evaluation.exit_cache import collect_exit_outputs, conditional_exit_choice
 from jobs.trained_run import reopen
 from learning_helpers import warmup_stage
 from learning_helpers.dynn_training import dynn_param_groups
-from learning_helpers.joint_stage import JointConfig, JointTrainer, _warn_if_only_gates_train, set_joint_trainable
+from learning_helpers.joint_stage import (JointConfig, JointTrainer, _warn_if_only_gates_train, run_joint_stage,
+                                          set_joint_trainable)
 from learning_helpers.losses import WarmupLoss
 from learning_helpers.optim import NonFiniteGuard, build_optimizer, build_scheduler
-from learning_helpers.stage_common import FRESH_START, RunConfig
+from learning_helpers.stage_common import FRESH_START, RunConfig, StartPoint
 from learning_helpers.warmup_stage import ExitPatience, WarmupConfig, run_warmup_stage
 from models.flops import exit_gflops
 from models.model_factory import build_dynn
@@ -209,10 +210,10 @@ RUN = RunConfig(num_epochs=2, seed=0, checkpoint_dir=Path('unused'), run_args={}
 
 
 def joint_config(freeze_backbone: bool = False, classifier_loss: str = 'boosted', phase_counter: str = 'epoch',
-                 bilevel_batch_count: int = 1, final_exit_loss: str = 'off') -> JointConfig:
+                 bilevel_batch_count: int = 1, final_exit_loss: str = 'off', joint_momentum: str = 'keep') -> JointConfig:
     return JointConfig(tradeoff=0.75, bilevel_batch_count=bilevel_batch_count, phase_counter=phase_counter,
                        gate_objective='ce', classifier_loss=classifier_loss, freeze_backbone=freeze_backbone,
-                       final_exit_loss=final_exit_loss)
+                       final_exit_loss=final_exit_loss, joint_momentum=joint_momentum)
 
 
 def one_batch_epoch(trainer: JointTrainer, loader, epoch: int) -> str:
@@ -223,6 +224,31 @@ def one_batch_epoch(trainer: JointTrainer, loader, epoch: int) -> str:
 
 def is_backbone(name: str) -> bool:
     return not name.startswith(('gates.', 'intermediate_heads.'))
+
+
+@pytest.mark.parametrize('joint_momentum, resumed, kept', [('keep', False, True), ('reset', False, False),
+                                                           ('reset', True, True)])
+def test_joint_momentum_reset_drops_the_warmups_momentum_when_joint_training_starts(joint_momentum, resumed, kept):
+    """--joint-momentum reset: the momentum buffers the warm-up left are gone when the joint stage starts, and
+    a resumed joint stage keeps its own; keep (the reference) carries the warm-up's on."""
+    model = tiny_model()
+    optimizer = build_optimizer(dynn_param_groups(model, 0.1, 0.01), 'sgd', 5e-4, lr=0.1)
+    for parameter in model.intermediate_heads.parameters():  # a warm-up step: momentum buffers for the heads
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    buffers = {id(p): optimizer.state[p]['momentum_buffer'].clone() for p in model.intermediate_heads.parameters()}
+    resumed_state = {'stage_start_epoch': 1, 'pos_weight': torch.ones(len(EXITS)), 'global_step': 0}
+    start = StartPoint('joint', RUN.num_epochs, 0.0, resumed_state) if resumed else StartPoint(None, RUN.num_epochs,
+                                                                                               0.0, {})
+    costs = torch.tensor(exit_gflops(model))  # start.epoch == num_epochs: the stage starts and runs no epoch
+    run_joint_stage(model, random_loader(), random_loader(), optimizer, build_scheduler(optimizer, 2, 0.1),
+                    torch.device('cpu'), costs / costs[-1], (costs / costs[-1]).tolist(), RUN,
+                    joint_config(joint_momentum=joint_momentum), None, start)
+    if kept:
+        assert all(torch.equal(optimizer.state[p]['momentum_buffer'], buffers[id(p)])
+                   for p in model.intermediate_heads.parameters())
+    else:
+        assert not optimizer.state  # no parameter has a buffer left
 
 
 def test_gate_lr_scales_the_gates_step_and_nothing_else():
