@@ -259,11 +259,19 @@ def benchmark(args: argparse.Namespace) -> dict:
                                                                   ['threshold'])], rows)
             for (arch, seed) in results]
     return {'data_set': args.data_set, 'input_size': size, 'epochs': args.epochs, 'recipe': RECIPE,
-            'exit_configs': {'general': args.exit_config, 'cnn': args.cnn_exit_config}, 'budget': args.budget,
+            'exit_configs': {'general': _shown(args.exit_config), 'cnn': _shown(args.cnn_exit_config)},
+            'budget': args.budget,
             'risk_control': args.risk_control, 'calib_ratio': args.calib_ratio, 'seeds': args.seeds,
             'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(), 'num_val': len(labels),
             'latency_images': args.latency_images, 'rows': rows, 'goal': goal, 'by_model': by_model(goal),
             'summary': summary(first) + goal_summary(goal, first)}
+
+
+def _shown(path: str) -> str:
+    """A recipe's path as the JSON records it: relative to the repository when inside it, so the results name no
+    machine's folders."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(RECIPES.parent)) if resolved.is_relative_to(RECIPES.parent) else path
 
 
 def time_all(runners: dict, singles: list[torch.Tensor], rounds: int) -> dict:
