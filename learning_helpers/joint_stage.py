@@ -45,7 +45,7 @@ class JointConfig:
 
 def forget_momentum(optimizer: torch.optim.Optimizer) -> None:
     """Drop every parameter's optimizer state (SGD's momentum buffers) as joint training starts: the warm-up weights
-    exit k by G - k in a sum, the joint loss averages over the exits, so the warm-up's momentum alone would carry
+    exit k by G + 1 - k in a sum, the joint loss averages over the exits, so the warm-up's momentum alone would carry
     the first heads far for a gradient many times smaller."""
     optimizer.state.clear()
 
