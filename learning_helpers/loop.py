@@ -27,6 +27,7 @@ def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
     sync = list(sync)
     trained = [param for group in optimizer.param_groups for param in group['params']]
     totals = torch.zeros(num_stats, device=device)
+    undo = StepUndo(optimizer)
     step = 0
     try:
         for step, (images, targets) in enumerate(batches(loader, desc, max_batches)):
@@ -40,7 +41,7 @@ def train_batches(loader, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
             sync_gradients(sync)
             if clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(trained, clip_grad)
-            undo = StepUndo(optimizer)
+            undo.save()
             optimizer.step()
             if not guard.keeps(undo.params, epoch, step):
                 undo.restore()

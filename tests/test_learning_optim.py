@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from errors import GFNetDynnError
-from learning_helpers.optim import NonFiniteGuard, StepUndo, build_scheduler, lr_factor
+from learning_helpers.optim import NonFiniteGuard, StepUndo, any_non_finite, build_scheduler, lr_factor
 
 
 # lr schedule
@@ -71,7 +71,35 @@ def test_step_undo_puts_back_the_weights_and_momentum_of_before_the_step():
     optimizer.step()  # weight [0.9, 1.9], momentum [1, 1]
     weight.grad = torch.tensor([float('nan'), 1.0])
     undo = StepUndo(optimizer)
+    undo.save()
     optimizer.step()
     undo.restore()
     assert torch.equal(weight.detach(), torch.tensor([0.9, 1.9]))
     assert torch.equal(optimizer.state[weight]['momentum_buffer'], torch.tensor([1.0, 1.0]))
+
+
+def test_step_undo_keeps_its_buffers_across_steps_and_puts_back_the_latest_save():
+    """One StepUndo serves an epoch: each save overwrites the same buffers (no copy allocated per step), a restore
+    puts back the state of the last save, and a parameter that had no optimizer state before the step loses it."""
+    weight, gate = torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([0.5]))
+    optimizer = torch.optim.AdamW([weight, gate], lr=0.1)
+    undo = StepUndo(optimizer)
+    weight.grad = torch.tensor([1.0, -1.0])
+    undo.save()
+    optimizer.step()  # the first step: AdamW creates step, exp_avg, exp_avg_sq for weight
+    buffer = undo._weights[weight]
+    before = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+    gate.grad = torch.tensor([1.0])  # the second step changes the gate too, which has no state yet
+    undo.save()
+    assert undo._weights[weight] is buffer  # the same buffer, overwritten
+    optimizer.step()
+    undo.restore()
+    assert torch.equal(weight.detach(), before[0]) and gate.item() == 0.5 and gate not in optimizer.state
+    assert all(torch.equal(optimizer.state[weight][k], v) for k, v in before[1].items())
+
+
+def test_any_non_finite_is_exact_beyond_where_a_norm_overflows():
+    huge = torch.full((1000,), 1e30)  # finite, but its L2 norm is inf in float32
+    assert not any_non_finite([huge, torch.ones(3)])
+    assert any_non_finite([huge, torch.tensor([1.0, float('nan')])])
+    assert any_non_finite([torch.tensor([float('-inf')])]) and not any_non_finite([])
