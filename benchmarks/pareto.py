@@ -35,7 +35,7 @@ from jobs.run_setup import backbone_run_folder, dynn_run_folder
 from jobs.trained_run import RunArgs, reopen
 from models.early_exit import EarlyExitEngine
 from models.flops import count_flops
-from models.model_factory import build_backbone, is_gfnet
+from models.model_factory import build_backbone, check_arch, is_gfnet
 from models.timm_dynn import layout_for_name
 from models.weights import load_state, read_checkpoint
 
@@ -208,9 +208,19 @@ def pareto_front(points: list[dict], cost: str) -> set[int]:
                        (q[cost] < p[cost] or q['accuracy'] > p['accuracy']) for q in points)}
 
 
+def check_plan(args: argparse.Namespace) -> None:
+    """Every --archs name and recipe is usable, checked before the first of many runs trains."""
+    for arch in args.archs:
+        check_arch(arch, 'backbone' if args.no_exits else 'dynn')
+    for flag, path in (('--exit-config', args.exit_config), ('--cnn-exit-config', args.cnn_exit_config)):
+        if not args.no_exits and not Path(path).is_file():
+            raise GFNetDynnError(f'{flag} {path} is not a file; pass a recipe such as recipes/small_data.yaml')
+
+
 def train_all(args: argparse.Namespace) -> dict[tuple[str, int], tuple[Path, Path | None]]:
     """(arch, seed) -> (its stage-0 best.pth, its results.json with exits or None): every planned run, trained and
     evaluated, or reused."""
+    check_plan(args)
     runs = {}
     for arch, seed in planned_runs(args):
         backbone = train_baseline(arch, seed, args)

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import pareto
 from benchmarks.pareto import get_args_parser, pareto_front, read_points, summary, train_exits
+from conftest import one_error
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points():
@@ -136,3 +137,14 @@ def test_timed_points_add_the_eval_choice_once():
     assert pareto.timed_points(points, off_front, 5)[-1] == off_front
     assert len(pareto.timed_points(points, points[10], 5)) == 5  # already among the spread points
     assert len(pareto.timed_points(points, None, 5)) == 5
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--archs', 'resnet18', 'no_such_model'], '--arch no_such_model is neither a GFNet variant'),
+    (['--archs', 'vgg11'], '--arch vgg11: early exits run on the GFNet variants'),
+    (['--cnn-exit-config', 'missing.yaml'], '--cnn-exit-config missing.yaml is not a file')])
+def test_a_plan_that_cannot_run_is_one_line_before_anything_trains(flags, message, tmp_path, monkeypatch, capsys):
+    commands = []
+    monkeypatch.setattr(pareto, '_run_main_dynn', lambda command, what: commands.append(command))
+    line = one_error(capsys, ['--output-dir', str(tmp_path), '--train-only', *flags], pareto.main)
+    assert message in line and not commands and not list(tmp_path.iterdir())
