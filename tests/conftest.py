@@ -134,6 +134,21 @@ def train_calibrated_dynn(out: Path) -> Path:
     return out / 'checkpoint' / 'checkpoint_TINY_0.75_confEE' / 'best.pth'
 
 
+def resume_one_epoch_longer(last: Path, capsys) -> tuple[dict, dict]:
+    """Make a finished 2-epoch dynn run's last.pth look like a 3-epoch run stopped after its second epoch, resume
+    it, and check the resumed run trains joint epoch 2 only: (the checkpoint before, the one the resume wrote)."""
+    from main_dynn import main
+    saved = torch.load(last, map_location='cpu', weights_only=True)
+    saved['args']['num_epoch'] = 3
+    torch.save(saved, last)
+    capsys.readouterr()
+    assert main(['--resume', str(last)]) == 0
+    assert 'joint epoch 2 |' in capsys.readouterr().out
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == 2
+    return saved, resumed
+
+
 def one_error(capsys, argv: list[str], entry_point: Callable[[list[str]], int] | None = None) -> str:
     """entry_point(argv) (main_dynn.main by default) must fail as a user mistake: exit 2 and exactly one
     `error:` line, no traceback. Returns that line."""
