@@ -241,9 +241,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             results[(arch, seed)], front = read_points(exits)
             chosen = results[(arch, seed)]['selection']
             points[(arch, seed)] = timed_points(front, chosen, args.max_points) if seed == first_seed else [chosen]
-    any_run = next(iter(results.values()), None)
-    reference = (read_checkpoint(Path(any_run['checkpoint'])) if any_run else read_checkpoint(models[next(iter(runs))]))
-    images, labels = load_validation_images(RunArgs.of(reference), args.data_set, args.data_path)
+    # every run records the same split (the data set's val folder, the same hold-out share): the first one's serves
+    images, labels = load_validation_images(RunArgs.of(read_checkpoint(next(iter(models.values())))), args.data_set,
+                                            args.data_path)
     singles = [images[i].unsqueeze(0) for i in spread_indices(len(images), args.latency_images)]
     rows, runners = [], {}
     with torch.inference_mode():
@@ -260,7 +260,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         row['latency_ms'] = latency[(row['arch'], row['seed'])]
     for (arch, seed), timed in points.items():
         rows += exit_rows(arch, seed, timed, results[(arch, seed)]['selection'], latency, params[(arch, seed)])
-    first = [r for r in rows if r['seed'] == first_seed]
+    first = seed_rows(rows, first_seed)
     for cost in ('latency_ms', 'gflops'):
         front = pareto_front(first, cost)
         for i, row in enumerate(first):
@@ -402,12 +402,13 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def first_seed_rows(result: dict) -> list[dict]:
-    return [r for r in result['rows'] if r['seed'] == result['seeds'][0]]
+def seed_rows(rows: list[dict], seed: int) -> list[dict]:
+    """The rows of one seed: the fronts, the table and the plot show the first seed's."""
+    return [r for r in rows if r['seed'] == seed]
 
 
 def format_table(result: dict) -> str:
-    rows = first_seed_rows(result)
+    rows = seed_rows(result['rows'], result['seeds'][0])
     shown = [r for r in rows if r['kind'] == 'static' or r.get('chosen') or r['on_latency_ms_front']]
     lines = [f"{result['data_set']} at {result['input_size']} px, {result['epochs']} epochs each, seed "
              f"{result['seeds'][0]}, {result['threads']} threads; * = on the Pareto front; early-exit points shown: "
@@ -440,7 +441,7 @@ def plot(result: dict, path: Path) -> Path:
         name = row['arch'] if row['kind'] == 'static' else row['exit_model'].removesuffix(' + exits')
         return 'GFNet' if name.startswith('GFNet') else name
 
-    rows = first_seed_rows(result)
+    rows = seed_rows(result['rows'], result['seeds'][0])
     families = list(dict.fromkeys(family(r) for r in rows))
     colour = {name: plt.get_cmap('tab10')(i % 10) for i, name in enumerate(families)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
